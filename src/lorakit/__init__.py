@@ -1,0 +1,56 @@
+"""lorakit: parameter-efficient fine-tuning of any PyTorch model, built around LoRA.
+
+    import lorakit as lk
+    cfg = lk.LoraConfig(r=4, alpha=4.0, target_modules=["fc1", "fc2", "fc3"])
+    lk.inject(model, cfg)                      # model stays your nn.Module; only adapters train
+    lk.count_parameters(model).trainable
+    lk.save_adapter(model, "out/adapter")      # PEFT-compatible safetensors + adapter_config.json
+"""
+
+from .checkpoint import AdapterLoadError, load_adapter, read_config, save_adapter
+from .config import LoraConfig
+from .injection import (
+    ParameterCount,
+    active_adapter,
+    add_adapter,
+    adapter_configs,
+    count_parameters,
+    delete_adapter,
+    disable_adapters,
+    find_targets,
+    inject,
+    lora_layers,
+    set_adapter,
+)
+from .layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from .merging import is_merged, merge, merge_and_unload, unmerge
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterLoadError",
+    "LoraConfig",
+    "LoraConv2d",
+    "LoraEmbedding",
+    "LoraLayer",
+    "LoraLinear",
+    "ModulesToSave",
+    "ParameterCount",
+    "active_adapter",
+    "adapter_configs",
+    "add_adapter",
+    "count_parameters",
+    "delete_adapter",
+    "disable_adapters",
+    "find_targets",
+    "inject",
+    "is_merged",
+    "load_adapter",
+    "lora_layers",
+    "merge",
+    "merge_and_unload",
+    "read_config",
+    "save_adapter",
+    "set_adapter",
+    "unmerge",
+]

@@ -1,0 +1,365 @@
+"""Injecting adapters into any ``nn.Module``, switching between them, and counting parameters.
+
+The model stays the user's own module: matching submodules are replaced in place by LoRA
+wrappers (``layers.py``) that keep the original as ``base_layer``. The configs of the adapters
+a model holds are kept in the plain attribute ``model.lorakit_configs`` (name → LoraConfig).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from torch import nn
+
+from .config import ALL_LINEAR, LoraConfig
+from .layers import LoraLayer, LoraLinear, ModulesToSave, is_conv1d, wrap_module
+
+CONFIGS_ATTR = "lorakit_configs"
+#: attribute names of the output head that ``"all-linear"`` leaves out when the model cannot tell
+OUTPUT_HEAD_NAMES = ("lm_head",)
+
+
+# ---------------------------------------------------------------------------------------- matching
+def _name_matches(names: list[str] | str, path: str) -> bool:
+    """PEFT's rule: a regex string must match the full path; a list entry must equal the path or
+    be a whole dotted suffix of it."""
+    if isinstance(names, str):
+        return re.fullmatch(names, path) is not None
+    return any(path == n or path.endswith("." + n) for n in names)
+
+
+def _layer_index(path: str, layers_pattern: list[str] | str | None) -> int | None:
+    """The index of the numbered layer list the module sits in (``model.layers.3.mlp`` → 3)."""
+    if not layers_pattern:
+        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
+    else:
+        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
+        m = None
+        for pattern in patterns:
+            m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
+            if m:
+                break
+    return int(m.group("idx")) if m else None
+
+
+def _output_head(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        try:
+            head = get()
+        except (NotImplementedError, AttributeError):
+            head = None
+        if isinstance(head, nn.Module):
+            return head
+    for name in OUTPUT_HEAD_NAMES:
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    return None
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module) or isinstance(module, LoraLinear)
+
+
+def _candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every module a config may target: skips the insides of lorakit wrappers."""
+    out: list[tuple[str, nn.Module]] = []
+    skip: list[str] = []
+    for path, module in model.named_modules():
+        if not path or any(path.startswith(s + ".") for s in skip):
+            continue
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            skip.append(path)
+        out.append((path, module))
+    return out
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """The paths of the modules ``config`` adapts, in model order.
+
+    Raises ``ValueError`` when a listed name (or the regex, or ``all-linear``) matches nothing,
+    naming the closest existing module names.
+    """
+    candidates = _candidate_modules(model)
+    saved = config.modules_to_save or []
+    if config.target_modules == ALL_LINEAR:
+        head = _output_head(model)
+        matched = [p for p, m in candidates if _is_linear(m) and m is not head]
+        if isinstance(head, LoraLayer):
+            matched = [p for p in matched if getattr(model.get_submodule(p), "base_layer", None) is not head]
+    else:
+        matched = [p for p, _ in candidates if _name_matches(config.target_modules, p)]
+    if config.layers_to_transform is not None:
+        wanted = set(config.layers_to_transform)  # type: ignore[arg-type]
+        matched = [p for p in matched if _layer_index(p, config.layers_pattern) in wanted]
+    if config.exclude_modules:
+        matched = [p for p in matched if not _name_matches(config.exclude_modules, p)]
+    # Never put an adapter on a module that is trained in full: the two would fight.
+    matched = [p for p in matched if not any(re.match(rf"(^|.*\.){re.escape(s)}($|\..*)", p) for s in saved)]
+
+    all_paths = [p for p, _ in candidates]
+    if isinstance(config.target_modules, list):
+        unmatched = [n for n in config.target_modules if not any(p == n or p.endswith("." + n) for p in matched)]
+        if unmatched:
+            raise ValueError(_no_match_message(unmatched, all_paths, config))
+    elif not matched:
+        raise ValueError(_no_match_message([str(config.target_modules)], all_paths, config))
+    return matched
+
+
+def _no_match_message(names: list[str], paths: list[str], config: LoraConfig) -> str:
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    lines = [f"target_modules: {len(names)} name(s) matched no module of the model:"]
+    for name in names:
+        close = difflib.get_close_matches(name.rsplit(".", 1)[-1], leaves, n=5, cutoff=0.4)
+        close_paths = difflib.get_close_matches(name, paths, n=3, cutoff=0.5)
+        hint = ", ".join(dict.fromkeys(close + close_paths)) or "none close"
+        lines.append(f"  {name!r}: nearest existing names: {hint}")
+    extra = []
+    if config.layers_to_transform is not None:
+        extra.append(f"layers_to_transform={config.layers_to_transform}")
+    if config.exclude_modules:
+        extra.append(f"exclude_modules={config.exclude_modules}")
+    if extra:
+        lines.append("  (after applying " + ", ".join(extra) + ")")
+    shown = ", ".join(leaves[:40]) + (" ..." if len(leaves) > 40 else "")
+    lines.append(f"module names in this model: {shown}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------- registry
+def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
+    """name → config of every adapter ``model`` holds (empty before ``inject``)."""
+    return model.__dict__.setdefault(CONFIGS_ATTR, {})
+
+
+def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """(path, layer) for every LoRA wrapper in ``model``."""
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield path, module
+
+
+def _wrappers(model: nn.Module) -> Iterator[LoraLayer | ModulesToSave]:
+    for module in model.modules():
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            yield module
+
+
+def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, new)
+
+
+def _check_name(name: str) -> None:
+    if not isinstance(name, str) or not name or "." in name:
+        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+
+
+def active_adapter(model: nn.Module) -> str | None:
+    """The adapter that currently runs (None when none does)."""
+    for module in _wrappers(model):
+        return module.active_adapter
+    return None
+
+
+# ---------------------------------------------------------------------------------------- public API
+def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Module:
+    """Wrap every module ``config`` targets with a LoRA layer, freeze the base, activate ``name``.
+
+    Returns ``model`` itself (changed in place). After it, only the adapter's factors (plus
+    ``modules_to_save`` copies and the biases ``config.bias`` names) require gradients.
+    """
+    add_adapter(model, config, name)
+    set_adapter(model, name)
+    return model
+
+
+def add_adapter(model: nn.Module, config: LoraConfig, name: str) -> nn.Module:
+    """Add adapter ``name`` beside the ones ``model`` already holds (the active one stays active;
+    the first adapter of a model becomes active)."""
+    _check_name(name)
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
+    configs = adapter_configs(model)
+    if name in configs:
+        raise ValueError(f"the model already holds an adapter named {name!r}; adapters: {sorted(configs)}")
+    targets = find_targets(model, config)
+    first = not configs
+    current = active_adapter(model)
+    if first:
+        model.requires_grad_(False)
+
+    # Validate every target before changing anything: a failure leaves the model untouched.
+    new_wrappers: dict[str, LoraLayer] = {}
+    for path in targets:
+        module = model.get_submodule(path)
+        if not isinstance(module, LoraLayer):
+            new_wrappers[path] = wrap_module(module, path)
+    for path, wrapper in new_wrappers.items():
+        _set_submodule(model, path, wrapper)
+    for path in targets:
+        layer = model.get_submodule(path)
+        assert isinstance(layer, LoraLayer)
+        r, alpha = config.rank_for(path), config.alpha_for(path)
+        layer.add_adapter(name, r, alpha, config.scaling(r, alpha), float(config.dropout), config.init)
+        layer.lora_A[name].requires_grad_(False)
+        layer.lora_B[name].requires_grad_(False)
+        if path in new_wrappers:
+            layer.active_adapter = current
+
+    for module_name in config.modules_to_save or []:
+        _add_module_to_save(model, module_name, name)
+
+    if config.bias == "all":
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias") and ".lora_" not in pname:
+                p.requires_grad_(True)
+    elif config.bias == "lora_only":
+        for path in targets:
+            bias = getattr(model.get_submodule(path).base_layer, "bias", None)
+            if isinstance(bias, nn.Parameter):
+                bias.requires_grad_(True)
+
+    configs[name] = config
+    if first:
+        set_adapter(model, name)
+    return model
+
+
+def _add_module_to_save(model: nn.Module, module_name: str, adapter: str) -> None:
+    paths = [p for p, _ in _candidate_modules(model) if p == module_name or p.endswith("." + module_name)]
+    if not paths:
+        leaves = sorted({p.rsplit(".", 1)[-1] for p, _ in _candidate_modules(model)})
+        close = difflib.get_close_matches(module_name, leaves, n=5, cutoff=0.4)
+        raise ValueError(
+            f"modules_to_save: {module_name!r} matches no module; nearest existing names: {close or 'none close'}"
+        )
+    for path in paths:
+        module = model.get_submodule(path)
+        if isinstance(module, LoraLayer):
+            raise ValueError(f"modules_to_save: {path!r} already carries a LoRA adapter")
+        if not isinstance(module, ModulesToSave):
+            module = ModulesToSave(module)
+            module.active_adapter = active_adapter(model)
+            _set_submodule(model, path, module)
+        module.add_adapter(adapter)
+        module.modules_to_save[adapter].requires_grad_(False)
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Make ``name`` the adapter that runs and trains; every other adapter is frozen."""
+    configs = adapter_configs(model)
+    if name not in configs:
+        raise KeyError(f"no adapter named {name!r}; the model holds {sorted(configs) or 'no adapters'}")
+    for module in _wrappers(model):
+        if isinstance(module, LoraLayer) and module.merged_adapters and module.merged_adapters != [name]:
+            raise RuntimeError(
+                f"adapter {module.merged_adapters[0]!r} is merged into the base weights; "
+                f"call lorakit.unmerge(model) before switching to {name!r}"
+            )
+    for module in _wrappers(model):
+        module.active_adapter = name
+        if isinstance(module, LoraLayer):
+            for other in module.lora_A:
+                train = other == name
+                module.lora_A[other].requires_grad_(train)
+                module.lora_B[other].requires_grad_(train)
+        else:
+            for other, copy in module.modules_to_save.items():
+                copy.requires_grad_(other == name)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name`` everywhere; wrappers left with no adapter go back to plain modules."""
+    configs = adapter_configs(model)
+    if name not in configs:
+        raise KeyError(f"no adapter named {name!r}; the model holds {sorted(configs) or 'no adapters'}")
+    for path, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer) and name in module.lora_A:
+            module.delete_adapter(name)
+            if not module.lora_A:
+                _set_submodule(model, path, module.base_layer)
+        elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
+            module.delete_adapter(name)
+            if not module.modules_to_save:
+                _set_submodule(model, path, module.original_module)
+    del configs[name]
+    if configs and active_adapter(model) is None:
+        set_adapter(model, next(iter(configs)))
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes exactly as the base model.
+
+    A merged adapter is unmerged for the block and merged back after it.
+    """
+    from .merging import merge, unmerge
+
+    wrappers = list(_wrappers(model))
+    was_merged = any(isinstance(w, LoraLayer) and w.merged_adapters for w in wrappers)
+    previous = [w.adapters_disabled for w in wrappers]
+    if was_merged:
+        unmerge(model)
+    for w in wrappers:
+        w.adapters_disabled = True
+    try:
+        yield model
+    finally:
+        for w, flag in zip(wrappers, previous):
+            w.adapters_disabled = flag
+        if was_merged:
+            merge(model)
+
+
+@dataclass(frozen=True)
+class ParameterCount:
+    """Parameter counts of a model with adapters.
+
+    ``base``: parameters of the original model; ``total``: everything the model holds now
+    (base + adapters); ``trainable``: those that require gradients.
+    """
+
+    trainable: int
+    total: int
+    base: int
+
+    @property
+    def adapter(self) -> int:
+        return self.total - self.base
+
+    @property
+    def trainable_percent(self) -> float:
+        """Trainable parameters as a percentage of the original model's."""
+        return 100.0 * self.trainable / self.base if self.base else 0.0
+
+    def __str__(self) -> str:
+        return (
+            f"trainable {self.trainable:,} of {self.base:,} base parameters ({self.trainable_percent:.2f}%), "
+            f"{self.total:,} in total"
+        )
+
+
+def count_parameters(model: nn.Module) -> ParameterCount:
+    """Count trainable, total and original-model parameters (shared tensors counted once)."""
+    adapter_ids: set[int] = set()
+    for module in _wrappers(model):
+        if isinstance(module, LoraLayer):
+            adapter_ids.update(id(p) for p in module.lora_A.values())
+            adapter_ids.update(id(p) for p in module.lora_B.values())
+        else:
+            adapter_ids.update(id(p) for p in module.modules_to_save.parameters())
+    trainable = total = base = 0
+    for p in model.parameters():  # parameters() already yields each shared tensor once
+        n = p.numel()
+        total += n
+        trainable += n if p.requires_grad else 0
+        base += 0 if id(p) in adapter_ids else n
+    return ParameterCount(trainable=trainable, total=total, base=base)
