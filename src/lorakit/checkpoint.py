@@ -29,6 +29,7 @@ from torch import nn
 from .config import ALL_LINEAR, LoraConfig
 from .injection import (
     _candidate_modules,
+    _output_head,
     add_adapter,
     adapter_configs,
     delete_adapter,
@@ -72,6 +73,20 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
                 if ".original_module." in pname:
                     continue
                 state[PREFIX + pname] = p
+    return state
+
+
+def embedding_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """PEFT-format key → weight of every embedding and of the output head.
+
+    PEFT saves these full weights beside the adapter when an embedding is adapted
+    (``save_embedding_layers``, for resized vocabularies); loading them reproduces PEFT's model.
+    """
+    head = _output_head(model)
+    state: dict[str, torch.Tensor] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, nn.Embedding) or (head is not None and module is head):
+            state[f"{PREFIX}{path}.weight"] = module.weight
     return state
 
 
@@ -206,6 +221,8 @@ def load_adapter(
 def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], directory: object) -> None:
     expected = adapter_state(model, name)
     missing = sorted(set(expected) - set(tensors))
+    optional = {k: v for k, v in embedding_state(model).items() if k in tensors and k not in expected}
+    expected.update(optional)
     unexpected = sorted(set(tensors) - set(expected))
     mismatched = sorted(k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape))
     if missing or unexpected or mismatched:

@@ -209,6 +209,15 @@ class LoraConfig:
             task_type=data.get("task_type"),
         )
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LoraConfig:
+        """Build from a plain dict (e.g. a YAML/TOML section); unknown keys are a ``ValueError``."""
+        allowed = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in allowed:
+                raise ValueError(f"LoraConfig: unknown option {key!r}; allowed options: {', '.join(allowed)}")
+        return cls(**data)
+
     def replace(self, **changes: Any) -> LoraConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)

@@ -1,0 +1,67 @@
+"""Shared fixtures: small models built in code (nothing is downloaded)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+class SeedMLP(nn.Module):
+    """The seed's classifier: 784→256→128→10, ReLU, 235,146 parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(784, 256)
+        self.fc2 = nn.Linear(256, 128)
+        self.fc3 = nn.Linear(128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+
+
+class Mixed(nn.Module):
+    """One of every supported layer type, plus a head for modules_to_save."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 16, padding_idx=0)
+        self.conv = nn.Conv2d(1, 4, 3, padding=1)
+        self.proj = nn.Linear(16 + 4 * 4 * 4, 32)
+        self.head = nn.Linear(32, 3)
+
+    def forward(self, ids: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        e = self.emb(ids).mean(1)
+        c = torch.nn.functional.max_pool2d(self.conv(img), 2).flatten(1)
+        return self.head(torch.tanh(self.proj(torch.cat([e, c], 1))))
+
+
+def randomize_adapters(model: nn.Module, scale: float = 0.1, seed: int = 0) -> None:
+    """Give every adapter factor random values (a trained adapter), so ΔW ≠ 0."""
+    import lorakit as lk
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in lk.lora_layers(model):
+            for p in [*layer.lora_A.values(), *layer.lora_B.values()]:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+@pytest.fixture
+def mlp() -> SeedMLP:
+    torch.manual_seed(0)
+    return SeedMLP()
+
+
+@pytest.fixture
+def mixed() -> Mixed:
+    torch.manual_seed(0)
+    return Mixed()
+
+
+@pytest.fixture
+def mixed_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 20, (6, 5), generator=g)
+    img = torch.randn(6, 1, 8, 8, generator=g)
+    return ids, img
