@@ -24,9 +24,7 @@ def test_file_holds_only_adapter_tensors(tmp_path):
     lk.save_adapter(model, tmp_path)
     tensors = load_file(tmp_path / "adapter_model.safetensors")
     assert sum(t.numel() for t in tensors.values()) == 6_248
-    assert set(tensors) == {
-        f"base_model.model.fc{i}.lora_{ab}.weight" for i in (1, 2, 3) for ab in "AB"
-    }
+    assert set(tensors) == {f"base_model.model.fc{i}.lora_{ab}.weight" for i in (1, 2, 3) for ab in "AB"}
     assert tensors["base_model.model.fc1.lora_A.weight"].shape == (4, 784)
     assert tensors["base_model.model.fc1.lora_B.weight"].shape == (256, 4)
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -44,7 +42,7 @@ def test_round_trip_into_plain_model_is_bit_identical(tmp_path):
     torch.manual_seed(0)
     fresh = SeedMLP()  # same base weights (same seed), except the trained bias
     lk.load_adapter(fresh, tmp_path)
-    for (pa, a), (pb, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
+    for (pa, a), (pb, b) in zip(model.state_dict().items(), fresh.state_dict().items(), strict=True):
         assert pa == pb and torch.equal(a, b), pa
     x = torch.randn(3, 784)
     assert torch.equal(model(x), fresh(x))
@@ -111,7 +109,7 @@ def test_truncated_file_is_a_clear_error(tmp_path, cut):
     lk.save_adapter(model, tmp_path)
     path = tmp_path / "adapter_model.safetensors"
     data = path.read_bytes()
-    path.write_bytes(data[:cut] if cut >= 0 else data[:cut])
+    path.write_bytes(data[:cut])
     with pytest.raises(lk.AdapterLoadError, match="truncated or corrupted"):
         lk.load_adapter(SeedMLP(), tmp_path)
 

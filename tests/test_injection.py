@@ -77,11 +77,18 @@ def test_exclude_and_layers_to_transform():
         model.model.layers.append(block)
     cfg = lk.LoraConfig(target_modules=["q", "v"], layers_to_transform=[1, 3], exclude_modules=["layers.3.v"])
     lk.inject(model, cfg)
-    assert [p for p, _ in lk.lora_layers(model)] == ["model.layers.1.q", "model.layers.1.v", "model.layers.3.q"]
+    assert [p for p, _ in lk.lora_layers(model)] == [
+        "model.layers.1.q",
+        "model.layers.1.v",
+        "model.layers.3.q",
+    ]
 
 
 def test_rank_pattern_gives_per_module_ranks(mlp):
-    lk.inject(mlp, lk.LoraConfig(r=4, target_modules=["fc1", "fc2"], rank_pattern={"fc2": 2}, alpha_pattern={"fc1": 8}))
+    lk.inject(
+        mlp,
+        lk.LoraConfig(r=4, target_modules=["fc1", "fc2"], rank_pattern={"fc2": 2}, alpha_pattern={"fc1": 8}),
+    )
     assert mlp.fc1.r["default"] == 4 and mlp.fc2.r["default"] == 2
     assert mlp.fc1.scaling["default"] == 2.0 and mlp.fc2.scaling["default"] == 4.0
 
@@ -93,7 +100,13 @@ def test_bias_modes(mlp):
     other = SeedMLP()
     lk.inject(other, lk.LoraConfig(target_modules=["fc1"], bias="all"))
     grads = {n for n, p in other.named_parameters() if p.requires_grad}
-    assert grads == {"fc1.lora_A.default", "fc1.lora_B.default", "fc1.base_layer.bias", "fc2.bias", "fc3.bias"}
+    assert grads == {
+        "fc1.lora_A.default",
+        "fc1.lora_B.default",
+        "fc1.base_layer.bias",
+        "fc2.bias",
+        "fc3.bias",
+    }
 
 
 def test_modules_to_save_trains_a_copy(mixed, mixed_inputs):

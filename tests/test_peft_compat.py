@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
@@ -32,26 +32,75 @@ def _mlp() -> nn.Module:
 
 
 CASES = [
-    Case("mlp", _mlp, lambda: torch.randn(4, 784, generator=torch.Generator().manual_seed(0)),
-         {"r": 4, "alpha": 4.0, "target_modules": ["fc1", "fc2", "fc3"]}),
-    Case("mlp-rslora-patterns-save", _mlp, lambda: torch.randn(4, 784, generator=torch.Generator().manual_seed(0)),
-         {"r": 4, "alpha": 8.0, "target_modules": ["fc1", "fc2"], "use_rslora": True,
-          "rank_pattern": {"fc2": 2}, "alpha_pattern": {"fc1": 3.0}, "modules_to_save": ["fc3"]}),
-    Case("gpt2-conv1d", tiny_gpt2, token_batch,
-         {"r": 4, "alpha": 8.0, "target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True}),
-    Case("gpt2-bias", tiny_gpt2, token_batch,
-         {"r": 2, "alpha": 2.0, "target_modules": ["c_attn"], "fan_in_fan_out": True, "bias": "lora_only"}),
+    Case(
+        "mlp",
+        _mlp,
+        lambda: torch.randn(4, 784, generator=torch.Generator().manual_seed(0)),
+        {"r": 4, "alpha": 4.0, "target_modules": ["fc1", "fc2", "fc3"]},
+    ),
+    Case(
+        "mlp-rslora-patterns-save",
+        _mlp,
+        lambda: torch.randn(4, 784, generator=torch.Generator().manual_seed(0)),
+        {
+            "r": 4,
+            "alpha": 8.0,
+            "target_modules": ["fc1", "fc2"],
+            "use_rslora": True,
+            "rank_pattern": {"fc2": 2},
+            "alpha_pattern": {"fc1": 3.0},
+            "modules_to_save": ["fc3"],
+        },
+    ),
+    Case(
+        "gpt2-conv1d",
+        tiny_gpt2,
+        token_batch,
+        {"r": 4, "alpha": 8.0, "target_modules": ["c_attn", "c_proj", "c_fc"], "fan_in_fan_out": True},
+    ),
+    Case(
+        "gpt2-bias",
+        tiny_gpt2,
+        token_batch,
+        {"r": 2, "alpha": 2.0, "target_modules": ["c_attn"], "fan_in_fan_out": True, "bias": "lora_only"},
+    ),
     Case("llama-qv", tiny_llama, token_batch, {"r": 8, "alpha": 16.0, "target_modules": ["q_proj", "v_proj"]}),
-    Case("llama-all-linear-rank-pattern", tiny_llama, token_batch,
-         {"r": 4, "alpha": 8.0, "target_modules": "all-linear", "rank_pattern": {"mlp.down_proj": 6}}),
-    Case("llama-embedding", tiny_llama, token_batch,
-         {"r": 4, "alpha": 4.0, "target_modules": ["embed_tokens", "q_proj"]}),
-    Case("llama-layers-to-transform", tiny_llama, token_batch,
-         {"r": 4, "alpha": 4.0, "target_modules": ["q_proj", "o_proj"], "layers_to_transform": [1],
-          "layers_pattern": "layers"}),
-    Case("llama-classifier-modules-to-save", tiny_llama_classifier, token_batch,
-         {"r": 4, "alpha": 4.0, "target_modules": ["q_proj", "v_proj"], "modules_to_save": ["score"],
-          "use_rslora": True}),
+    Case(
+        "llama-all-linear-rank-pattern",
+        tiny_llama,
+        token_batch,
+        {"r": 4, "alpha": 8.0, "target_modules": "all-linear", "rank_pattern": {"mlp.down_proj": 6}},
+    ),
+    Case(
+        "llama-embedding",
+        tiny_llama,
+        token_batch,
+        {"r": 4, "alpha": 4.0, "target_modules": ["embed_tokens", "q_proj"]},
+    ),
+    Case(
+        "llama-layers-to-transform",
+        tiny_llama,
+        token_batch,
+        {
+            "r": 4,
+            "alpha": 4.0,
+            "target_modules": ["q_proj", "o_proj"],
+            "layers_to_transform": [1],
+            "layers_pattern": "layers",
+        },
+    ),
+    Case(
+        "llama-classifier-modules-to-save",
+        tiny_llama_classifier,
+        token_batch,
+        {
+            "r": 4,
+            "alpha": 4.0,
+            "target_modules": ["q_proj", "v_proj"],
+            "modules_to_save": ["score"],
+            "use_rslora": True,
+        },
+    ),
 ]
 
 PEFT_NAMES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
@@ -99,8 +148,11 @@ def test_peft_to_lorakit(case: Case, tmp_path):
     ours.eval()
     torch.testing.assert_close(_run(ours, x), want, rtol=1e-5, atol=1e-5)
     # same set of adapted modules, and the same trainable parameter count
-    peft_paths = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules()
-                  if isinstance(m, peft.tuners.lora.LoraLayer)}
+    peft_paths = {
+        n.removeprefix("base_model.model.")
+        for n, m in theirs.named_modules()
+        if isinstance(m, peft.tuners.lora.LoraLayer)
+    }
     assert {p for p, _ in lk.lora_layers(ours)} == peft_paths
     peft_trainable = sum(p.numel() for p in theirs.parameters() if p.requires_grad)
     assert lk.count_parameters(ours).trainable == peft_trainable

@@ -1,10 +1,10 @@
 """lorakit: parameter-efficient fine-tuning of any PyTorch model, built around LoRA.
 
-    import lorakit as lk
-    cfg = lk.LoraConfig(r=4, alpha=4.0, target_modules=["fc1", "fc2", "fc3"])
-    lk.inject(model, cfg)                      # model stays your nn.Module; only adapters train
-    lk.count_parameters(model).trainable
-    lk.save_adapter(model, "out/adapter")      # PEFT-compatible safetensors + adapter_config.json
+import lorakit as lk
+cfg = lk.LoraConfig(r=4, alpha=4.0, target_modules=["fc1", "fc2", "fc3"])
+lk.inject(model, cfg)                      # model stays your nn.Module; only adapters train
+lk.count_parameters(model).trainable
+lk.save_adapter(model, "out/adapter")      # PEFT-compatible safetensors + adapter_config.json
 """
 
 from .checkpoint import AdapterLoadError, load_adapter, read_config, save_adapter
@@ -12,8 +12,8 @@ from .config import LoraConfig
 from .injection import (
     ParameterCount,
     active_adapter,
-    add_adapter,
     adapter_configs,
+    add_adapter,
     count_parameters,
     delete_adapter,
     disable_adapters,

@@ -30,8 +30,8 @@ from .config import ALL_LINEAR, LoraConfig
 from .injection import (
     _candidate_modules,
     _output_head,
-    add_adapter,
     adapter_configs,
+    add_adapter,
     delete_adapter,
     find_targets,
     lora_layers,

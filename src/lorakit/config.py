@@ -83,9 +83,7 @@ class LoraConfig:
         if self.exclude_modules is not None:
             self.exclude_modules = _check_names("exclude_modules", self.exclude_modules, allow_empty=True)
         if self.modules_to_save is not None:
-            if isinstance(self.modules_to_save, str) or not all(
-                isinstance(m, str) and m for m in self.modules_to_save
-            ):
+            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) and m for m in self.modules_to_save):
                 raise ValueError(
                     f"LoraConfig.modules_to_save must be a list of module names, got {self.modules_to_save!r}"
                 )

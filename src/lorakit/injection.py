@@ -313,7 +313,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     try:
         yield model
     finally:
-        for w, flag in zip(wrappers, previous):
+        for w, flag in zip(wrappers, previous, strict=True):
             w.adapters_disabled = flag
         if was_merged:
             merge(model)

@@ -192,7 +192,9 @@ class LoraLinear(LoraLayer):
         self.fan_in_fan_out = is_conv1d(base_layer)
         w = base_layer.weight
         # nn.Linear stores [out, in]; Conv1D stores [in, out].
-        self.in_features, self.out_features = (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        self.in_features, self.out_features = (
+            (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
+        )
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.in_features), (self.out_features, r)
@@ -253,9 +255,7 @@ class LoraConv2d(LoraLayer):
 
     def __init__(self, base_layer: nn.Conv2d) -> None:
         if base_layer.groups != 1:
-            raise TypeError(
-                f"LoRA on Conv2d with groups={base_layer.groups} is not supported (only groups=1)"
-            )
+            raise TypeError(f"LoRA on Conv2d with groups={base_layer.groups} is not supported (only groups=1)")
         if base_layer.padding_mode != "zeros":
             raise TypeError(
                 f"LoRA on Conv2d with padding_mode={base_layer.padding_mode!r} is not supported (only 'zeros')"

@@ -1,0 +1,122 @@
+"""Property tests over random shapes, ranks, dtypes and layer types."""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+from torch import nn
+
+import lorakit as lk
+
+from .conftest import randomize_adapters
+
+SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+DTYPES = st.sampled_from([torch.float32, torch.float64, torch.bfloat16])
+
+
+@st.composite
+def layer_and_input(draw):
+    """A random supported layer inside a root module, and an input for it."""
+    kind = draw(st.sampled_from(["linear", "conv1d", "embedding", "conv2d"]))
+    dtype = draw(DTYPES)
+    a, b = draw(st.integers(1, 24)), draw(st.integers(1, 24))
+    batch = draw(st.integers(1, 4))
+    seed = draw(st.integers(0, 2**16))
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    if kind == "linear":
+        layer = nn.Linear(a, b, bias=draw(st.booleans()))
+        x = torch.randn(batch, draw(st.integers(1, 3)), a, generator=g)
+    elif kind == "conv1d":
+        from transformers.pytorch_utils import Conv1D
+
+        layer = Conv1D(b, a)
+        x = torch.randn(batch, a, generator=g)
+    elif kind == "embedding":
+        layer = nn.Embedding(a + 1, b)
+        x = torch.randint(0, a + 1, (batch, 3), generator=g)
+    else:
+        k = draw(st.sampled_from([1, 3]))
+        layer = nn.Conv2d(min(a, 6), min(b, 6), k, padding=k // 2)
+        x = torch.randn(batch, min(a, 6), 5, 5, generator=g)
+    layer = layer.to(dtype)
+    if x.is_floating_point():
+        x = x.to(dtype)
+    root = nn.Module()
+    root.layer = layer
+    r = draw(st.integers(1, 8))
+    alpha = draw(st.floats(0.5, 32.0))
+    return root, x, r, alpha, dtype
+
+
+def _tol(dtype):
+    return {"rtol": 1e-5, "atol": 1e-5} if dtype != torch.bfloat16 else {"rtol": 3e-2, "atol": 3e-2}
+
+
+@SETTINGS
+@given(layer_and_input(), st.booleans())
+def test_fresh_adapter_is_identity(case, rslora):
+    root, x, r, alpha, _ = case
+    before = root.layer(x)
+    lk.inject(root, lk.LoraConfig(r=r, alpha=alpha, target_modules=["layer"], use_rslora=rslora))
+    after = root.layer(x)
+    assert after.dtype == before.dtype
+    assert torch.equal(after, before)
+
+
+@SETTINGS
+@given(layer_and_input())
+def test_merged_equals_unmerged_and_unmerge_restores(case):
+    root, x, r, alpha, dtype = case
+    lk.inject(root, lk.LoraConfig(r=r, alpha=alpha, target_modules=["layer"]))
+    randomize_adapters(root, scale=0.1)
+    root.eval()
+    w0 = root.layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        unmerged = root.layer(x)
+        lk.merge(root)
+        merged = root.layer(x)
+        lk.unmerge(root)
+    torch.testing.assert_close(merged.float(), unmerged.float(), **_tol(dtype))
+    if dtype == torch.bfloat16:
+        torch.testing.assert_close(root.layer.base_layer.weight, w0, rtol=2e-2, atol=2e-2)
+    else:
+        torch.testing.assert_close(root.layer.base_layer.weight, w0, rtol=1e-6, atol=1e-7)
+
+
+@SETTINGS
+@given(layer_and_input())
+def test_save_load_round_trip_is_bit_identical(case):
+    import copy
+
+    root, x, r, alpha, _ = case
+    fresh = copy.deepcopy(root)
+    lk.inject(root, lk.LoraConfig(r=r, alpha=alpha, target_modules=["layer"]))
+    randomize_adapters(root, scale=0.3)
+    with tempfile.TemporaryDirectory() as d:
+        lk.save_adapter(root, d)
+        lk.load_adapter(fresh, d)
+        stored = load_file(f"{d}/adapter_model.safetensors")
+    assert len(stored) == 2
+    for name in ("lora_A", "lora_B"):
+        assert torch.equal(getattr(fresh.layer, name)["default"], getattr(root.layer, name)["default"])
+    assert torch.equal(fresh.layer(x), root.layer(x))
+
+
+@SETTINGS
+@given(layer_and_input(), st.integers(1, 8))
+def test_switching_adapters_a_b_a(case, r2):
+    root, x, r, alpha, _ = case
+    lk.inject(root, lk.LoraConfig(r=r, alpha=alpha, target_modules=["layer"]), name="a")
+    lk.add_adapter(root, lk.LoraConfig(r=r2, alpha=alpha, target_modules=["layer"]), name="b")
+    randomize_adapters(root, scale=0.3)
+    out_a = root.layer(x)
+    lk.set_adapter(root, "b")
+    out_b = root.layer(x)
+    lk.set_adapter(root, "a")
+    assert torch.equal(root.layer(x), out_a)
+    assert not torch.equal(out_a, out_b)
