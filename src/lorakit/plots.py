@@ -1,0 +1,63 @@
+"""PNG figures for experiment results (matplotlib, headless Agg backend)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def confusion_matrices(panels: Sequence[tuple[str, np.ndarray]], path: str | Path) -> Path:
+    """Side-by-side confusion matrices (rows: true class, columns: predicted), counts annotated
+    off the diagonal where they are large enough to read."""
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5), squeeze=False)
+    for ax, (title, m) in zip(axes[0], panels, strict=True):
+        ax.imshow(np.log1p(m), cmap="Blues")
+        acc = np.trace(m) / max(m.sum(), 1)
+        ax.set_title(f"{title}\naccuracy {100 * acc:.2f}%", fontsize=10)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_xticks(range(m.shape[1]))
+        ax.set_yticks(range(m.shape[0]))
+        for i in range(m.shape[0]):
+            for j in range(m.shape[1]):
+                if i == j or m[i, j] >= 5:
+                    color = "white" if i == j else ("crimson" if m[i, j] >= 50 else "black")
+                    ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=6.5, color=color)
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def loss_curves(curves: dict[str, Sequence[float]], path: str | Path, smooth: int = 25) -> Path:
+    """Training loss per step (moving average over ``smooth`` steps), one line per run."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for label, losses in curves.items():
+        y = np.asarray(losses, dtype=float)
+        if len(y) >= smooth > 1:
+            y = np.convolve(y, np.ones(smooth) / smooth, mode="valid")
+        ax.plot(np.arange(len(y)), y, label=label, linewidth=1.3)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(f"training loss (moving average of {smooth})")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = Path(path)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
