@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .functional import lora_linear
+
 
 def is_conv1d(module: nn.Module) -> bool:
     """True for Hugging Face's ``transformers.pytorch_utils.Conv1D`` (GPT-2's fused projections).
@@ -190,6 +192,9 @@ class LoraLinear(LoraLayer):
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = is_conv1d(base_layer)
+        # The fused kernel (functional.lora_linear) computes the base layer itself, so it is used
+        # only for the exact types whose forward it reproduces; subclasses take the generic path.
+        self._fused = type(base_layer) is nn.Linear or self.fan_in_fan_out
         w = base_layer.weight
         # nn.Linear stores [out, in]; Conv1D stores [in, out].
         self.in_features, self.out_features = (
@@ -204,11 +209,16 @@ class LoraLinear(LoraLayer):
         return delta.T if self.fan_in_fan_out else delta
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        out = self.base_layer(x, *args, **kwargs)
         name = self._adapter_to_run()
+        base = self.base_layer
         if name is None:
-            return out
+            return base(x, *args, **kwargs)
         A, B = self.lora_A[name], self.lora_B[name]
+        if self._fused and not args and not kwargs and not base._forward_hooks and not base._forward_pre_hooks:
+            dropout = self.lora_dropout[name]
+            p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
+            return lora_linear(x, base.weight, base.bias, A, B, self.scaling[name], p, self.fan_in_fan_out)
+        out = base(x, *args, **kwargs)
         h = self.lora_dropout[name](x)
         # Scale the rank-r intermediate, the smallest tensor on the path.
         t = F.linear(h.to(A.dtype), A) * self.scaling[name]

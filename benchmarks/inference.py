@@ -1,0 +1,126 @@
+"""Inference time (unmerged and merged adapters vs the base model) and adapter save/load time,
+lorakit vs PEFT, all in one process with interleaved repetitions.
+
+    .venv/bin/python benchmarks/inference.py                  # GPT-2 and Llama, batch 8×128
+    .venv/bin/python benchmarks/inference.py --models gpt2 --reps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import apply_method, batch, build_model, machine, median, save
+
+
+def _randomize_adapters(model: torch.nn.Module) -> None:
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+
+
+def _io_times(model_name: str, base: torch.nn.Module, reps: int) -> dict[str, dict[str, float]]:
+
+    import lorakit as lk
+
+    ours = apply_method(copy.deepcopy(base), model_name, "lorakit")
+    theirs = apply_method(copy.deepcopy(base), model_name, "peft")
+    out: dict[str, dict[str, list[float]]] = {"lorakit": {"save": [], "load": []}, "peft": {"save": [], "load": []}}
+    with tempfile.TemporaryDirectory() as d:
+        for i in range(reps):
+            t = time.perf_counter()
+            lk.save_adapter(ours, f"{d}/ours")
+            out["lorakit"]["save"].append(1000 * (time.perf_counter() - t))
+            t = time.perf_counter()
+            theirs.save_pretrained(f"{d}/theirs")
+            out["peft"]["save"].append(1000 * (time.perf_counter() - t))
+            t = time.perf_counter()
+            lk.load_adapter(ours, f"{d}/ours", name=f"x{i}", activate=False)
+            out["lorakit"]["load"].append(1000 * (time.perf_counter() - t))
+            t = time.perf_counter()
+            theirs.load_adapter(f"{d}/theirs", adapter_name=f"x{i}")
+            out["peft"]["load"].append(1000 * (time.perf_counter() - t))
+            lk.delete_adapter(ours, f"x{i}")
+            theirs.delete_adapter(f"x{i}")
+    return {k: {op: median(v) for op, v in ops.items()} for k, ops in out.items()}
+
+
+def run_model(model_name: str, reps: int, warmup: int) -> dict:
+    from tqdm import tqdm
+
+    import lorakit as lk
+
+    base = build_model(model_name).eval()
+    ids = batch()
+    configs = {"base": base}
+    unmerged = apply_method(copy.deepcopy(base), model_name, "lorakit").eval()
+    _randomize_adapters(unmerged)
+    merged = copy.deepcopy(unmerged)
+    lk.merge(merged)
+    configs["lorakit unmerged"], configs["lorakit merged"] = unmerged, merged
+    peft_unmerged = apply_method(copy.deepcopy(base), model_name, "peft").eval()
+    _randomize_adapters(peft_unmerged)
+    peft_merged = copy.deepcopy(peft_unmerged)
+    for module in peft_merged.modules():
+        if hasattr(module, "merge") and hasattr(module, "lora_A"):
+            module.merge()
+    configs["peft unmerged"], configs["peft merged"] = peft_unmerged, peft_merged
+
+    with torch.no_grad():
+        ref = unmerged(input_ids=ids).logits
+        assert torch.allclose(merged(input_ids=ids).logits, ref, atol=1e-3), "merged output differs"
+    names = list(configs)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    with torch.no_grad():
+        for i in tqdm(range(warmup + reps), desc=f"{model_name}: interleaved forwards", unit="round"):
+            for n in names[i % len(names) :] + names[: i % len(names)]:
+                t = time.perf_counter()
+                configs[n](input_ids=ids)
+                if i >= warmup:
+                    times[n].append(1000 * (time.perf_counter() - t))
+    base_ms = median(times["base"])
+    return {
+        "forward_ms": {n: median(v) for n, v in times.items()},
+        "forward_x_base": {n: median(v) / base_ms for n, v in times.items()},
+        "forward_ms_all": times,
+        "adapter_io_ms": _io_times(model_name, base, reps=5),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["gpt2", "llama"])
+    ap.add_argument("--reps", type=int, default=12)
+    ap.add_argument("--warmup", type=int, default=2)
+    args = ap.parse_args()
+    results = {m: run_model(m, args.reps, args.warmup) for m in args.models}
+    info = machine()
+    rows, io_rows = [], []
+    for m, r in results.items():
+        for n, ms in r["forward_ms"].items():
+            rows.append(f"| {m} | {n} | {ms:.1f} | {r['forward_x_base'][n]:.3f} |")
+        for lib, ops in r["adapter_io_ms"].items():
+            io_rows.append(f"| {m} | {lib} | {ops['save']:.1f} | {ops['load']:.1f} |")
+    md = (
+        f"Inference: forward of batch 8×128 in eval mode under no_grad, LoRA r=8; median of {args.reps} "
+        f"interleaved repetitions in one process. {info['date']}, {info['device']}, "
+        f"{info['torch_threads']} threads.\n\n"
+        "| model | configuration | forward ms | × base |\n|---|---|---:|---:|\n" + "\n".join(rows) + "\n\n"
+        "Adapter save / load (median of 5, warm file cache):\n\n"
+        "| model | library | save ms | load ms |\n|---|---|---:|---:|\n" + "\n".join(io_rows) + "\n"
+    )
+    print("\n" + md)
+    save("inference", {"machine": info, "settings": vars(args), "results": results}, md)
+
+
+if __name__ == "__main__":
+    main()

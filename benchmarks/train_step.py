@@ -1,0 +1,134 @@
+"""Training step time and peak memory: lorakit LoRA vs PEFT LoRA vs full fine-tuning.
+
+Time: all configurations live in ONE process and take turns step by step (full, peft, lorakit,
+floor, full, ...), so load on the shared machine hits each alike; the median per configuration
+is reported. ``floor`` is the frozen model with only an input gradient: the work every LoRA
+step must do whatever the adapter code, i.e. the physical limit here.
+Memory: each configuration then runs a few steps in a FRESH process whose peak resident set is
+its own (median over rounds).
+
+    .venv/bin/python benchmarks/train_step.py                   # GPT-2 and Llama, the defaults
+    .venv/bin/python benchmarks/train_step.py --models gpt2 --steps 6 --rounds 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import apply_method, batch, build_model, machine, median, peak_rss_mb, save
+
+METHODS = ("full", "peft", "lorakit", "floor")
+
+
+def _stepper(model, ids):
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+    def step() -> None:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    return step, sum(p.numel() for p in params)
+
+
+def memory_worker(model_name: str, method: str, steps: int) -> dict:
+    model = apply_method(build_model(model_name), model_name, method).train()
+    step, trainable = _stepper(model, batch())
+    for _ in range(steps):
+        step()
+    return {"method": method, "trainable": trainable, "peak_rss_mb": peak_rss_mb()}
+
+
+def time_interleaved(model_name: str, methods: list[str], steps: int, warmup: int) -> dict[str, list[float]]:
+    from tqdm import tqdm
+
+    base = build_model(model_name)
+    ids = batch()
+    steppers = {}
+    for m in methods:
+        model = apply_method(copy.deepcopy(base), model_name, m).train()
+        steppers[m] = _stepper(model, ids)[0]
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for i in tqdm(range(warmup + steps), desc=f"{model_name}: interleaved steps", unit="round"):
+        order = methods[i % len(methods) :] + methods[: i % len(methods)]
+        for m in order:
+            t = time.perf_counter()
+            steppers[m]()
+            if i >= warmup:
+                times[m].append(1000 * (time.perf_counter() - t))
+    return times
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", nargs="+", default=["gpt2", "llama"])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per configuration")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="fresh-process memory runs per configuration")
+    ap.add_argument("--memory-steps", type=int, default=3)
+    ap.add_argument("--memory-worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.memory_worker:
+        print(json.dumps(memory_worker(*args.memory_worker, args.memory_steps)))
+        return
+
+    results, rows = {}, []
+    for model_name in args.models:
+        times = time_interleaved(model_name, args.methods, args.steps, args.warmup)
+        mem: dict[str, list[dict]] = {}
+        for r in range(args.rounds):
+            for k in range(len(args.methods)):
+                method = args.methods[(k + r) % len(args.methods)]
+                cmd = [sys.executable, __file__, "--memory-worker", model_name, method,
+                       "--memory-steps", str(args.memory_steps)]  # fmt: skip
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                mem.setdefault(method, []).append(json.loads(out.strip().splitlines()[-1]))
+        res = {}
+        for m in args.methods:
+            res[m] = {
+                "trainable": mem[m][0]["trainable"],
+                "step_ms_median": median(times[m]),
+                "step_ms_all": times[m],
+                "peak_rss_mb_median": median([x["peak_rss_mb"] for x in mem[m]]),
+                "peak_rss_mb_all": [x["peak_rss_mb"] for x in mem[m]],
+            }
+        for m in args.methods:
+            x = res[m]
+            vs = {
+                k: x["step_ms_median"] / res[k]["step_ms_median"] if k in res else float("nan")
+                for k in ("full", "peft")
+            }
+            rows.append(
+                f"| {model_name} | {m} | {x['trainable']:,} | {x['step_ms_median']:.0f} | {vs['full']:.2f} | "
+                f"{vs['peft']:.2f} | {x['peak_rss_mb_median']:.0f} |"
+            )
+        results[model_name] = res
+    info = machine()
+    md = (
+        f"Training step: batch 8×128, AdamW, LoRA r=8 alpha 16 (GPT-2: c_attn, c_proj, c_fc; Llama: all-linear). "
+        f"Median of {args.steps} interleaved steps in one process; peak RSS: median of {args.rounds} fresh "
+        f"processes × {args.memory_steps} steps. {info['date']}, {info['device']}, {info['torch_threads']} threads, "
+        f"torch {info['torch']}.\n\n"
+        "| model | method | trainable | step ms | × full | × PEFT | peak RSS MB |\n"
+        "|---|---|---:|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n\n"
+        "`floor`: frozen model, input gradient only (no adapter): the least work any LoRA step can do.\n"
+    )
+    print("\n" + md)
+    save("train_step", {"machine": info, "settings": vars(args), "results": results}, md)
+
+
+if __name__ == "__main__":
+    main()

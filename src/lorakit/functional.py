@@ -1,0 +1,135 @@
+"""The LoRA linear hot path: one fused forward and a hand-written backward.
+
+For ``x ∈ R^{N×in}``, frozen ``W0`` and adapter factors ``A ∈ R^{r×in}``, ``B ∈ R^{out×r}``::
+
+    h = dropout(x)            (mask m, keep probability q = 1 − p; h = x ⊙ m / q)
+    t = s · h Aᵀ              [N, r]   (scaled on the small side)
+    y = x W0ᵀ + b + t Bᵀ       one GEMM for the base, one rank-r ``addmm_`` into its output
+
+Backward, given ``g = ∂L/∂y`` (no gradient is ever formed for a frozen ``W0``)::
+
+    ∂L/∂B = gᵀ t               [out, r]
+    u     = s · g B            [N, r]
+    ∂L/∂A = uᵀ h               [r, in]
+    ∂L/∂x = g W0 + (u A) ⊙ m / q     (no dropout: one ``addmm_`` into ``g W0``)
+
+The rank-r products are arranged so that the long dimension ``N`` is contiguous (see backward).
+
+Saved for backward: the input (which the base layer needs anyway), the ``[N, r]`` tensor ``t``
+and, with dropout, a one-byte mask instead of a second full-size copy of the input. Plain
+autograd would also keep ``h`` and ``t`` unscaled, and add two full-size tensors in each direction.
+
+``weight_t`` says the weight is stored ``[in, out]`` (Hugging Face ``Conv1D``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+
+def _base(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_t: bool) -> torch.Tensor:
+    if weight_t:
+        return torch.addmm(bias, x2, weight) if bias is not None else x2 @ weight
+    return F.linear(x2, weight, bias)
+
+
+def _dropout_mask(x2: torch.Tensor, p: float) -> torch.Tensor:
+    return torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - p)
+
+
+def _add_low_rank(y: torch.Tensor, t: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``y += t Bᵀ`` in place when dtypes agree, else computed in the adapter dtype and cast once."""
+    if y.dtype == t.dtype:
+        return y.addmm_(t, B.T)
+    return y.add_((t @ B.T).to(y.dtype))
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    """``y = x W0ᵀ + b + s · dropout(x) Aᵀ Bᵀ`` with the backward above."""
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        A: torch.Tensor,
+        B: torch.Tensor,
+        scaling: float,
+        p: float,
+        weight_t: bool,
+    ) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        y = _base(x2, weight, bias, weight_t)
+        mask = _dropout_mask(x2, p) if p > 0 else None
+        h = x2 if mask is None else x2 * mask / (1.0 - p)
+        t = (h.to(A.dtype) @ A.T).mul_(scaling)
+        _add_low_rank(y, t, B)
+        ctx.save_for_backward(x2, weight, A, B, t, mask)
+        ctx.scaling, ctx.p, ctx.weight_t = scaling, p, weight_t
+        ctx.has_bias = bias is not None
+        ctx.in_shape = x.shape
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x2, weight, A, B, t, mask = ctx.saved_tensors
+        need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        ga = g if g.dtype == A.dtype else g.to(A.dtype)
+        scale_in = 1.0 / (1.0 - ctx.p) if mask is not None else 1.0
+
+        # Both products below have a tiny inner or outer dimension r. Written as (r × N)·(N × out)
+        # rather than (out × N)·(N × r) they run 2-4x faster on CPU BLAS (measured: 1.75 → 0.47 ms
+        # for N=1024, out=1536, r=8), since the long dimension N is then the contiguous one.
+        grad_B = (t.T @ ga).T.contiguous() if need_bb else None
+        u = None
+        if need_a or need_x:
+            u = (B.T @ ga.T).T.mul_(ctx.scaling)  # [N, r], a transposed view
+        grad_A = None
+        if need_a:
+            h = x2 if mask is None else x2 * mask
+            grad_A = u.T @ h.to(A.dtype)
+            if mask is not None:
+                grad_A.mul_(scale_in)
+        grad_x = None
+        if need_x:
+            grad_x = g @ (weight.T if ctx.weight_t else weight)
+            if mask is None and grad_x.dtype == u.dtype:
+                grad_x.addmm_(u, A)
+            else:
+                low = u @ A
+                if mask is not None:
+                    low.mul_(mask).mul_(scale_in)
+                grad_x.add_(low.to(grad_x.dtype))
+            grad_x = grad_x.reshape(ctx.in_shape)
+        grad_w = None
+        if need_w:  # only when the caller unfroze W0 on purpose
+            grad_w = x2.T @ g if ctx.weight_t else g.T @ x2
+        grad_bias = g.sum(0) if need_b and ctx.has_bias else None
+        return grad_x, grad_w, grad_bias, grad_A, grad_B, None, None, None
+
+
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    dropout: float = 0.0,
+    weight_t: bool = False,
+) -> torch.Tensor:
+    """LoRA linear forward. Under autograd it runs :class:`LoraLinearFunction`; in inference it
+    adds the rank-r term into the base output in place (no second full-size tensor)."""
+    needs_graph = x.requires_grad or A.requires_grad or B.requires_grad or weight.requires_grad
+    if torch.is_grad_enabled() and (needs_graph or (bias is not None and bias.requires_grad)):
+        return LoraLinearFunction.apply(x, weight, bias, A, B, scaling, dropout, weight_t)
+    x2 = x.reshape(-1, x.shape[-1])
+    y = _base(x2, weight, bias, weight_t)
+    h = F.dropout(x2, dropout, training=True) if dropout > 0 else x2
+    t = (h.to(A.dtype) @ A.T).mul_(scaling)
+    return _add_low_rank(y, t, B).reshape(*x.shape[:-1], y.shape[-1])

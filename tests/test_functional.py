@@ -1,0 +1,83 @@
+"""The hand-written LoRA backward against plain autograd on the same maths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import lorakit.functional as fn
+
+
+def _reference(x, weight, bias, A, B, s, weight_t, mask=None, p=0.0):
+    w = weight.T if weight_t else weight
+    y = torch.nn.functional.linear(x, w, bias)
+    h = x if mask is None else x * mask / (1 - p)
+    delta = torch.nn.functional.linear(torch.nn.functional.linear(h.to(A.dtype), A) * s, B)
+    return y + delta.to(y.dtype)
+
+
+def _tensors(dtype, weight_t, bias_grad, n_in=24, n_out=40, r=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 7, n_in, generator=g).to(dtype).requires_grad_(True)
+    shape = (n_in, n_out) if weight_t else (n_out, n_in)
+    weight = torch.randn(shape, generator=g).to(dtype) * 0.2
+    bias = (torch.randn(n_out, generator=g).to(dtype)).requires_grad_(bias_grad)
+    A = (torch.randn(r, n_in, generator=g) * 0.3).requires_grad_(True)
+    B = (torch.randn(n_out, r, generator=g) * 0.3).requires_grad_(True)
+    return x, weight, bias, A, B
+
+
+def _grads(out, inputs, seed=1):
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)).to(out.dtype)
+    return torch.autograd.grad(out, [t for t in inputs if t.requires_grad], g)
+
+
+@pytest.mark.parametrize("weight_t", [False, True], ids=["linear", "conv1d"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias_grad", [False, True])
+def test_gradients_equal_autograd(weight_t, dtype, bias_grad):
+    x, w, b, A, B = _tensors(dtype, weight_t, bias_grad)
+    ours = fn.LoraLinearFunction.apply(x, w, b, A, B, 1.75, 0.0, weight_t)
+    ref = _reference(x, w, b, A, B, 1.75, weight_t)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1.6e-2, "atol": 1e-2}
+    torch.testing.assert_close(ours, ref, **tol)
+    for got, want in zip(_grads(ours, [x, b, A, B]), _grads(ref, [x, b, A, B]), strict=True):
+        assert got.dtype == want.dtype
+        torch.testing.assert_close(got, want, **tol)
+
+
+@pytest.mark.parametrize("weight_t", [False, True])
+def test_gradients_with_dropout_use_the_same_mask(weight_t, monkeypatch):
+    x, w, b, A, B = _tensors(torch.float32, weight_t, False)
+    mask = torch.rand(x.reshape(-1, x.shape[-1]).shape, generator=torch.Generator().manual_seed(3)) > 0.3
+    monkeypatch.setattr(fn, "_dropout_mask", lambda x2, p: mask)
+    ours = fn.LoraLinearFunction.apply(x, w, b, A, B, 0.5, 0.3, weight_t)
+    ref = _reference(x, w, b, A, B, 0.5, weight_t, mask.reshape(x.shape), 0.3)
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    for got, want in zip(_grads(ours, [x, A, B]), _grads(ref, [x, A, B]), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_gradcheck_float64():
+    x, w, b, A, B = (t.double().detach().requires_grad_(t.requires_grad) for t in _tensors(torch.float32, False, True))
+    w.requires_grad_(True)  # also check the (rarely used) weight gradient
+    assert torch.autograd.gradcheck(
+        lambda *a: fn.LoraLinearFunction.apply(*a, 0.7, 0.0, False), (x, w, b, A, B), eps=1e-6, atol=1e-5
+    )
+
+
+def test_no_input_gradient_is_computed_when_not_needed(monkeypatch):
+    x, w, b, A, B = _tensors(torch.float32, False, False)
+    x = x.detach()
+    out = fn.LoraLinearFunction.apply(x, w, b, A, B, 1.0, 0.0, False)
+    ga, gb = torch.autograd.grad(out.sum(), [A, B])
+    assert ga.shape == A.shape and gb.shape == B.shape
+
+
+def test_inference_path_matches_and_adds_in_place():
+    x, w, b, A, B = _tensors(torch.float32, False, False)
+    with torch.no_grad():
+        out = fn.lora_linear(x, w, b, A, B, 2.0)
+        ref = _reference(x, w, b, A, B, 2.0, False)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert not out.requires_grad
