@@ -123,3 +123,24 @@ def test_wrapper_forwards_attributes_of_the_base():
     assert root.layer.in_features == 7 and root.layer.out_features == 5
     assert root.layer.weight is root.layer.base_layer.weight
     assert root.layer.bias is root.layer.base_layer.bias
+
+
+def test_bf16_autocast_training_step():
+    torch.manual_seed(0)
+    root = _single(nn.Linear(16, 8))
+    randomize_adapters(root)
+    x = torch.randn(4, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = root.layer(x)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), root.layer(x), rtol=3e-2, atol=3e-2)
+    y.float().sum().backward()
+    assert root.layer.lora_A["default"].grad is not None and root.layer.lora_A["default"].grad.dtype == torch.float32
+
+
+def test_forward_hooks_on_the_base_layer_still_fire():
+    root = _single(nn.Linear(6, 3))
+    seen = []
+    root.layer.base_layer.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    root.layer(torch.randn(2, 6))
+    assert seen == [torch.Size([2, 3])]

@@ -214,7 +214,8 @@ class LoraLinear(LoraLayer):
         if name is None:
             return base(x, *args, **kwargs)
         A, B = self.lora_A[name], self.lora_B[name]
-        if self._fused and not args and not kwargs and not base._forward_hooks and not base._forward_pre_hooks:
+        fused = self._fused and not args and not kwargs and not torch.is_autocast_enabled(x.device.type)
+        if fused and not base._forward_hooks and not base._forward_pre_hooks:
             dropout = self.lora_dropout[name]
             p = dropout.p if isinstance(dropout, nn.Dropout) and self.training else 0.0
             return lora_linear(x, base.weight, base.bias, A, B, self.scaling[name], p, self.fan_in_fan_out)
