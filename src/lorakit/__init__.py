@@ -24,6 +24,7 @@ from .injection import (
 )
 from .layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .merging import is_merged, merge, merge_and_unload, unmerge
+from .routing import route, set_trainable
 
 __version__ = "0.1.0"
 
@@ -50,7 +51,9 @@ __all__ = [
     "merge",
     "merge_and_unload",
     "read_config",
+    "route",
     "save_adapter",
     "set_adapter",
+    "set_trainable",
     "unmerge",
 ]

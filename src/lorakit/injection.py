@@ -151,6 +151,21 @@ def _wrappers(model: nn.Module) -> Iterator[LoraLayer | ModulesToSave]:
             yield module
 
 
+def _changed(model: nn.Module) -> None:
+    model.__dict__["_lorakit_generation"] = model.__dict__.get("_lorakit_generation", 0) + 1
+
+
+def wrapper_list(model: nn.Module) -> list[LoraLayer | ModulesToSave]:
+    """Every lorakit wrapper in ``model``, cached until adapters are added or deleted (walking
+    a large model's module tree costs milliseconds, too much for a per-batch call)."""
+    key = (model.__dict__.get("_lorakit_generation", 0), tuple(adapter_configs(model)))
+    cached = model.__dict__.get("_lorakit_wrappers")
+    if cached is None or cached[0] != key:
+        cached = (key, list(_wrappers(model)))
+        model.__dict__["_lorakit_wrappers"] = cached
+    return cached[1]
+
+
 def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, child = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
@@ -203,6 +218,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str) -> nn.Module:
         if not isinstance(module, LoraLayer):
             new_wrappers[path] = wrap_module(module, path)
     for path, wrapper in new_wrappers.items():
+        wrapper.train(model.get_submodule(path).training)  # an eval-mode model stays in eval mode
         _set_submodule(model, path, wrapper)
     for path in targets:
         layer = model.get_submodule(path)
@@ -228,6 +244,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str) -> nn.Module:
                 bias.requires_grad_(True)
 
     configs[name] = config
+    _changed(model)
     if first:
         set_adapter(model, name)
     return model
@@ -246,7 +263,7 @@ def _add_module_to_save(model: nn.Module, module_name: str, adapter: str) -> Non
         if isinstance(module, LoraLayer):
             raise ValueError(f"modules_to_save: {path!r} already carries a LoRA adapter")
         if not isinstance(module, ModulesToSave):
-            module = ModulesToSave(module)
+            module = ModulesToSave(module).train(module.training)
             module.active_adapter = active_adapter(model)
             _set_submodule(model, path, module)
         module.add_adapter(adapter)
@@ -291,6 +308,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
             if not module.modules_to_save:
                 _set_submodule(model, path, module.original_module)
     del configs[name]
+    _changed(model)
     if configs and active_adapter(model) is None:
         set_adapter(model, next(iter(configs)))
 

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .bank import inference_bank, routed_input_dropout, row_slots, stack_bank
 from .functional import lora_linear
 
 
@@ -78,6 +79,11 @@ class LoraLayer(nn.Module):
         self.active_adapter: str | None = None
         self.merged_adapters: list[str] = []
         self.adapters_disabled = False
+        #: per-row bank slots while inside ``lorakit.route`` (None: every row runs the active adapter)
+        self.routing: torch.Tensor | None = None
+        #: the inference bank captured when the route was entered, and whether any adapter trains
+        self.route_bank: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.route_trains = False
         base_layer.requires_grad_(False)
 
     # ------------------------------------------------------------------ to be defined by subclasses
@@ -161,6 +167,31 @@ class LoraLayer(nn.Module):
             return None
         return name
 
+    def _routed(self) -> bool:
+        return self.routing is not None and not self.adapters_disabled and bool(self.lora_A)
+
+    def _routed_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Every row with its own adapter: one gather from the bank, then batched GEMMs."""
+        out = self.base_layer(x, *args, **kwargs)
+        if torch.is_grad_enabled() and self.route_trains:
+            A, B, p = stack_bank(self)  # rebuilt each step so gradients reach each adapter
+        else:
+            A, B, p = self.route_bank if self.route_bank is not None else inference_bank(self)
+        slots = row_slots(self, x.shape[0])
+        keep = (1.0 - p[slots]) if self.training and bool((p > 0).any()) else None
+        A, B = A.index_select(0, slots), B.index_select(0, slots)
+        return self._accumulate(out, self._bank_delta(x, A, B, keep))
+
+    def bank_layout(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked ``A [S, R, ...]`` and ``B [S, out, R, ...]`` rearranged as ``_bank_delta`` reads
+        them, so a gathered slice feeds the batched GEMM without another copy."""
+        return A, B
+
+    def _bank_delta(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        """The adapter term for rows whose factors are ``A[b]``, ``B[b]`` (input dropout keep
+        probability ``keep[b]`` in training, None without dropout)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support per-row routing")
+
     @staticmethod
     def _accumulate(out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
         # In inference, add into the base output in place (no second full-size tensor); under
@@ -208,7 +239,20 @@ class LoraLinear(LoraLayer):
         delta = (self.lora_B[name] @ self.lora_A[name]) * self.scaling[name]
         return delta.T if self.fan_in_fan_out else delta
 
+    def _bank_delta(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        # A: [b, in, R], B: [b, R, out] (scale folded in), one slice per row
+        h = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)  # [b, tokens, in]
+        if keep is not None:
+            h = routed_input_dropout(h, keep)
+        t = torch.bmm(h, A)  # shrink: [b, tokens, R]
+        return torch.bmm(t, B).reshape(*x.shape[:-1], B.shape[2])  # expand: [b, tokens, out]
+
+    def bank_layout(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return A.transpose(1, 2).contiguous(), B.transpose(1, 2).contiguous()
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._routed():
+            return self._routed_forward(x, *args, **kwargs)
         name = self._adapter_to_run()
         base = self.base_layer
         if name is None:
@@ -249,7 +293,19 @@ class LoraEmbedding(LoraLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         return ((self.lora_B[name] @ self.lora_A[name]) * self.scaling[name]).T
 
+    def _bank_delta(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        # A: [b, num, R], B: [b, R, dim]; row b looks its ids up in its own A
+        ids = x.reshape(x.shape[0], -1)  # [b, tokens]
+        rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1)
+        t = A[rows, ids]  # [b, tokens, R]
+        return torch.bmm(t, B).reshape(*x.shape, B.shape[2])
+
+    def bank_layout(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return A.transpose(1, 2).contiguous(), B.transpose(1, 2).contiguous()
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._routed():
+            return self._routed_forward(x, *args, **kwargs)
         out = self.base_layer(x, *args, **kwargs)
         name = self._adapter_to_run()
         if name is None:
@@ -282,7 +338,21 @@ class LoraConv2d(LoraLayer):
         B = self.lora_B[name][:, :, 0, 0]
         return torch.einsum("or,rihw->oihw", B, self.lora_A[name]) * self.scaling[name]
 
+    def _bank_delta(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
+        # A: [b, R, C, kh, kw], B: [b, out, R, 1, 1]. Rows become groups of one grouped convolution.
+        base = self.base_layer
+        b, c = x.shape[0], x.shape[1]
+        h = x.to(A.dtype)
+        if keep is not None:
+            h = routed_input_dropout(h, keep)
+        t = F.conv2d(h.reshape(1, b * c, *x.shape[2:]), A.reshape(-1, *A.shape[2:]), None,
+                     base.stride, base.padding, base.dilation, groups=b)  # fmt: skip
+        t = t.reshape(b, A.shape[1], *t.shape[2:])  # [b, R, H', W']
+        return torch.einsum("brhw,bor->bohw", t, B[..., 0, 0])
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._routed():
+            return self._routed_forward(x, *args, **kwargs)
         out = self.base_layer(x, *args, **kwargs)
         name = self._adapter_to_run()
         if name is None:

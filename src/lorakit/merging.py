@@ -62,4 +62,5 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
             _set_submodule(model, path, module.active_module())
     adapter_configs(model).clear()
     model.__dict__.pop(CONFIGS_ATTR, None)
+    model.__dict__.pop("_lorakit_wrappers", None)
     return model
