@@ -126,9 +126,8 @@ def test_route_errors():
         pass
     with pytest.raises(ValueError, match="out of range"), lk.route(model, torch.tensor([0, 3])):
         pass
-    with pytest.raises(ValueError, match="given 2 rows but a layer received a batch of 3"):
-        with lk.route(model, ["a", "b"]):
-            model(torch.randn(3, 784))
+    with pytest.raises(ValueError, match="given 2 rows but a layer received a batch of 3"), lk.route(model, ["a", "b"]):
+        model(torch.randn(3, 784))
     assert model.fc1.routing is None, "leaving the block restores normal forwards"
     lk.merge(model)
     with pytest.raises(RuntimeError, match="unmerge"), lk.route(model, ["a"]):
