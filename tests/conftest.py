@@ -6,18 +6,9 @@ import pytest
 import torch
 from torch import nn
 
+from lorakit.demos.flipped_mnist import SeedMLP
 
-class SeedMLP(nn.Module):
-    """The seed's classifier: 784→256→128→10, ReLU, 235,146 parameters."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(784, 256)
-        self.fc2 = nn.Linear(256, 128)
-        self.fc3 = nn.Linear(128, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
+__all__ = ["Mixed", "SeedMLP", "randomize_adapters"]
 
 
 class Mixed(nn.Module):

@@ -14,11 +14,10 @@ def tiny_gpt2() -> nn.Module:
     return GPT2LMHeadModel(cfg).eval()
 
 
-def tiny_llama() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _llama_config(**extra):
+    from transformers import LlamaConfig
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
+    return LlamaConfig(
         hidden_size=32,
         intermediate_size=48,
         num_hidden_layers=2,
@@ -26,25 +25,22 @@ def tiny_llama() -> nn.Module:
         num_key_value_heads=2,
         vocab_size=101,
         max_position_embeddings=32,
+        **extra,
     )
-    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_llama() -> nn.Module:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(_llama_config()).eval()
 
 
 def tiny_llama_classifier() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=101,
-        num_labels=3,
-        pad_token_id=0,
-    )
-    return LlamaForSequenceClassification(cfg).eval()
+    return LlamaForSequenceClassification(_llama_config(num_labels=3, pad_token_id=0)).eval()
 
 
 def tiny_bert() -> nn.Module:

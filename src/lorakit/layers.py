@@ -167,6 +167,17 @@ class LoraLayer(nn.Module):
             return None
         return name
 
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._routed():
+            return self._routed_forward(x, *args, **kwargs)
+        out = self.base_layer(x, *args, **kwargs)
+        name = self._adapter_to_run()
+        return out if name is None else self._accumulate(out, self._delta(x, name))
+
+    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The adapter term ``s · B A x`` of adapter ``name`` (layer-specific)."""
+        raise NotImplementedError
+
     def _routed(self) -> bool:
         return self.routing is not None and not self.adapters_disabled and bool(self.lora_A)
 
@@ -179,16 +190,17 @@ class LoraLayer(nn.Module):
             A, B, p = self.route_bank if self.route_bank is not None else inference_bank(self)
         slots = row_slots(self, x.shape[0])
         keep = (1.0 - p[slots]) if self.training and bool((p > 0).any()) else None
-        A, B = A.index_select(0, slots), B.index_select(0, slots)
-        return self._accumulate(out, self._bank_delta(x, A, B, keep))
+        return self._accumulate(out, self._bank_delta(x, A, B, slots, keep))
 
     def bank_layout(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacked ``A [S, R, ...]`` and ``B [S, out, R, ...]`` rearranged as ``_bank_delta`` reads
         them, so a gathered slice feeds the batched GEMM without another copy."""
         return A, B
 
-    def _bank_delta(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        """The adapter term for rows whose factors are ``A[b]``, ``B[b]`` (input dropout keep
+    def _bank_delta(
+        self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor, keep: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The adapter term when row ``b`` uses bank slot ``slots[b]`` (input dropout keep
         probability ``keep[b]`` in training, None without dropout)."""
         raise NotImplementedError(f"{type(self).__name__} does not support per-row routing")
 
@@ -239,13 +251,26 @@ class LoraLinear(LoraLayer):
         delta = (self.lora_B[name] @ self.lora_A[name]) * self.scaling[name]
         return delta.T if self.fan_in_fan_out else delta
 
-    def _bank_delta(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        # A: [b, in, R], B: [b, R, out] (scale folded in), one slice per row
-        h = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)  # [b, tokens, in]
+    def _bank_delta(
+        self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor, keep: torch.Tensor | None
+    ) -> torch.Tensor:
+        # banks: A [S, in, R], B [S, R, out] (scale folded into B)
+        b, rank = x.shape[0], A.shape[2]
+        h = x.reshape(b, -1, x.shape[-1]).to(A.dtype)  # [b, tokens, in]
         if keep is not None:
             h = routed_input_dropout(h, keep)
-        t = torch.bmm(h, A)  # shrink: [b, tokens, R]
-        return torch.bmm(t, B).reshape(*x.shape[:-1], B.shape[2])  # expand: [b, tokens, out]
+        t = torch.bmm(h, A.index_select(0, slots))  # shrink: [b, tokens, R]
+        if h.shape[1] == 1:
+            # One token per row (decoding): expand with a weighted gather of each row's R rows of
+            # B straight from the bank, without copying every row's B first (1.6x faster in isolation).
+            rows = (slots.unsqueeze(1) * rank + torch.arange(rank, device=slots.device)).reshape(-1)
+            offsets = torch.arange(0, b * rank, rank, device=slots.device)
+            delta = F.embedding_bag(
+                rows, B.reshape(-1, B.shape[2]), offsets, mode="sum", per_sample_weights=t.reshape(-1)
+            )
+        else:
+            delta = torch.bmm(t, B.index_select(0, slots))  # expand: [b, tokens, out]
+        return delta.reshape(*x.shape[:-1], B.shape[2])
 
     def bank_layout(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return A.transpose(1, 2).contiguous(), B.transpose(1, 2).contiguous()
@@ -293,26 +318,21 @@ class LoraEmbedding(LoraLayer):
     def delta_weight(self, name: str) -> torch.Tensor:
         return ((self.lora_B[name] @ self.lora_A[name]) * self.scaling[name]).T
 
-    def _bank_delta(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        # A: [b, num, R], B: [b, R, dim]; row b looks its ids up in its own A
+    def _bank_delta(
+        self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor, keep: torch.Tensor | None
+    ) -> torch.Tensor:
+        # banks: A [S, num, R], B [S, R, dim]; row b looks its ids up in its own slot of A
         ids = x.reshape(x.shape[0], -1)  # [b, tokens]
-        rows = torch.arange(ids.shape[0], device=ids.device).unsqueeze(1)
-        t = A[rows, ids]  # [b, tokens, R]
-        return torch.bmm(t, B).reshape(*x.shape, B.shape[2])
+        t = A[slots.unsqueeze(1), ids]  # [b, tokens, R]
+        return torch.bmm(t, B.index_select(0, slots)).reshape(*x.shape, B.shape[2])
 
     def bank_layout(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return A.transpose(1, 2).contiguous(), B.transpose(1, 2).contiguous()
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self._routed():
-            return self._routed_forward(x, *args, **kwargs)
-        out = self.base_layer(x, *args, **kwargs)
-        name = self._adapter_to_run()
-        if name is None:
-            return out
+    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         A, B = self.lora_A[name], self.lora_B[name]
         t = F.embedding(x, A.T, padding_idx=self.base_layer.padding_idx) * self.scaling[name]
-        return self._accumulate(out, F.linear(t, B))
+        return F.linear(t, B)
 
 
 class LoraConv2d(LoraLayer):
@@ -338,8 +358,11 @@ class LoraConv2d(LoraLayer):
         B = self.lora_B[name][:, :, 0, 0]
         return torch.einsum("or,rihw->oihw", B, self.lora_A[name]) * self.scaling[name]
 
-    def _bank_delta(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor:
-        # A: [b, R, C, kh, kw], B: [b, out, R, 1, 1]. Rows become groups of one grouped convolution.
+    def _bank_delta(
+        self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor, keep: torch.Tensor | None
+    ) -> torch.Tensor:
+        # banks: A [S, R, C, kh, kw], B [S, out, R, 1, 1]. Rows become groups of one grouped conv.
+        A, B = A.index_select(0, slots), B.index_select(0, slots)
         base = self.base_layer
         b, c = x.shape[0], x.shape[1]
         h = x.to(A.dtype)
@@ -350,18 +373,12 @@ class LoraConv2d(LoraLayer):
         t = t.reshape(b, A.shape[1], *t.shape[2:])  # [b, R, H', W']
         return torch.einsum("brhw,bor->bohw", t, B[..., 0, 0])
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self._routed():
-            return self._routed_forward(x, *args, **kwargs)
-        out = self.base_layer(x, *args, **kwargs)
-        name = self._adapter_to_run()
-        if name is None:
-            return out
+    def _delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         base = self.base_layer
         A, B = self.lora_A[name], self.lora_B[name]
         h = self.lora_dropout[name](x).to(A.dtype)
         t = F.conv2d(h, A, None, base.stride, base.padding, base.dilation) * self.scaling[name]
-        return self._accumulate(out, F.conv2d(t, B))
+        return F.conv2d(t, B)
 
 
 class ModulesToSave(nn.Module):
