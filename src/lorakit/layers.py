@@ -263,8 +263,7 @@ class LoraLinear(LoraLayer):
         if h.shape[1] == 1:
             # One token per row (decoding): expand with a weighted gather of each row's R rows of
             # B straight from the bank, without copying every row's B first (1.6x faster in isolation).
-            rows = (slots.unsqueeze(1) * rank + torch.arange(rank, device=slots.device)).reshape(-1)
-            offsets = torch.arange(0, b * rank, rank, device=slots.device)
+            rows, offsets = self._bag_indices(slots, rank)
             delta = F.embedding_bag(
                 rows, B.reshape(-1, B.shape[2]), offsets, mode="sum", per_sample_weights=t.reshape(-1)
             )
@@ -274,6 +273,17 @@ class LoraLinear(LoraLayer):
 
     def bank_layout(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return A.transpose(1, 2).contiguous(), B.transpose(1, 2).contiguous()
+
+    def _bag_indices(self, slots: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows ``slot·R + j`` of the flattened B bank and bag offsets, cached for the slots of the
+        current route (a decode loop reuses them every step)."""
+        cached = self.__dict__.get("_bag_cache")
+        if cached is None or cached[0] is not slots or cached[1] != rank:
+            rows = (slots.unsqueeze(1) * rank + torch.arange(rank, device=slots.device)).reshape(-1)
+            offsets = torch.arange(0, slots.shape[0] * rank, rank, device=slots.device)
+            cached = (slots, rank, rows, offsets)
+            self.__dict__["_bag_cache"] = cached
+        return cached[2], cached[3]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self._routed():
