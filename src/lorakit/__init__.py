@@ -24,6 +24,7 @@ from .injection import (
 )
 from .layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .merging import is_merged, merge, merge_and_unload, unmerge
+from .quantization import QuantizedSize, paged_adamw, quantize, quantized_size
 from .routing import route, set_trainable
 
 __version__ = "0.1.0"
@@ -37,6 +38,7 @@ __all__ = [
     "LoraLinear",
     "ModulesToSave",
     "ParameterCount",
+    "QuantizedSize",
     "active_adapter",
     "adapter_configs",
     "add_adapter",
@@ -50,6 +52,9 @@ __all__ = [
     "lora_layers",
     "merge",
     "merge_and_unload",
+    "paged_adamw",
+    "quantize",
+    "quantized_size",
     "read_config",
     "route",
     "save_adapter",

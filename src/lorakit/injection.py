@@ -365,6 +365,14 @@ class ParameterCount:
         )
 
 
+def _represented_numel(module_of: dict[int, nn.Module], p: nn.Parameter) -> int:
+    """Weights a parameter stands for: a packed 4-bit weight holds two per byte."""
+    owner = module_of.get(id(p))
+    if owner is not None:
+        return owner.in_features * owner.out_features
+    return p.numel()
+
+
 def count_parameters(model: nn.Module) -> ParameterCount:
     """Count trainable, total and original-model parameters (shared tensors counted once)."""
     adapter_ids: set[int] = set()
@@ -374,9 +382,12 @@ def count_parameters(model: nn.Module) -> ParameterCount:
             adapter_ids.update(id(p) for p in module.lora_B.values())
         else:
             adapter_ids.update(id(p) for p in module.modules_to_save.parameters())
+    from .quantization import is_linear4bit
+
+    packed = {id(m.weight): m for m in model.modules() if is_linear4bit(m)}
     trainable = total = base = 0
     for p in model.parameters():  # parameters() already yields each shared tensor once
-        n = p.numel()
+        n = _represented_numel(packed, p)
         total += n
         trainable += n if p.requires_grad else 0
         base += 0 if id(p) in adapter_ids else n

@@ -28,6 +28,7 @@ from torch import nn
 
 from .bank import inference_bank, routed_input_dropout, row_slots, stack_bank
 from .functional import lora_linear
+from .quantization import is_linear4bit, merge_into_4bit
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -146,6 +147,9 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def _add_to_base(self, delta: torch.Tensor, sign: float) -> None:
+        if is_linear4bit(self.base_layer):
+            merge_into_4bit(self.base_layer, delta, sign)
+            return
         weight = self.base_layer.weight
         delta = delta.detach()
         if weight.dtype in (torch.float32, torch.float64):
@@ -239,10 +243,11 @@ class LoraLinear(LoraLayer):
         # only for the exact types whose forward it reproduces; subclasses take the generic path.
         self._fused = type(base_layer) is nn.Linear or self.fan_in_fan_out
         w = base_layer.weight
-        # nn.Linear stores [out, in]; Conv1D stores [in, out].
-        self.in_features, self.out_features = (
-            (w.shape[0], w.shape[1]) if self.fan_in_fan_out else (w.shape[1], w.shape[0])
-        )
+        # nn.Linear stores [out, in]; Conv1D stores [in, out]; a 4-bit Linear4bit stores packed codes.
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = w.shape[0], w.shape[1]
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.in_features), (self.out_features, r)
@@ -439,7 +444,7 @@ class ModulesToSave(nn.Module):
 
 def wrap_module(module: nn.Module, path: str) -> LoraLayer:
     """The LoRA wrapper for ``module``; ``TypeError`` naming the type when it has none."""
-    if isinstance(module, nn.Linear) or is_conv1d(module):
+    if isinstance(module, nn.Linear) or is_conv1d(module) or is_linear4bit(module):
         return LoraLinear(module)
     if isinstance(module, nn.Embedding):
         return LoraEmbedding(module)
@@ -447,5 +452,5 @@ def wrap_module(module: nn.Module, path: str) -> LoraLayer:
         return LoraConv2d(module)
     raise TypeError(
         f"module {path!r} is a {type(module).__module__}.{type(module).__qualname__}, which LoRA cannot wrap; "
-        "supported types: nn.Linear, nn.Embedding, nn.Conv2d, transformers Conv1D"
+        "supported types: nn.Linear, nn.Embedding, nn.Conv2d, transformers Conv1D, bitsandbytes Linear4bit"
     )

@@ -8,6 +8,7 @@ module and its ``state_dict()`` has the original model's keys.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .injection import CONFIGS_ATTR, _set_submodule, active_adapter, adapter_configs, lora_layers
@@ -34,6 +35,28 @@ def merge(model: nn.Module) -> nn.Module:
     return model
 
 
+def _dequantize_merge(model: nn.Module, dtype: torch.dtype) -> None:
+    """Every ``Linear4bit`` → dense ``nn.Linear``; a LoRA layer on one gets ``W + ΔW`` (active
+    adapter) and is marked merged, so the unload below only unwraps it."""
+    from .quantization import dense_linear, is_linear4bit
+
+    if is_merged(model):
+        raise RuntimeError(
+            "an adapter is already merged into 4-bit weights: unmerge before merge_and_unload(dequantize=True)"
+        )
+    for path, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer) and is_linear4bit(module.base_layer):
+            dense = dense_linear(module.base_layer, dtype)
+            name = module.active_adapter
+            if name is not None and name in module.lora_A and not module.adapters_disabled:
+                with torch.no_grad():
+                    dense.weight.add_(module.delta_weight(name).to(dtype))
+                module.merged_adapters.append(name)
+            module.base_layer = dense
+        elif is_linear4bit(module) and not path.endswith("base_layer"):
+            _set_submodule(model, path, dense_linear(module, dtype))
+
+
 def unmerge(model: nn.Module) -> nn.Module:
     """Subtract every merged ``ΔW`` from the base weights again."""
     for _, layer in lora_layers(model):
@@ -46,14 +69,21 @@ def is_merged(model: nn.Module) -> bool:
     return any(layer.merged_adapters for _, layer in lora_layers(model))
 
 
-def merge_and_unload(model: nn.Module) -> nn.Module:
+def merge_and_unload(model: nn.Module, dequantize: bool = False, dtype: torch.dtype = torch.float32) -> nn.Module:
     """Merge the active adapter and return the plain model: every LoRA wrapper is replaced by its
     (merged) base module, every ``modules_to_save`` wrapper by the active adapter's trained copy.
 
+    With ``dequantize=True`` every 4-bit layer becomes an ``nn.Linear`` in ``dtype`` holding
+    ``dequantize(W4) + ΔW`` exactly (no re-quantization); without it a 4-bit base is merged by
+    re-quantizing, with a warning that reports the error.
     Changes ``model`` in place and returns it; its ``state_dict()`` keys equal the original's.
     """
-    if active_adapter(model) is not None and not is_merged(model):
-        merge(model)
+    if dequantize:
+        _dequantize_merge(model, dtype)
+    if active_adapter(model) is not None:
+        for _, layer in lora_layers(model):
+            if not layer.merged_adapters and not layer.adapters_disabled:
+                layer.merge()
     for path, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
             module.base_layer.requires_grad_(False)

@@ -1,0 +1,288 @@
+"""QLoRA: a frozen 4-bit NF4 base (double-quantized statistics) under float adapters.
+
+NF4 stores each weight as one of 16 code values ``q_j`` (quantiles of a standard normal, scaled to
+[−1, 1]) times the absolute maximum of its block of 64 weights::
+
+    W ≈ absmax_block · q[idx],   idx ∈ {0..15} (4 bits)
+
+Double quantization stores the 32-bit absmax values themselves in 8 bits, in blocks of 256 after
+subtracting their mean. Per weight: 4 bits + 8/64 bits + 32/(64·256) bits ≈ 4.127 bits (4.5
+without double quantization). The quantization kernels are bitsandbytes' (CPU from 0.46);
+lorakit adds the model surgery, the bit accounting, LoRA on top, and merging.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+QUANT_TYPES = ("nf4", "fp4")
+
+
+def _bnb() -> Any:
+    try:
+        import bitsandbytes
+    except ImportError:
+        raise ImportError(
+            "4-bit quantization needs bitsandbytes>=0.46 (CPU support): pip install 'lorakit[quant]'"
+        ) from None
+    return bitsandbytes
+
+
+def is_linear4bit(module: nn.Module) -> bool:
+    """A 4-bit linear layer: lorakit's ``NF4Linear`` or bitsandbytes' ``Linear4bit`` (as loaded
+    by transformers' ``BitsAndBytesConfig``; detected without importing bitsandbytes)."""
+    if isinstance(module, NF4Linear):
+        return True
+    cls = type(module)
+    return cls.__name__ in ("Linear4bit", "LinearNF4", "LinearFP4") and cls.__module__.startswith("bitsandbytes")
+
+
+def _unpack(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 bytes → 4-bit indices, high nibble first (bitsandbytes' order)."""
+    q = packed.reshape(-1)
+    return torch.stack(((q >> 4), (q & 15)), 1).reshape(-1).long()
+
+
+class _DequantizedMatmul(torch.autograd.Function):
+    """``y = x Wᵀ`` with ``W`` dequantized in the forward and again in the backward, so that only
+    the 4-bit codes are kept between them (keeping the float ``W`` would undo QLoRA's saving)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: NF4Linear) -> torch.Tensor:
+        ctx.layer = layer
+        return x @ layer.dequantize(x.dtype).T
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad @ ctx.layer.dequantize(grad.dtype), None
+
+
+class NF4Linear(nn.Module):
+    """A frozen linear layer whose weight is stored in 4 bits (NF4 or FP4, blocks of 64), with
+    optionally double-quantized block statistics; ``W[k] = code[idx_k] · absmax[k // 64]``.
+
+    Quantization uses bitsandbytes' ``quantize_4bit``; dequantization is plain torch here (it is
+    a table lookup and a scale), correct for every shape. (bitsandbytes 0.50's CPU dequantize
+    kernel mis-reads rows whose length is not a multiple of the block size, e.g. 784.)
+    """
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        quant_type: str = "nf4",
+        double_quant: bool = True,
+        compute_dtype: torch.dtype = torch.float32,
+        blocksize: int = 64,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.quant_type, self.double_quant, self.blocksize = quant_type, double_quant, blocksize
+        self.compute_dtype = compute_dtype
+        self.weight = nn.Parameter(torch.empty(0, dtype=torch.uint8), requires_grad=False)
+        self.store(linear.weight.detach())
+        bias = linear.bias
+        self.bias = None if bias is None else nn.Parameter(bias.detach().to(compute_dtype).clone(), requires_grad=False)
+        self.train(linear.training)
+
+    def store(self, weight: torch.Tensor) -> None:
+        """Quantize ``weight`` ``[out, in]`` into this layer (flattened: blocks run across rows)."""
+        bnb = _bnb()
+        packed, state = bnb.functional.quantize_4bit(
+            weight.reshape(-1).float(), blocksize=self.blocksize, compress_statistics=self.double_quant,
+            quant_type=self.quant_type,
+        )  # fmt: skip
+        self.weight.data = packed.reshape(-1)
+        self.register_buffer("code", state.code.float())
+        self.register_buffer("absmax", state.absmax)
+        if state.nested:
+            self.register_buffer("absmax2", state.state2.absmax.float())
+            self.register_buffer("code2", state.state2.code.float())
+            self.register_buffer("offset", torch.as_tensor(state.offset, dtype=torch.float32).reshape(1))
+            self.blocksize2 = state.state2.blocksize
+
+    def block_absmax(self) -> torch.Tensor:
+        """The float absmax of every block (undoing double quantization)."""
+        if not self.double_quant:
+            return self.absmax.float()
+        level2 = self.absmax2.repeat_interleave(self.blocksize2)[: self.absmax.numel()]
+        return self.code2[self.absmax.long()] * level2 + self.offset
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight ``[out, in]`` these 4 bits stand for."""
+        n = self.in_features * self.out_features
+        values = self.code[_unpack(self.weight)[:n]]
+        scale = self.block_absmax().repeat_interleave(self.blocksize)[:n]
+        return (values * scale).reshape(self.out_features, self.in_features).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(self.compute_dtype)
+        y = _DequantizedMatmul.apply(h, self)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        dq = "+DQ" if self.double_quant else ""
+        shape = f"in_features={self.in_features}, out_features={self.out_features}"
+        return f"{shape}, {self.quant_type}{dq}, block {self.blocksize}"
+
+
+def quantize_linear(
+    linear: nn.Linear,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
+    blocksize: int = 64,
+) -> NF4Linear:
+    """A frozen 4-bit copy of ``linear``."""
+    return NF4Linear(linear, quant_type, double_quant, compute_dtype, blocksize)
+
+
+def quantize(
+    model: nn.Module,
+    bits: int = 4,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    compute_dtype: torch.dtype = torch.float32,
+    skip: list[str] | tuple[str, ...] = ("lm_head",),
+) -> nn.Module:
+    """Replace every ``nn.Linear`` of ``model`` (except names in ``skip``, matched as dotted-path
+    suffixes) by a frozen 4-bit ``NF4Linear``; returns ``model``. Inject LoRA afterwards."""
+    if bits != 4:
+        raise ValueError(f"quantize supports bits=4 (NF4/FP4), got bits={bits}")
+    if quant_type not in QUANT_TYPES:
+        raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+    _bnb()
+    from .injection import _candidate_modules, _set_submodule
+
+    targets = [
+        p for p, m in _candidate_modules(model)
+        if type(m) is nn.Linear and not any(p == s or p.endswith("." + s) for s in skip)
+    ]  # fmt: skip
+    if not targets:
+        raise ValueError("quantize found no nn.Linear to quantize (after skip=" + repr(list(skip)) + ")")
+    for path in targets:
+        linear = model.get_submodule(path)
+        _set_submodule(model, path, quantize_linear(linear, quant_type, double_quant, compute_dtype))
+    return model
+
+
+def dequantize_weight(layer: nn.Module) -> torch.Tensor:
+    """The float32 weight ``[out, in]`` a 4-bit layer represents."""
+    if isinstance(layer, NF4Linear):
+        return layer.dequantize()
+    bnb = _bnb()
+    w = layer.weight
+    if getattr(w.quant_state, "packing_format_for_cpu", False):  # repacked by an eval forward on CPU
+        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+
+        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+    return (
+        bnb.functional.dequantize_4bit(w.data, w.quant_state)
+        .to(torch.float32)
+        .reshape(layer.out_features, layer.in_features)
+    )
+
+
+def requantize_into(layer: nn.Module, weight: torch.Tensor) -> None:
+    """Store ``weight`` into a 4-bit ``layer`` with the layer's own settings."""
+    if isinstance(layer, NF4Linear):
+        layer.store(weight)
+        return
+    bnb = _bnb()
+    state = layer.weight.quant_state
+    packed, new_state = bnb.functional.quantize_4bit(
+        weight.to(state.dtype), blocksize=state.blocksize, compress_statistics=state.nested, quant_type=state.quant_type
+    )
+    layer.weight = bnb.nn.Params4bit(
+        packed, requires_grad=False, quant_state=new_state, blocksize=state.blocksize,
+        compress_statistics=state.nested, quant_type=state.quant_type, bnb_quantized=True, module=layer,
+    )  # fmt: skip
+
+
+def merge_into_4bit(layer: nn.Module, delta: torch.Tensor, sign: float) -> float:
+    """``W4 ← quantize(dequantize(W4) ± ΔW)``; warns and returns the relative error
+    ``‖Ŵ − (W + ΔW)‖ / ‖W + ΔW‖`` that the re-quantization adds."""
+    target = dequantize_weight(layer) + sign * delta.detach().float()
+    requantize_into(layer, target)
+    error = float((dequantize_weight(layer) - target).norm() / target.norm().clamp_min(1e-12))
+    warnings.warn(
+        f"merging into a 4-bit weight re-quantizes it: relative error {error:.2e} added "
+        "(use lorakit.merge_and_unload(model, dequantize=True) for an exact dense merge)",
+        stacklevel=3,
+    )
+    return error
+
+
+def dense_linear(layer: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Linear:
+    """An ``nn.Linear`` holding a 4-bit layer's dequantized weight (and its bias)."""
+    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype)
+    with torch.no_grad():
+        out.weight.copy_(dequantize_weight(layer))
+        if layer.bias is not None:
+            out.bias.copy_(layer.bias)
+    out.requires_grad_(False)
+    return out.train(layer.training)
+
+
+@dataclass(frozen=True)
+class QuantizedSize:
+    """Bytes of the 4-bit layers of a model, read from the tensors themselves."""
+
+    weights: int  # number of weights represented
+    packed_bytes: int  # the 4-bit codes
+    statistics_bytes: int  # absmax (8-bit with double quantization) + second-level absmax, code, offset
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * (self.packed_bytes + self.statistics_bytes) / max(self.weights, 1)
+
+
+def _nbytes(t: torch.Tensor | None) -> int:
+    return 0 if t is None else t.numel() * t.element_size()
+
+
+def quantized_size(model: nn.Module) -> QuantizedSize:
+    """Count the real bytes of every 4-bit layer in ``model`` (codes; absmax, and with double
+    quantization the second-level absmax, its code table and the offset)."""
+    weights = packed = stats = 0
+    for module in model.modules():
+        if isinstance(module, NF4Linear):
+            weights += module.in_features * module.out_features
+            packed += _nbytes(module.weight)
+            stats += _nbytes(module.absmax)
+            if module.double_quant:
+                stats += _nbytes(module.absmax2) + _nbytes(module.code2) + _nbytes(module.offset)
+        elif is_linear4bit(module):
+            state = module.weight.quant_state
+            weights += module.in_features * module.out_features
+            packed += _nbytes(module.weight.data)
+            stats += _nbytes(state.absmax)
+            if state.nested:
+                stats += _nbytes(state.state2.absmax) + _nbytes(state.state2.code) + _nbytes(state.offset)
+    return QuantizedSize(weights, packed, stats)
+
+
+def paged_adamw(params: Any, bits: int = 8, **kwargs: Any) -> torch.optim.Optimizer:
+    """bitsandbytes' paged AdamW (8- or 32-bit state, paged between GPU and CPU memory).
+
+    Paging relies on CUDA unified memory: without a CUDA device this raises a ``RuntimeError``
+    that says so and what to use instead.
+    """
+    if bits not in (8, 32):
+        raise ValueError(f"paged AdamW comes in 8 and 32 bits, got {bits}")
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            "paged optimizers page their state through CUDA unified memory, and this machine has no CUDA "
+            "device; use torch.optim.AdamW (adapter optimizer state is small) or run on a GPU"
+        )
+    bnb = _bnb()
+    cls = bnb.optim.PagedAdamW8bit if bits == 8 else bnb.optim.PagedAdamW32bit
+    return cls(params, **kwargs)

@@ -1,0 +1,169 @@
+"""QLoRA: NF4 bases (bitsandbytes on the CPU), LoRA on top, bit accounting and merging."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit as lk
+
+from .conftest import SeedMLP, randomize_adapters
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def _quantized_mlp(double_quant: bool = True) -> tuple[nn.Module, nn.Module]:
+    """The seed MLP with normally distributed weights (what NF4's code values are built for, and
+    what trained weights look like), and its 4-bit copy."""
+    torch.manual_seed(0)
+    dense = SeedMLP().eval()
+    with torch.no_grad():
+        for layer in (dense.fc1, dense.fc2, dense.fc3):
+            layer.weight.normal_(0.0, layer.in_features**-0.5)
+    return dense, lk.quantize(copy.deepcopy(dense), double_quant=double_quant)
+
+
+@pytest.mark.parametrize(("double_quant", "bits"), [(True, 4.127), (False, 4.5)])
+def test_bits_per_weight_of_a_4096_square_layer(double_quant, bits):
+    root = nn.Module()
+    root.proj = nn.Linear(4096, 4096, bias=False)
+    lk.quantize(root, double_quant=double_quant)
+    size = lk.quantized_size(root)
+    assert size.weights == 4096 * 4096
+    assert size.packed_bytes == 8_388_608
+    if double_quant:
+        assert size.statistics_bytes == 267_268  # 8-bit absmax + fp32 second-level absmax, code, offset
+    else:
+        assert size.statistics_bytes == 4096 * 4096 // 64 * 4  # one fp32 absmax per block of 64
+    assert size.bits_per_weight == pytest.approx(bits, abs=5e-4)
+
+
+def test_quantize_replaces_linears_and_stays_close():
+    dense, q = _quantized_mlp()
+    x = torch.rand(64, 784)
+    for name in ("fc1", "fc2", "fc3"):  # 784 inputs: rows that are not a whole number of blocks
+        layer, ref = getattr(q, name), getattr(dense, name)
+        assert lk.quantization.is_linear4bit(layer)
+        w = lk.quantization.dequantize_weight(layer)
+        err = float((w - ref.weight).norm() / ref.weight.norm())
+        assert err < 0.11, f"{name}: NF4 relative weight error {err:.3f} (about 0.09 expected)"
+        h = torch.rand(8, layer.in_features)
+        with torch.no_grad():
+            torch.testing.assert_close(layer(h), nn.functional.linear(h, w, layer.bias), rtol=1e-5, atol=1e-5)
+    assert lk.count_parameters(q).base == 235_146  # the 4-bit weights count as the weights they stand for
+    with torch.no_grad():
+        assert (q(x) - dense(x)).norm() / dense(x).norm() < 0.3
+
+
+def test_our_dequantization_matches_bitsandbytes_on_whole_blocks():
+    torch.manual_seed(0)
+    w = torch.randn(64, 256) * 0.05
+    layer = lk.quantization.quantize_linear(nn.Linear(256, 64))
+    layer.store(w)
+    packed, state = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4")
+    assert torch.equal(layer.dequantize(), bnb.functional.dequantize_4bit(packed, state))
+
+
+def test_quantize_skip_and_errors():
+    torch.manual_seed(0)
+    model = lk.quantize(SeedMLP(), skip=["fc3"])
+    assert isinstance(model.fc3, nn.Linear) and lk.quantization.is_linear4bit(model.fc1)
+    with pytest.raises(ValueError, match="bits=4"):
+        lk.quantize(SeedMLP(), bits=3)
+    with pytest.raises(ValueError, match="quant_type"):
+        lk.quantize(SeedMLP(), quant_type="int4")
+
+
+def test_qlora_trains_only_adapters_and_starts_at_the_base():
+    _, q = _quantized_mlp()
+    x, y = torch.rand(32, 784), torch.randint(0, 10, (32,))
+    with torch.no_grad():
+        base_out = q(x)
+    lk.inject(q, lk.LoraConfig(r=4, alpha=4.0, target_modules=["fc1", "fc2", "fc3"]))
+    assert lk.count_parameters(q).trainable == 6_248
+    with torch.no_grad():
+        assert torch.equal(q(x), base_out)
+    packed = q.fc1.base_layer.weight.data.clone()
+    opt = torch.optim.AdamW([p for p in q.parameters() if p.requires_grad], lr=1e-2)
+    q.train()
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(q(x), y).backward()
+        opt.step()
+    assert torch.equal(q.fc1.base_layer.weight.data, packed), "the 4-bit base must not change"
+    assert q.fc1.lora_A["default"].dtype == torch.float32 and q.fc1.lora_B["default"].abs().sum() > 0
+
+
+def test_merge_and_unload_dequantize_is_exact_and_plain():
+    dense, q = _quantized_mlp()
+    keys = list(dense.state_dict())
+    lk.inject(q, lk.LoraConfig(r=4, target_modules=["fc1", "fc2", "fc3"]))
+    randomize_adapters(q, scale=0.05)
+    q.eval()
+    x = torch.rand(16, 784)
+    with torch.no_grad():
+        want = q(x)
+    plain = lk.merge_and_unload(q, dequantize=True)
+    assert all(type(m) is nn.Linear for m in (plain.fc1, plain.fc2, plain.fc3))
+    assert list(plain.state_dict()) == keys
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), want, rtol=1e-4, atol=1e-5)
+
+
+def test_merge_back_into_4bit_warns_with_its_error():
+    _, q = _quantized_mlp()
+    lk.inject(q, lk.LoraConfig(r=4, target_modules=["fc1"]))
+    randomize_adapters(q, scale=0.05)
+    q.eval()
+    x = torch.rand(16, 784)
+    with torch.no_grad():
+        want = q(x)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            lk.merge(q)
+        assert any("re-quantizes" in str(w.message) and "relative error" in str(w.message) for w in caught)
+        got = q(x)
+    assert (got - want).norm() / want.norm() < 0.3
+    assert lk.quantization.is_linear4bit(q.fc1.base_layer)
+
+
+def test_qlora_adapter_round_trip(tmp_path):
+    _, q = _quantized_mlp()
+    lk.inject(q, lk.LoraConfig(r=4, target_modules=["fc1", "fc2", "fc3"]))
+    randomize_adapters(q, scale=0.05)
+    lk.save_adapter(q, tmp_path)
+    _, other = _quantized_mlp()
+    lk.load_adapter(other, tmp_path)
+    x = torch.rand(8, 784)
+    with torch.no_grad():
+        assert torch.equal(other.eval()(x), q.eval()(x))
+
+
+def test_transformers_4bit_model_takes_adapters(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=101,
+    )  # fmt: skip
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    quant = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.float32,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map="cpu")
+    lk.inject(model, lk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    ids = torch.randint(0, 101, (2, 5))
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert model.model.layers[0].self_attn.q_proj.lora_A["default"].grad is not None
+
+
+def test_paged_adamw_explains_missing_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    with pytest.raises(RuntimeError, match="CUDA unified memory"):
+        lk.paged_adamw([nn.Parameter(torch.zeros(2))])
