@@ -68,6 +68,38 @@ def _limit(data: MNIST, n: int | None) -> MNIST:
     return MNIST(cut, data.valid, data.test, data.source, data.details)
 
 
+def _qlora(base: nn.Module, cfg: LoraConfig, flipped: MNIST, clean: MNIST, settings: Settings, valid) -> dict | None:
+    """LoRA on an NF4 copy of the base (None when bitsandbytes is not installed)."""
+    try:
+        from ..quantization import quantize, quantized_size
+        from ..quantization import _bnb as require_bitsandbytes
+
+        require_bitsandbytes()
+    except ImportError:
+        return None
+    model = quantize(copy.deepcopy(base), skip=())
+    size = quantized_size(model)
+    base4_clean = accuracy(model, clean.test.x, clean.test.y)
+    base4_flip = accuracy(model, flipped.test.x, flipped.test.y)
+    inject(model, cfg)
+    fit = fit_classifier(
+        model, flipped.train.x, flipped.train.y, epochs=settings.finetune_epochs, lr=settings.lora_lr,
+        batch_size=settings.batch_size, seed=settings.seed + 1, valid=valid,
+        desc=f"QLoRA (NF4) r={settings.rank} on F-MNIST", progress=settings.progress,
+    )  # fmt: skip
+    return {
+        "base_4bit_clean_test_accuracy": base4_clean,
+        "base_4bit_flipped_test_accuracy": base4_flip,
+        "flipped_test_accuracy": accuracy(model, flipped.test.x, flipped.test.y),
+        "clean_test_accuracy": accuracy(model, clean.test.x, clean.test.y),
+        "trainable_parameters": count_parameters(model).trainable,
+        "bits_per_weight": size.bits_per_weight,
+        "quantized_weight_bytes": size.packed_bytes + size.statistics_bytes,
+        "fp32_weight_bytes": 4 * size.weights,
+        "training": {"seconds": round(fit.seconds, 3), "steps": fit.steps, "final_loss": fit.step_losses[-1]},
+    }
+
+
 def _file_bytes(path: Path) -> int:
     return path.stat().st_size
 
@@ -123,6 +155,9 @@ def run(settings: Settings, log=print) -> dict:
     )  # fmt: skip
     acc_full_flip = accuracy(full, flipped.test.x, flipped.test.y)
     acc_full_clean = accuracy(full, clean.test.x, clean.test.y)
+
+    # 4b. QLoRA: the same adapter on a 4-bit NF4 (+double quantization) copy of the base
+    qlora = _qlora(base, cfg, flipped, clean, settings, valid_flip)
 
     # 5. merge, and checkpoint sizes
     merge(lora_model)
@@ -208,6 +243,7 @@ def run(settings: Settings, log=print) -> dict:
             "checkpoint_bytes": full_bytes,
             "training": fit_summary(fit_full),
         },
+        "qlora": qlora,
         "adapter_vs_full_checkpoint": {
             "adapter_bytes": adapter_bytes,
             "full_bytes": full_bytes,
@@ -244,6 +280,11 @@ def format_table(r: dict) -> str:
         ("full fine-tuning", f"{fu['trainable_parameters']:,}", pct(fu["clean_test_accuracy"]),
          pct(fu["flipped_test_accuracy"]), f"{fu['training']['seconds']:.1f}", f"{fu['checkpoint_bytes']:,} B"),
     ]  # fmt: skip
+    q = r.get("qlora")
+    if q:
+        rows.insert(3, (f"+ QLoRA r={lo['rank']} (NF4 base)", f"{q['trainable_parameters']:,}",
+                        pct(q["clean_test_accuracy"]), pct(q["flipped_test_accuracy"]),
+                        f"{q['training']['seconds']:.1f}", f"{lo['adapter_bytes']:,} B"))  # fmt: skip
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths,
              strict=True))) for row in rows]  # fmt: skip
@@ -259,5 +300,11 @@ def format_table(r: dict) -> str:
         f"of the parameters; merged == unmerged predictions: {lo['merged_predictions_equal']}; "
         f"adapter file {r['adapter_vs_full_checkpoint']['smaller_percent']:.1f}% smaller than the full checkpoint"
     )
+    if q:
+        lines.append(
+            f"QLoRA: base in NF4+DQ ({q['bits_per_weight']:.3f} bits/weight, {q['quantized_weight_bytes']:,} B "
+            f"vs {q['fp32_weight_bytes']:,} B in fp32) scores {100 * q['base_4bit_clean_test_accuracy']:.2f}% clean / "
+            f"{100 * q['base_4bit_flipped_test_accuracy']:.2f}% F-MNIST before its adapter"
+        )
     lines.append(f"total {r['total_seconds']:.1f} s")
     return "\n".join(lines)
