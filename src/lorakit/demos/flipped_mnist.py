@@ -71,8 +71,8 @@ def _limit(data: MNIST, n: int | None) -> MNIST:
 def _qlora(base: nn.Module, cfg: LoraConfig, flipped: MNIST, clean: MNIST, settings: Settings, valid) -> dict | None:
     """LoRA on an NF4 copy of the base (None when bitsandbytes is not installed)."""
     try:
-        from ..quantization import quantize, quantized_size
         from ..quantization import _bnb as require_bitsandbytes
+        from ..quantization import quantize, quantized_size
 
         require_bitsandbytes()
     except ImportError:
