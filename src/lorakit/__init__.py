@@ -24,6 +24,7 @@ from .injection import (
 )
 from .layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
 from .merging import is_merged, merge, merge_and_unload, unmerge
+from .planner import MemoryEstimate, architecture, estimate_memory
 from .quantization import QuantizedSize, paged_adamw, quantize, quantized_size
 from .routing import route, set_trainable
 
@@ -36,15 +37,18 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "MemoryEstimate",
     "ModulesToSave",
     "ParameterCount",
     "QuantizedSize",
     "active_adapter",
     "adapter_configs",
     "add_adapter",
+    "architecture",
     "count_parameters",
     "delete_adapter",
     "disable_adapters",
+    "estimate_memory",
     "find_targets",
     "inject",
     "is_merged",

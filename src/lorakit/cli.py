@@ -32,6 +32,54 @@ def _demo_flipped_mnist(args: argparse.Namespace) -> int:
     return 0
 
 
+def _memory(args: argparse.Namespace) -> int:
+    from . import planner
+
+    if args.seed_table:
+        print("LLaMA weights (GB = 1e9 bytes), the seed's table:\n")
+        print("| model | fp32 | fp16 | int8 | int4 |\n|---|---:|---:|---:|---:|")
+        for name, gbs in planner.seed_table():
+            print(f"| {name} | " + " | ".join(f"{g:.2f}" for g in gbs) + " |")
+        arch = planner.architecture(planner.LLAMA_3_1_8B)
+        print(
+            f"\nFull fine-tuning arithmetic, Llama-3.1-8B ({arch.total:,} parameters): weights "
+            f"{arch.total:,} × 4 B = {arch.total * 4 / 1e9:.1f} GB; one layer holds {arch.per_layer:,} parameters, "
+            f"whose gradients and two AdamW moments take {arch.per_layer:,} × 4 B × 3 = "
+            f"{arch.per_layer * 12 / 1e9:.2f} GB, {arch.layers} layers of them.\n"
+        )
+        rows = [planner.estimate_memory(config=planner.LLAMA_3_1_8B, method="full")]
+        rows.append(planner.estimate_memory(config=planner.LLAMA_3_1_8B, method="lora", dtype="bf16", r=args.rank))
+        rows.append(planner.estimate_memory(config=planner.LLAMA_3_1_8B, method="qlora", r=args.rank))
+        print(
+            planner.format_report(
+                rows, f"Llama-3.1-8B: full fine-tuning (fp32) vs LoRA (bf16 base) vs QLoRA, r={args.rank}"
+            )
+        )
+        return 0
+    if args.params is None and args.config is None:
+        raise ValueError("give --params N, --config config.json, or --seed-table")
+    params = float(args.params) if args.params is not None else None
+    targets = args.targets or "all-linear"
+    if args.config is None:
+        print("| dtype | weights GB |\n|---|---:|")
+        for d in planner.BYTES:
+            print(f"| {d} | {params * planner.BYTES[d] / 1e9:.3f} |")
+        print()
+        print(planner.format_report([planner.estimate_memory(params, method="full", dtype=args.dtype)],
+                                    f"{params:,.0f} parameters"))  # fmt: skip
+        return 0
+    methods = ["weights", "full", "lora", "qlora"] if args.method == "all" else [args.method]
+    rows = [planner.estimate_memory(params, args.config, method=m, dtype=args.dtype, r=args.rank, targets=targets,
+                                    batch=args.batch, seq=args.seq) for m in methods]  # fmt: skip
+    arch = planner.architecture(args.config)
+    title = (
+        f"{args.config}: {arch.model_type}, {arch.total:,} parameters, {arch.layers} layers of "
+        f"{arch.per_layer:,}; r={args.rank}, targets={targets}"
+    )
+    print(planner.format_report(rows, title))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lorakit", description="Parameter-efficient fine-tuning of PyTorch models, built around LoRA."
@@ -68,6 +116,22 @@ def build_parser() -> argparse.ArgumentParser:
     fm.add_argument("--limit", type=int, default=None, help="use only the first N training images (quick runs)")
     fm.add_argument("--no-progress", action="store_true", help="no progress bars")
     fm.set_defaults(func=_demo_flipped_mnist)
+
+    mem = sub.add_parser(
+        "memory",
+        help="plan memory: weights, full fine-tuning, LoRA, QLoRA",
+        description="Memory needed to hold or train a model, from a parameter count or a transformers config.json.",
+    )
+    mem.add_argument("--params", help="parameter count, e.g. 7e9")
+    mem.add_argument("--config", help="a transformers config.json (llama, mistral, qwen2, gpt2, bert)")
+    mem.add_argument("--method", default="all", choices=["all", "weights", "full", "lora", "qlora"])
+    mem.add_argument("--dtype", default="fp32", help="weight dtype: fp32 fp16 bf16 int8 int4 nf4 nf4-dq")
+    mem.add_argument("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
+    mem.add_argument("--targets", nargs="+", help="LoRA target modules (default: all-linear)")
+    mem.add_argument("--batch", type=int, help="batch size, for an activation estimate")
+    mem.add_argument("--seq", type=int, help="sequence length, for an activation estimate")
+    mem.add_argument("--seed-table", action="store_true", help="the seed's LLaMA table and Llama-3.1-8B arithmetic")
+    mem.set_defaults(func=_memory)
     return parser
 
 

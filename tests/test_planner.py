@@ -1,0 +1,89 @@
+"""The memory planner: the seed's table, parameter counts from configs, LoRA/QLoRA arithmetic."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lorakit as lk
+from lorakit import planner
+from lorakit.cli import main
+
+from .models import tiny_bert, tiny_gpt2, tiny_llama
+
+SEED = {  # the seed's LLaMA table, GB = 1e9 bytes: fp32 / fp16 / int8 / int4
+    "7B": [28, 14, 7, 3.5],
+    "13B": [52, 26, 13, 6.5],
+    "32.5B": [130, 65, 32.5, 16.25],
+    "65.2B": [260.8, 130.4, 65.2, 32.6],
+}
+
+
+def test_reproduces_the_seed_table_exactly():
+    table = dict(planner.seed_table())
+    assert set(table) == set(SEED)
+    for name, want in SEED.items():
+        assert table[name] == pytest.approx(want, rel=1e-12), name
+
+
+def test_llama_3_1_8b_layer_and_full_finetune_arithmetic():
+    arch = lk.architecture(planner.LLAMA_3_1_8B)
+    assert arch.per_layer == 218_112_000  # the seed's "218M parameters per layer"
+    assert arch.total == 8_030_261_248  # Llama-3.1-8B's published size
+    full = lk.estimate_memory(config=planner.LLAMA_3_1_8B, method="full")
+    assert full.weights == pytest.approx(arch.total * 4)
+    assert full.gradients + full.optimizer == pytest.approx(arch.total * 4 * 3)  # grads + two moments
+    assert pytest.approx(2.617, abs=1e-3) == 218_112_000 * 4 * 3 / 1e9  # one layer's training state, GB
+    lora = lk.estimate_memory(config=planner.LLAMA_3_1_8B, method="lora", dtype="bf16", r=16)
+    qlora = lk.estimate_memory(config=planner.LLAMA_3_1_8B, method="qlora", r=16)
+    assert qlora.total < lora.total < full.total / 4
+    assert lora.trainable == 32 * 16 * sum(i + o for i, o in arch.layer_linears.values())
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2, tiny_bert], ids=["llama", "gpt2", "bert"])
+def test_counts_equal_the_instantiated_model(build):
+    model = build()
+    cfg = model.config.to_dict()
+    base = model.base_model if cfg["model_type"] == "bert" else model  # BERT: encoder + pooler
+    assert lk.architecture(cfg).total == sum(p.numel() for p in base.parameters())
+
+
+@pytest.mark.parametrize(("build", "targets"), [(tiny_llama, ["q_proj", "v_proj"]), (tiny_llama, "all-linear"),
+                                                (tiny_gpt2, ["c_attn", "c_fc"])])  # fmt: skip
+def test_lora_count_equals_what_inject_creates(build, targets):
+    model = build()
+    predicted = lk.estimate_memory(config=model.config.to_dict(), method="lora", r=4, targets=targets).trainable
+    injected = copy.deepcopy(model)
+    lk.inject(injected, lk.LoraConfig(r=4, target_modules=targets))
+    assert predicted == lk.count_parameters(injected).trainable
+
+
+def test_predicted_state_bytes_match_a_real_training_step():
+    """Weights, gradients and AdamW moments: predicted against the tensors that exist after a step."""
+    model = tiny_llama().train()
+    est = lk.estimate_memory(config=model.config.to_dict(), method="full")
+    opt = torch.optim.AdamW(model.parameters())
+    ids = torch.randint(0, 101, (2, 6))
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    params = {id(p): p for p in model.parameters()}.values()
+    weights = sum(p.numel() * p.element_size() for p in params)
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in params)
+    moments = sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items() if k != "step")
+    assert est.weights == weights and est.gradients == grads and est.optimizer == moments
+
+
+def test_errors_and_cli(capsys):
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        lk.estimate_memory(7e9, dtype="fp8")
+    with pytest.raises(ValueError, match="needs the architecture"):
+        lk.estimate_memory(7e9, method="lora")
+    with pytest.raises(ValueError, match="model_type 'mamba'"):
+        lk.architecture({"model_type": "mamba"})
+    assert main(["memory", "--seed-table"]) == 0
+    out = capsys.readouterr().out
+    assert "| 65.2B | 260.80 | 130.40 | 65.20 | 32.60 |" in out and "218,112,000" in out
+    assert main(["memory", "--params", "7e9"]) == 0
+    assert "28.000" in capsys.readouterr().out
