@@ -87,3 +87,27 @@ def test_errors_and_cli(capsys):
     assert "| 65.2B | 260.80 | 130.40 | 65.20 | 32.60 |" in out and "218,112,000" in out
     assert main(["memory", "--params", "7e9"]) == 0
     assert "28.000" in capsys.readouterr().out
+
+
+def _saved_activation_bytes(model: torch.nn.Module, ids: torch.Tensor) -> int:
+    """Bytes of every distinct tensor autograd saves for the backward (weights excluded)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        seen.setdefault(storage.data_ptr(), storage.nbytes())
+        return t
+
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids)
+    return sum(n for ptr, n in seen.items() if ptr not in weights)
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_predicted_activations_match_what_autograd_saves(build):
+    model = build().train()
+    ids = torch.randint(1, 101, (4, 16), generator=torch.Generator().manual_seed(0))
+    measured = _saved_activation_bytes(model, ids)
+    predicted = planner.activation_bytes(lk.architecture(model.config.to_dict()), 4, 16)
+    assert abs(predicted / measured - 1) < 0.15, (predicted, measured)

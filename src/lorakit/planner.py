@@ -10,8 +10,8 @@ All figures are bytes; the printed tables use GB = 10⁹ bytes. Per parameter:
   matrix) an fp32 weight, gradient and two moments: 16 bytes
 * QLoRA: the adapted layers' linear weights in NF4+DQ, everything else (embeddings, norms, head)
   in the compute dtype, plus LoRA's adapter bytes
-* activations (optional): what autograd keeps per token and layer, from the architecture's shapes
-  (see ``activation_bytes``)
+* activations (optional): what autograd keeps per token and block, from the architecture's shapes
+  with coefficients measured on transformers' implementations (see ``activation_bytes``)
 """
 
 from __future__ import annotations
@@ -144,20 +144,22 @@ def _adapted_linear(arch: Architecture, targets: list[str] | str) -> int:
     return arch.layers * sum(arch.layer_linears[k][0] * arch.layer_linears[k][1] for k in keys)
 
 
-def activation_bytes(arch: Architecture, batch: int, seq: int, dtype: str = "fp32", dropout: bool = False) -> float:
-    """What a training forward keeps for backward, per the transformer block's shapes, with
-    fused (flash/SDPA) attention that keeps no ``seq × seq`` matrix:
+#: values autograd keeps per token and block, measured on transformers 5's implementations with
+#: saved-tensor hooks: ``h_units·h + i_units·i`` (+ ``3·heads·seq`` with eager attention, which
+#: keeps the attention probabilities). Gated MLPs keep gate, up, act and down's input (4·i); GPT-2's
+#: tanh-GELU keeps four intermediates plus c_proj's input (5·i); BERT's exact GELU keeps two.
+ACTIVATION_UNITS = {"llama": (10.5, 4), "mistral": (10.5, 4), "qwen2": (10.5, 4), "gpt2": (10.5, 5), "bert": (10.5, 2)}
+EAGER_ATTENTION = {"gpt2"}
 
-    per token and block ``≈ (11·h + 3·i)`` values for Llama (norm inputs, q/k/v/attention output,
-    MLP inputs and gate/up/act outputs) and ``(10·h + 2·i)`` for GPT-2/BERT, plus logits
-    ``3·vocab`` per token for the loss (logits, softmax, gradient), plus one byte per masked value
-    under dropout.
-    """
-    h, i = arch.hidden, arch.intermediate
-    per_token_layer = (11 * h + 3 * i) if arch.model_type in ("llama", "mistral", "qwen2") else (10 * h + 2 * i)
-    mask = (3 * h) if dropout else 0
-    tokens = batch * seq
-    return tokens * (arch.layers * (per_token_layer * BYTES[dtype] + mask) + 3 * arch.vocab * BYTES[dtype])
+
+def activation_bytes(arch: Architecture, batch: int, seq: int, dtype: str = "fp32", eager: bool | None = None) -> float:
+    """Bytes a training forward keeps for the backward: per token and block
+    ``h_units·h + i_units·i`` values (``ACTIVATION_UNITS``), ``3·heads·seq`` more with eager
+    attention, and the logits once (``vocab`` per token) for the loss."""
+    h_units, i_units = ACTIVATION_UNITS[arch.model_type]
+    eager = arch.model_type in EAGER_ATTENTION if eager is None else eager
+    per_token = h_units * arch.hidden + i_units * arch.intermediate + (3 * arch.heads * seq if eager else 0)
+    return batch * seq * (arch.layers * per_token + arch.vocab) * BYTES[dtype]
 
 
 @dataclass

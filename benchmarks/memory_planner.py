@@ -1,0 +1,102 @@
+"""The memory planner against reality: predicted vs measured memory while training the benchmark
+models (GPT-2 and Llama architectures, batch 8×128, fp32) fully and with LoRA.
+
+Measured, per configuration in a fresh process: the bytes autograd saves for the backward
+(saved-tensor hooks), the bytes of weights + gradients + AdamW moments after a step, and the
+growth of the resident set from just before the model is built to the peak of two steps (which
+also holds transient tensors, the allocator's slack and the logits' gradient).
+
+    .venv/bin/python benchmarks/memory_planner.py
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import apply_method, batch, build_model, current_rss_mb, machine, peak_rss_mb, save
+
+TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"], "llama": "all-linear"}
+
+
+def worker(name: str, method: str) -> dict:
+    from transformers import GPT2LMHeadModel, LlamaForCausalLM  # noqa: F401  (import cost is not training memory)
+
+    from lorakit import planner
+
+    start = current_rss_mb()
+    model = apply_method(build_model(name), name, method).train()
+    cfg = model.config.to_dict() if hasattr(model, "config") else None
+    ids = batch()
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen.setdefault(t.untyped_storage().data_ptr(), t.untyped_storage().nbytes())
+        return t
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    for step in range(2):
+        if step == 0:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = model(input_ids=ids, labels=ids).loss
+        else:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        if step == 0:
+            state = sum(p.numel() * p.element_size() for p in model.parameters())
+            state += sum(p.grad.numel() * p.grad.element_size() for p in params)
+            state += sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items() if k != "step")
+        opt.zero_grad(set_to_none=True)
+    saved = sum(n for ptr, n in seen.items() if ptr not in weights)
+    kind = "full" if method == "full" else "lora"
+    est = planner.estimate_memory(config=cfg, method=kind, r=8, targets=TARGETS[name], batch=8, seq=128)
+    return {
+        "model": name,
+        "method": method,
+        "predicted_state_bytes": est.weights + est.gradients + est.optimizer + est.adapter,
+        "measured_state_bytes": state,
+        "predicted_activation_bytes": est.activations,
+        "measured_activation_bytes": saved,
+        "predicted_total_mb": est.total / 2**20,
+        "rss_growth_mb": peak_rss_mb() - start,
+    }
+
+
+def main() -> None:
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        print(json.dumps(worker(sys.argv[2], sys.argv[3])))
+        return
+    rows, results = [], []
+    for name in ("gpt2", "llama"):
+        for method in ("full", "lorakit"):
+            out = subprocess.run([sys.executable, __file__, "--worker", name, method],
+                                 capture_output=True, text=True, check=True).stdout  # fmt: skip
+            r = json.loads(out.strip().splitlines()[-1])
+            results.append(r)
+            mb = 2**20
+            rows.append(
+                f"| {name} | {method} | {r['predicted_state_bytes'] / mb:.1f} / {r['measured_state_bytes'] / mb:.1f} | "
+                f"{r['predicted_activation_bytes'] / mb:.1f} / {r['measured_activation_bytes'] / mb:.1f} "
+                f"({r['predicted_activation_bytes'] / r['measured_activation_bytes']:.2f}) | "
+                f"{r['predicted_total_mb']:.0f} / {r['rss_growth_mb']:.0f} ({r['predicted_total_mb'] / r['rss_growth_mb']:.2f}) |"
+            )
+    info = machine()
+    md = (
+        f"Memory planner vs measurement, batch 8×128, fp32, AdamW, LoRA r=8. {info['date']}, {info['device']}.\n\n"
+        "| model | method | state MiB predicted / measured | activations MiB predicted / saved by autograd (ratio) "
+        "| total MiB predicted / RSS growth to peak (ratio) |\n|---|---|---:|---:|---:|\n" + "\n".join(rows) + "\n"
+    )
+    print(md)
+    save("memory_planner", {"machine": info, "results": results}, md)
+
+
+if __name__ == "__main__":
+    main()
