@@ -86,7 +86,8 @@ def main() -> None:
                 f"| {name} | {method} | {r['predicted_state_bytes'] / mb:.1f} / {r['measured_state_bytes'] / mb:.1f} | "
                 f"{r['predicted_activation_bytes'] / mb:.1f} / {r['measured_activation_bytes'] / mb:.1f} "
                 f"({r['predicted_activation_bytes'] / r['measured_activation_bytes']:.2f}) | "
-                f"{r['predicted_total_mb']:.0f} / {r['rss_growth_mb']:.0f} ({r['predicted_total_mb'] / r['rss_growth_mb']:.2f}) |"
+                f"{r['predicted_total_mb']:.0f} / {r['rss_growth_mb']:.0f} "
+                f"({r['predicted_total_mb'] / r['rss_growth_mb']:.2f}) |"
             )
     info = machine()
     md = (
