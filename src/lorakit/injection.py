@@ -17,6 +17,7 @@ from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig
 from .layers import LoraLayer, LoraLinear, ModulesToSave, is_conv1d, wrap_module
+from .quantization import is_linear4bit
 
 CONFIGS_ATTR = "lorakit_configs"
 #: attribute names of the output head that ``"all-linear"`` leaves out when the model cannot tell
@@ -63,7 +64,7 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 
 
 def _is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or is_conv1d(module) or isinstance(module, LoraLinear)
+    return isinstance(module, (nn.Linear, LoraLinear)) or is_conv1d(module) or is_linear4bit(module)
 
 
 def _candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:

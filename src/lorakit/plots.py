@@ -42,7 +42,9 @@ def confusion_matrices(panels: Sequence[tuple[str, np.ndarray]], path: str | Pat
     return out
 
 
-def loss_curves(curves: dict[str, Sequence[float]], path: str | Path, smooth: int = 25) -> Path:
+def loss_curves(
+    curves: dict[str, Sequence[float]], path: str | Path, smooth: int = 25, ylabel: str = "training loss"
+) -> Path:
     """Training loss per step (moving average over ``smooth`` steps), one line per run."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.2))
@@ -53,7 +55,7 @@ def loss_curves(curves: dict[str, Sequence[float]], path: str | Path, smooth: in
         ax.plot(np.arange(len(y)), y, label=label, linewidth=1.3)
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel(f"training loss (moving average of {smooth})")
+    ax.set_ylabel(f"{ylabel} (moving average of {smooth})")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
