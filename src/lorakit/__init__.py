@@ -27,6 +27,7 @@ from .merging import is_merged, merge, merge_and_unload, unmerge
 from .planner import MemoryEstimate, architecture, estimate_memory
 from .quantization import QuantizedSize, paged_adamw, quantize, quantized_size
 from .routing import route, set_trainable
+from .trainer import Trainer, TrainerConfig, TrainingError
 
 __version__ = "0.1.0"
 
@@ -41,6 +42,9 @@ __all__ = [
     "ModulesToSave",
     "ParameterCount",
     "QuantizedSize",
+    "Trainer",
+    "TrainerConfig",
+    "TrainingError",
     "active_adapter",
     "adapter_configs",
     "add_adapter",

@@ -107,7 +107,11 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 def _config_for_saving(model: nn.Module, config: LoraConfig, name: str) -> LoraConfig:
     """``all-linear`` is resolved to explicit names so that PEFT (which accepts ``all-linear`` only
-    on transformers models) rebuilds exactly the same set of adapted modules."""
+    on transformers models) rebuilds exactly the same set of adapted modules, and
+    ``fan_in_fan_out`` is set when the adapted matrices are stored ``[in, out]`` (GPT-2's Conv1D),
+    as PEFT records it."""
+    if any(getattr(layer, "fan_in_fan_out", False) for _, layer in lora_layers(model) if name in layer.lora_A):
+        config = config.replace(fan_in_fan_out=True)
     if config.target_modules != ALL_LINEAR:
         return config
     paths = [p for p, layer in lora_layers(model) if name in layer.lora_A]
@@ -237,3 +241,13 @@ def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
     with torch.no_grad():
         for key, target in expected.items():
             target.copy_(tensors[key])
+
+
+def load_adapter_tensors(model: nn.Module, directory: str | os.PathLike[str], name: str = "default") -> int:
+    """Copy the tensors saved in ``directory`` into the model's existing adapter ``name`` (same
+    checks as ``load_adapter``); returns how many tensors were loaded. Used to resume training."""
+    if name not in adapter_configs(model):
+        raise AdapterLoadError(f"the model holds no adapter named {name!r} to load into")
+    tensors = read_tensors(directory)
+    _copy_tensors(model, name, tensors, directory)
+    return len(tensors)

@@ -42,6 +42,36 @@ def _demo_qlora_lm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from .offline import inspect_adapter
+
+    info = inspect_adapter(args.adapter)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(
+        f"{info['directory']}: LoRA r={info['r']}, alpha={info['alpha']:g}, rsLoRA={info['use_rslora']}, "
+        f"bias={info['bias']}, targets={info['target_modules']}, modules_to_save={info['modules_to_save']}"
+    )
+    print(f"{info['adapter_parameters']:,} adapter parameters (+{info['other_parameters']:,} saved in full), "
+          f"{info['file_bytes']:,} bytes\n")  # fmt: skip
+    print("| module | kind | rank | scale | A | B | ‖ΔW‖_F |\n|---|---|---:|---:|---|---|---:|")
+    for m in info["modules"]:
+        print(f"| {m['path']} | {m['kind']} | {m['rank']} | {m['scaling']:g} | {tuple(m['shape_A'])} | "
+              f"{tuple(m['shape_B'])} | {m['delta_norm']:.4g} |")  # fmt: skip
+    return 0
+
+
+def _merge(args: argparse.Namespace) -> int:
+    from .offline import merge_files
+
+    result = merge_files(args.base, args.adapter, args.out)
+    print(f"wrote {result['out']}: {result['tensors']} tensors, {len(result['updated'])} changed by the adapter")
+    return 0
+
+
 def _memory(args: argparse.Namespace) -> int:
     from . import planner
 
@@ -138,6 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     ql.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
     ql.add_argument("--no-progress", action="store_true")
     ql.set_defaults(func=_demo_qlora_lm)
+
+    ins = sub.add_parser("inspect", help="show an adapter folder: config, ranks, parameters, bytes, ΔW norms")
+    ins.add_argument("adapter", help="an adapter folder (adapter_config.json + adapter_model.safetensors)")
+    ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    ins.set_defaults(func=_inspect)
+
+    mer = sub.add_parser("merge", help="base weights + adapter → merged weights (safetensors)")
+    mer.add_argument("--base", required=True, help="the base model's weights, a safetensors state dict")
+    mer.add_argument("--adapter", required=True, help="an adapter folder (lorakit or PEFT)")
+    mer.add_argument("--out", required=True, help="where to write the merged safetensors file")
+    mer.set_defaults(func=_merge)
 
     mem = sub.add_parser(
         "memory",
