@@ -42,6 +42,13 @@ def _demo_qlora_lm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .recipes import run
+
+    run(args.config, resume=args.resume)
+    return 0
+
+
 def _inspect(args: argparse.Namespace) -> int:
     import json
 
@@ -169,6 +176,15 @@ def build_parser() -> argparse.ArgumentParser:
     ql.add_argument("--no-progress", action="store_true")
     ql.set_defaults(func=_demo_qlora_lm)
 
+    tr = sub.add_parser(
+        "train",
+        help="train an adapter from a TOML/YAML config (model, data, lora, train sections)",
+        description="Train an adapter as a config file describes; see lorakit.recipes for the format.",
+    )
+    tr.add_argument("config", help="a .toml (or .yaml) file")
+    tr.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    tr.set_defaults(func=_train)
+
     ins = sub.add_parser("inspect", help="show an adapter folder: config, ranks, parameters, bytes, ΔW norms")
     ins.add_argument("adapter", help="an adapter folder (adapter_config.json + adapter_model.safetensors)")
     ins.add_argument("--json", action="store_true", help="print JSON instead of a table")
@@ -220,10 +236,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         from .checkpoint import AdapterLoadError
         from .data.mnist import DataError
+        from .recipes import RecipeError
 
         kind = "error" if isinstance(err, (ValueError, KeyError, TypeError, OSError)) else "failed"
         print(f"lorakit: {kind}: {err}", file=sys.stderr)
-        hint = "check the input files and options" if isinstance(err, (DataError, AdapterLoadError)) else None
+        hint = (
+            "check the input files and options" if isinstance(err, (DataError, AdapterLoadError, RecipeError)) else None
+        )
         print(f"hint: {hint + '; ' if hint else ''}run again with --debug for the full traceback", file=sys.stderr)
         return 2 if kind == "error" else 1
 
