@@ -123,3 +123,21 @@ def test_config_errors():
         lk.TrainerConfig(out_dir="x", max_steps=3, schedule="exp")
     with pytest.raises(ValueError, match="on_nonfinite"):
         lk.TrainerConfig(out_dir="x", max_steps=3, on_nonfinite="ignore")
+
+
+def test_fsdp2_shards_a_model_with_frozen_and_trainable_parameters(tmp_path):
+    """PEFT users hit "Must flatten tensors with uniform requires_grad" with FSDP1's flat
+    parameters; FSDP2 shards per parameter, so adapters inside the model just work (CPU, gloo)."""
+    out = tmp_path / "fsdp.pt"
+    proc = subprocess.run([sys.executable, "-m", "tests.helpers.fsdp_worker", str(tmp_path / "init"), str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=180)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    sharded = torch.load(out, weights_only=True)
+    from tests.helpers.fsdp_worker import model_and_data, train
+
+    model, x, y = model_and_data()
+    train(model, x, y)
+    single = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    assert set(sharded) == set(single)
+    for name in single:
+        torch.testing.assert_close(sharded[name], single[name], rtol=1e-5, atol=1e-6)

@@ -181,9 +181,19 @@ def build_data(spec: dict[str, Any], tokenizer: Any):
     raise RecipeError(f"[data] kind = {kind!r}; known: mnist, flipped-mnist, jsonl, text")
 
 
+def _init_distributed() -> None:
+    """Under ``torchrun`` (WORLD_SIZE > 1) join the process group: gloo on CPU, NCCL on GPUs."""
+    import os
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        torch.distributed.init_process_group(backend)
+
+
 def run(path: str | Path, resume: bool = False) -> dict[str, Any]:
     """Train the adapter a config describes; the final adapter goes to ``<out_dir>/adapter``."""
     cfg = read_config(path)
+    _init_distributed()
     model, tokenizer = build_model(dict(cfg["model"]))
     collate, n, loss_fn = build_data(dict(cfg["data"]), tokenizer)
     try:
@@ -199,8 +209,10 @@ def run(path: str | Path, resume: bool = False) -> dict[str, Any]:
     from .checkpoint import save_adapter
 
     adapter_dir = Path(cfg["out_dir"]) / "adapter"
-    save_adapter(model, adapter_dir)
+    if trainer.rank == 0:
+        save_adapter(model, adapter_dir)
     result["adapter"] = str(adapter_dir)
     result["examples"] = n
-    print(f"trained {result['step']} steps on {n:,} examples; adapter written to {adapter_dir}")
+    if trainer.rank == 0:
+        print(f"trained {result['step']} steps on {n:,} examples; adapter written to {adapter_dir}")
     return result
