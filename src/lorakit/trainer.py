@@ -10,8 +10,9 @@ Data order is a pure function of ``(seed, epoch)``; with a world of ``W`` proces
 batch of ``W · batch_size`` examples is split by rank, so two processes with batch ``b`` see the
 same examples per step as one process with batch ``2b``.
 
-Checkpoints (every ``save_every`` steps and at the end) hold the adapter in PEFT's format, the
-optimizer and scheduler state, the RNG state and the step. Each is written into a temporary
+Checkpoints (every ``save_every`` steps and at the end) hold the adapter in PEFT's format (or,
+for a model without an adapter, its trainable parameters), the optimizer and scheduler state, the
+RNG state and the step. Each is written into a temporary
 folder, its files fsynced and listed with their SHA-256 in ``COMPLETE``, then renamed into place;
 ``resume`` takes the newest checkpoint whose manifest verifies and skips any other.
 """
@@ -31,11 +32,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .checkpoint import load_adapter_tensors, save_adapter
+from .injection import adapter_configs
 
 MANIFEST = "COMPLETE"
+TRAINABLE = "trainable.safetensors"
 
 
 class TrainingError(RuntimeError):
@@ -62,6 +66,7 @@ class TrainerConfig:
     seed: int = 0
     adapter: str = "default"
     progress: bool = True
+    desc: str = "train"
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.keep_last < 1:
@@ -207,7 +212,11 @@ class Trainer:
         tmp = self.ckpt_dir / f".{final.name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_adapter(self.model, tmp, name=self.config.adapter)
+        if self.config.adapter in adapter_configs(self.model):
+            save_adapter(self.model, tmp, name=self.config.adapter)
+        else:  # no adapter (full fine-tuning, a head): keep what trains
+            named = {n: p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+            save_file(named, str(tmp / TRAINABLE))
         state = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -249,7 +258,17 @@ class Trainer:
         if not checkpoints:
             return 0
         path = checkpoints[0]
-        tensors = load_adapter_tensors(self.model, path, name=self.config.adapter)
+        if (path / TRAINABLE).is_file():
+            saved = load_file(str(path / TRAINABLE))
+            params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+            if set(saved) != set(params):
+                raise TrainingError(f"{path}: holds {sorted(saved)}, the model trains {sorted(params)}")
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(saved[n])
+            tensors = len(saved)
+        else:
+            tensors = load_adapter_tensors(self.model, path, name=self.config.adapter)
         state = torch.load(path / "trainer_state.pt", weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -269,7 +288,7 @@ class Trainer:
         if c.progress and self.rank == 0:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=c.max_steps, initial=self.step, desc="train", unit="step", leave=False)
+            bar = tqdm(total=c.max_steps, initial=self.step, desc=c.desc, unit="step", leave=False)
         start, start_step = time.perf_counter(), self.step
         try:
             while self.step < c.max_steps:
@@ -277,9 +296,10 @@ class Trainer:
                 if loss is not None:
                     self.losses.append(loss)
                 record: dict[str, Any] = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]}
-                if c.eval_every and self.eval_fn and self.step % c.eval_every == 0:
+                evaluated = bool(c.eval_every and self.eval_fn and self.step % c.eval_every == 0)
+                if evaluated:
                     record.update(self.eval_fn(self.model))
-                if log is not None and (self.step % c.log_every == 0 or self.step == c.max_steps or "eval" in record):
+                if log is not None and (self.step % c.log_every == 0 or self.step == c.max_steps or evaluated):
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                 if bar is not None:

@@ -1,4 +1,4 @@
-"""A small, plain training loop for classifiers held in memory (used by the demos).
+"""Classifier training for the demos, on top of :class:`lorakit.Trainer`, and evaluation helpers.
 
 Only parameters with ``requires_grad`` are optimised, so the same call trains a full model, a
 LoRA adapter, or a head: what trains is decided by what ``inject`` left trainable.
@@ -6,8 +6,7 @@ LoRA adapter, or a head: what trains is decided by what ``inject`` left trainabl
 
 from __future__ import annotations
 
-import math
-import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -27,16 +26,6 @@ class FitResult:
     steps: int = 0
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # tqdm is an optional extra; training works without a bar
-        return None
-    # Redraw often on a terminal, rarely into a log file.
-    interval = 0.1 if sys.stderr.isatty() else 5.0
-    return tqdm(total=total, desc=desc, unit="step", leave=False, disable=not enabled, mininterval=interval)
-
-
 def fit_classifier(
     model: nn.Module,
     x: np.ndarray | torch.Tensor,
@@ -51,51 +40,42 @@ def fit_classifier(
     cosine: bool = True,
     desc: str = "train",
     progress: bool = True,
+    out_dir: str | None = None,
 ) -> FitResult:
-    """Adam on the trainable parameters, cross-entropy loss, shuffled mini-batches.
+    """Train a classifier with cross-entropy through :class:`lorakit.Trainer` (AdamW, whole
+    shuffled batches, optional cosine schedule, no clipping), checking validation accuracy after
+    every epoch. Checkpoints, ``metrics.jsonl`` and ``loss_curve.png`` go to ``out_dir`` (a
+    temporary folder when None)."""
+    from .trainer import Trainer, TrainerConfig
 
-    With ``cosine`` the learning rate follows ``lr · ½(1 + cos(π · step / total))``: large steps
-    early, small ones at the end, which settles the final weights without a tuned schedule.
-    """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the model has no trainable parameters (did inject freeze everything?)")
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
     if epochs < 1 or batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {epochs} and {batch_size}")
-    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
-    opt = torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-    g = torch.Generator().manual_seed(seed)
-    steps_per_epoch = (len(yt) + batch_size - 1) // batch_size
-    total = epochs * steps_per_epoch
-    sched = (
-        torch.optim.lr_scheduler.LambdaLR(opt, lambda k: 0.5 * (1 + math.cos(math.pi * k / total))) if cosine else None
-    )
+    steps_per_epoch = max(1, len(yt) // batch_size)
     result = FitResult()
-    bar = _progress(total, desc, progress)
-    start = time.perf_counter()
-    model.train()
-    for _ in range(epochs):
-        order = torch.randperm(len(yt), generator=g)
-        for i in range(steps_per_epoch):
-            idx = order[i * batch_size : (i + 1) * batch_size]
-            loss = F.cross_entropy(model(xt[idx]), yt[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            result.step_losses.append(loss.item())
-            if bar is not None:
-                bar.update(1)
-                if i % 50 == 0:
-                    bar.set_postfix(loss=f"{loss.item():.4f}")
-        if valid is not None:
-            result.epoch_valid_accuracy.append(accuracy(model, *valid))
-            model.train()
-    result.seconds = time.perf_counter() - start
-    result.steps = len(result.step_losses)
-    if bar is not None:
-        bar.close()
+
+    def evaluate(m: nn.Module) -> dict[str, float]:
+        acc = accuracy(m, *valid) if valid is not None else float("nan")
+        result.epoch_valid_accuracy.append(acc)
+        m.train()
+        return {"valid_accuracy": acc}
+
+    with tempfile.TemporaryDirectory() as scratch:
+        config = TrainerConfig(
+            out_dir=out_dir or scratch, max_steps=epochs * steps_per_epoch, batch_size=batch_size, lr=lr,
+            weight_decay=weight_decay, schedule="cosine" if cosine else "constant", max_grad_norm=None,
+            eval_every=steps_per_epoch if valid is not None else None, log_every=50, seed=seed,
+            progress=progress, desc=desc, keep_last=1,
+        )  # fmt: skip
+        trainer = Trainer(
+            model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), lambda idx: (xt[idx], yt[idx]), len(yt), config,
+            eval_fn=evaluate,
+        )  # fmt: skip
+        start = time.perf_counter()
+        trainer.train()
+        result.seconds = time.perf_counter() - start
+    result.step_losses = trainer.losses
+    result.steps = trainer.step
     model.eval()
     return result
 

@@ -86,6 +86,7 @@ def _qlora(base: nn.Module, cfg: LoraConfig, flipped: MNIST, clean: MNIST, setti
         model, flipped.train.x, flipped.train.y, epochs=settings.finetune_epochs, lr=settings.lora_lr,
         batch_size=settings.batch_size, seed=settings.seed + 1, valid=valid,
         desc=f"QLoRA (NF4) r={settings.rank} on F-MNIST", progress=settings.progress,
+        out_dir=str(Path(settings.out) / "training" / "qlora"),
     )  # fmt: skip
     return {
         "base_4bit_clean_test_accuracy": base4_clean,
@@ -122,7 +123,7 @@ def run(settings: Settings, log=print) -> dict:
     fit_base = fit_classifier(
         base, clean.train.x, clean.train.y, epochs=settings.epochs, lr=settings.lr,
         batch_size=settings.batch_size, seed=settings.seed, valid=valid_clean,
-        desc="base on clean MNIST", progress=settings.progress,
+        desc="base on clean MNIST", progress=settings.progress, out_dir=str(out / "training" / "base"),
     )  # fmt: skip
     base_params = count_parameters(base).total
 
@@ -141,6 +142,7 @@ def run(settings: Settings, log=print) -> dict:
         lora_model, flipped.train.x, flipped.train.y, epochs=settings.finetune_epochs, lr=settings.lora_lr,
         batch_size=settings.batch_size, seed=settings.seed + 1, valid=valid_flip,
         desc=f"LoRA r={settings.rank} on F-MNIST", progress=settings.progress,
+        out_dir=str(out / "training" / "lora"),
     )  # fmt: skip
     pred_lora_flip = predict(lora_model, flipped.test.x)
     acc_lora_flip = float((pred_lora_flip == flipped.test.y).mean())
@@ -152,6 +154,7 @@ def run(settings: Settings, log=print) -> dict:
         full, flipped.train.x, flipped.train.y, epochs=settings.finetune_epochs, lr=settings.lr,
         batch_size=settings.batch_size, seed=settings.seed + 1, valid=valid_flip,
         desc="full fine-tuning on F-MNIST", progress=settings.progress,
+        out_dir=str(out / "training" / "full"),
     )  # fmt: skip
     acc_full_flip = accuracy(full, flipped.test.x, flipped.test.y)
     acc_full_clean = accuracy(full, clean.test.x, clean.test.y)
