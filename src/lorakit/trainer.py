@@ -310,6 +310,8 @@ class Trainer:
                 if c.save_every and self.step % c.save_every == 0:
                     self.save_checkpoint()
             self.save_checkpoint()
+            if self.world > 1:
+                torch.distributed.barrier()  # nobody leaves (and tears the group down) before rank 0 has saved
         finally:
             if bar is not None:
                 bar.close()

@@ -51,6 +51,7 @@ def main() -> None:
                          lambda idx: (x[idx], y[idx]), len(y), cfg)  # fmt: skip
     trainer.train(resume=args.resume)
     if args.world > 1:
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
     print("done", trainer.step, os.getpid())
 
