@@ -8,6 +8,7 @@ lk.save_adapter(model, "out/adapter")      # PEFT-compatible safetensors + adapt
 """
 
 from .checkpoint import AdapterLoadError, load_adapter, read_config, save_adapter
+from .combine import combine_adapters, effective_rank, singular_values
 from .config import LoraConfig
 from .injection import (
     ParameterCount,
@@ -49,9 +50,11 @@ __all__ = [
     "adapter_configs",
     "add_adapter",
     "architecture",
+    "combine_adapters",
     "count_parameters",
     "delete_adapter",
     "disable_adapters",
+    "effective_rank",
     "estimate_memory",
     "find_targets",
     "inject",
@@ -68,5 +71,6 @@ __all__ = [
     "save_adapter",
     "set_adapter",
     "set_trainable",
+    "singular_values",
     "unmerge",
 ]

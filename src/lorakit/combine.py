@@ -1,0 +1,166 @@
+"""Combining trained adapters into a new named adapter, and the SVD view of an update.
+
+For adapters ``k`` with updates ``ΔW_k = s_k B_k A_k`` and weights ``w_k`` the target is
+``ΔW* = Σ_k w_k ΔW_k`` in every adapted layer. Methods:
+
+* ``cat``: exact, ``A = [A_1; A_2; …]``, ``B = [w_1 s_1 B_1, w_2 s_2 B_2, …]`` (rank = Σ r_k)
+* ``linear``: same ranks only, ``A = Σ √(w_k s_k) A_k``, ``B = Σ √(w_k s_k) B_k`` (rank r; exact only
+  when the cross terms ``B_j A_k`` vanish, hence the reported error)
+* ``svd``: the best rank-``rank`` approximation of ``ΔW*`` (truncated SVD, ``B = U_r Σ_r``, ``A = V_rᵀ``)
+* ``ties``: per adapter keep the ``density`` largest-magnitude entries of ``w_k ΔW_k``, elect each
+  entry's sign by the sign of the sum, average the entries that agree, then truncate by SVD
+* ``dare``: drop entries of each ``w_k ΔW_k`` with probability ``1 − density``, rescale the rest by
+  ``1/density``, sum, then truncate by SVD
+
+The report gives, per layer, ``‖ΔW_new − ΔW*‖_F / ‖ΔW*‖_F``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .config import LoraConfig
+from .injection import adapter_configs, add_adapter, lora_layers
+from .layers import LoraLayer, LoraLinear
+
+METHODS = ("linear", "cat", "svd", "ties", "dare")
+
+
+def effective_rank(singular_values: torch.Tensor, energy: float) -> int:
+    """How many singular values hold ``energy`` (e.g. 0.9) of ``Σ σ²``."""
+    s2 = singular_values.double() ** 2
+    if s2.sum() == 0:
+        return 0
+    cumulative = torch.cumsum(s2, 0) / s2.sum()
+    return int((cumulative < energy - 1e-12).sum().item()) + 1
+
+
+def _matrix(delta: torch.Tensor) -> torch.Tensor:
+    return delta.reshape(delta.shape[0], -1).float()
+
+
+def _truncate(delta: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``B [out, r]``, ``A [r, in]`` of the best rank-``rank`` approximation of ``delta``."""
+    U, S, Vh = torch.linalg.svd(_matrix(delta), full_matrices=False)
+    r = min(rank, S.numel())
+    return U[:, :r] * S[:r], Vh[:r]
+
+
+def _ties(deltas: list[torch.Tensor], density: float) -> torch.Tensor:
+    trimmed = []
+    for d in deltas:
+        k = max(1, round(density * d.numel()))
+        threshold = d.abs().flatten().kthvalue(d.numel() - k + 1).values
+        trimmed.append(torch.where(d.abs() >= threshold, d, torch.zeros_like(d)))
+    stacked = torch.stack(trimmed)
+    sign = torch.sign(stacked.sum(0))
+    agree = (torch.sign(stacked) == sign) & (stacked != 0)
+    count = agree.sum(0).clamp_min(1)
+    return (stacked * agree).sum(0) / count
+
+
+def _dare(deltas: list[torch.Tensor], density: float, generator: torch.Generator) -> torch.Tensor:
+    out = torch.zeros_like(deltas[0])
+    for d in deltas:
+        keep = torch.rand(d.shape, generator=generator) < density
+        out += d * keep / density
+    return out
+
+
+def combine_adapters(
+    model: nn.Module,
+    sources: Sequence[str],
+    weights: Sequence[float],
+    name: str,
+    method: str = "svd",
+    rank: int | None = None,
+    density: float = 0.5,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Add adapter ``name`` combining ``sources`` with ``weights``; returns the relative
+    reconstruction error of ``Σ w_k ΔW_k`` per layer (0 for ``cat``)."""
+    configs = adapter_configs(model)
+    missing = [s for s in sources if s not in configs]
+    if missing:
+        raise KeyError(f"unknown adapters {missing}; the model holds {sorted(configs)}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if len(weights) != len(sources) or not sources:
+        raise ValueError(f"give one weight per source adapter: {len(sources)} sources, {len(weights)} weights")
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    generator = torch.Generator().manual_seed(seed)
+
+    plans: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # path -> (A, B, target ΔW)
+    for path, layer in lora_layers(model):
+        present = [(s, w) for s, w in zip(sources, weights, strict=True) if s in layer.lora_A]
+        if not present:
+            continue
+        with torch.no_grad():
+            deltas = [w * _layout(layer, layer.delta_weight(s)) for s, w in present]
+            target = torch.stack(deltas).sum(0)
+            A, B = _factors(layer, present, deltas, target, method, rank, density, generator)
+        plans[path] = (A, B, target)
+
+    if not plans:
+        raise ValueError(f"adapters {list(sources)} adapt no layer of this model")
+    ranks = {p: int(a.shape[0]) for p, (a, _, _) in plans.items()}
+    base_rank = max(ranks.values())
+    pattern = "|".join(re.escape(p) for p in plans)
+    config = LoraConfig(
+        r=base_rank,
+        alpha=float(base_rank),
+        target_modules=pattern,
+        rank_pattern={re.escape(p): r for p, r in ranks.items() if r != base_rank},
+        alpha_pattern={re.escape(p): float(r) for p, r in ranks.items() if r != base_rank},
+    )  # fmt: skip  (alpha = r per layer: scale 1, B carries the magnitudes)
+    add_adapter(model, config, name)
+    errors = {}
+    for path, layer in lora_layers(model):
+        if path not in plans:
+            continue
+        A, B, target = plans[path]
+        with torch.no_grad():
+            layer.lora_A[name].copy_(A.reshape(layer.lora_A[name].shape))
+            layer.lora_B[name].copy_(B.reshape(layer.lora_B[name].shape))
+            got = _layout(layer, layer.delta_weight(name))
+        errors[path] = float((got - target).norm() / target.norm().clamp_min(1e-12))
+    return errors
+
+
+def _layout(layer: LoraLayer, delta: torch.Tensor) -> torch.Tensor:
+    """ΔW as ``B A`` (out-major), whatever the base stores: undo Conv1D's / embeddings' transpose."""
+    transposed = (isinstance(layer, LoraLinear) and layer.fan_in_fan_out) or type(layer).__name__ == "LoraEmbedding"
+    return delta.T if transposed else delta
+
+
+def _factors(layer, present, deltas, target, method, rank, density, generator):
+    if method == "cat":
+        A = torch.cat([layer.lora_A[s].detach().reshape(layer.r[s], -1) for s, _ in present])
+        B = torch.cat([layer.lora_B[s].detach().reshape(layer.lora_B[s].shape[0], -1) * (w * layer.scaling[s])
+                       for s, w in present], dim=1)  # fmt: skip
+        return A, B
+    if method == "linear":
+        rs = {layer.r[s] for s, _ in present}
+        if len(rs) != 1:
+            raise ValueError(f"method='linear' needs equal ranks; layer has ranks {sorted(rs)} (use 'cat' or 'svd')")
+        A = sum(math.sqrt(abs(w) * layer.scaling[s]) * layer.lora_A[s].detach() for s, w in present)
+        B = sum(math.copysign(math.sqrt(abs(w) * layer.scaling[s]), w) * layer.lora_B[s].detach() for s, w in present)
+        return A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)
+    r = rank or max(layer.r[s] for s, _ in present)
+    if method == "ties":
+        target = _ties(deltas, density)
+    elif method == "dare":
+        target = _dare(deltas, density, generator)
+    B, A = _truncate(target, r)
+    return A, B
+
+
+def singular_values(delta: torch.Tensor) -> torch.Tensor:
+    """Singular values of an update (any layout; matrices of conv kernels are flattened)."""
+    return torch.linalg.svdvals(_matrix(delta))
