@@ -42,6 +42,17 @@ def _demo_qlora_lm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sweep(args: argparse.Namespace) -> int:
+    from .sweep import SweepSettings, sweep_flipped_mnist
+
+    settings = SweepSettings(out=args.out, ranks=args.ranks, seeds=args.seeds, alpha=args.alpha,
+                             data_dir=args.data_dir, progress=not args.no_progress)  # fmt: skip
+    if args.quick:
+        settings.epochs, settings.finetune_epochs, settings.limit = 1, 1, 3000
+    sweep_flipped_mnist(settings)
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from .recipes import run
 
@@ -184,6 +195,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("config", help="a .toml (or .yaml) file")
     tr.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     tr.set_defaults(func=_train)
+
+    sw = sub.add_parser("sweep", help="rank sweep + SVD view of the updates on a task")
+    sw.add_argument("task", choices=["flipped-mnist"], help="the task to sweep")
+    sw.add_argument("--out", default="runs/sweep")
+    sw.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    sw.add_argument("--seeds", type=int, nargs="+", default=[0])
+    sw.add_argument("--alpha", default="scaled", choices=["scaled", "fixed", "rslora"],
+                    help="scaled: alpha = r; fixed: alpha = 4; rslora: alpha = r with scale alpha/sqrt(r)")  # fmt: skip
+    sw.add_argument("--data-dir", default=None)
+    sw.add_argument("--quick", action="store_true", help="1 epoch on 3,000 images (smoke test)")
+    sw.add_argument("--no-progress", action="store_true")
+    sw.set_defaults(func=_sweep)
 
     ins = sub.add_parser("inspect", help="show an adapter folder: config, ranks, parameters, bytes, ΔW norms")
     ins.add_argument("adapter", help="an adapter folder (adapter_config.json + adapter_model.safetensors)")

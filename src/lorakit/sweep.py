@@ -1,0 +1,194 @@
+"""The rank question, answered on the user's task: a rank sweep and the SVD view of the updates.
+
+``sweep_flipped_mnist`` trains the same LoRA task at every rank (and seed), records validation
+loss, test accuracy, trainable parameters and time, and marks the smallest rank whose accuracy is
+within ``tolerance`` of the best. It then compares the singular values of the updates: LoRA's
+``ΔW = s·B A`` against full fine-tuning's ``ΔW = W_ft − W0`` on the same task, with the effective
+rank (singular values holding 90% / 99% of ``Σ σ²``): the evidence for, or against, LoRA's claim
+that the update needed has low intrinsic rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .combine import effective_rank, singular_values
+from .config import LoraConfig
+from .data.mnist import flipped_mnist, load_mnist
+from .demos.flipped_mnist import SeedMLP, _limit
+from .injection import count_parameters, inject, lora_layers
+from .training import accuracy, fit_classifier
+
+
+@dataclass
+class SweepSettings:
+    out: str = "runs/sweep"
+    ranks: list[int] = field(default_factory=lambda: [1, 2, 4, 8, 16, 32, 64])
+    seeds: list[int] = field(default_factory=lambda: [0])
+    alpha: str = "scaled"  # scaled: alpha = r (scale 1); fixed: alpha = 4 (scale 4/r); rslora: alpha = r, scale √r
+    epochs: int = 8
+    finetune_epochs: int = 5
+    lora_lr: float = 1e-2
+    lr: float = 1e-3
+    tolerance: float = 0.002  # accuracy points (0.002 = 0.2%) from the best that still count as "as good"
+    data_dir: str | None = None
+    limit: int | None = None
+    progress: bool = True
+
+
+def _alpha(settings: SweepSettings, r: int) -> tuple[float, bool]:
+    if settings.alpha == "fixed":
+        return 4.0, False
+    if settings.alpha == "rslora":
+        return float(r), True
+    if settings.alpha == "scaled":
+        return float(r), False
+    raise ValueError(f"alpha must be scaled, fixed or rslora, got {settings.alpha!r}")
+
+
+@torch.no_grad()
+def _valid_loss(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
+    model.eval()
+    return float(F.cross_entropy(model(torch.as_tensor(x)), torch.as_tensor(y)))
+
+
+def _spectrum(delta: torch.Tensor) -> dict:
+    s = singular_values(delta)
+    return {"singular_values": s.tolist(), "effective_rank_90": effective_rank(s, 0.9),
+            "effective_rank_99": effective_rank(s, 0.99)}  # fmt: skip
+
+
+def sweep_flipped_mnist(settings: SweepSettings, log=print) -> dict:
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    clean = _limit(load_mnist(settings.data_dir), settings.limit)
+    flipped = flipped_mnist(clean, seed=0)
+    torch.manual_seed(0)
+    base = SeedMLP()
+    fit_classifier(base, clean.train.x, clean.train.y, epochs=settings.epochs, lr=settings.lr, seed=0,
+                   desc="base on clean MNIST", progress=settings.progress)  # fmt: skip
+    rows, spectra = [], {}
+    for r in settings.ranks:
+        for seed in settings.seeds:
+            model = copy.deepcopy(base)
+            alpha, rs = _alpha(settings, r)
+            torch.manual_seed(seed)
+            inject(model, LoraConfig(r=r, alpha=alpha, use_rslora=rs, target_modules=["fc1", "fc2", "fc3"]))
+            fit = fit_classifier(model, flipped.train.x, flipped.train.y, epochs=settings.finetune_epochs,
+                                 lr=settings.lora_lr, seed=seed + 1, desc=f"LoRA r={r} seed {seed}",
+                                 progress=settings.progress)  # fmt: skip
+            rows.append({
+                "rank": r, "seed": seed, "trainable": count_parameters(model).trainable,
+                "valid_loss": _valid_loss(model, flipped.valid.x, flipped.valid.y),
+                "test_accuracy": accuracy(model, flipped.test.x, flipped.test.y), "seconds": round(fit.seconds, 2),
+            })  # fmt: skip
+            if seed == settings.seeds[0]:
+                spectra[r] = {p: _spectrum(layer.delta_weight("default").detach()) for p, layer in lora_layers(model)}
+    full = copy.deepcopy(base)
+    fit_classifier(full, flipped.train.x, flipped.train.y, epochs=settings.finetune_epochs, lr=settings.lr, seed=1,
+                   desc="full fine-tuning", progress=settings.progress)  # fmt: skip
+    full_spectra = {n: _spectrum(getattr(full, n).weight.detach() - getattr(base, n).weight.detach())
+                    for n in ("fc1", "fc2", "fc3")}  # fmt: skip
+    full_acc = accuracy(full, flipped.test.x, flipped.test.y)
+
+    table = []
+    for r in settings.ranks:
+        mine = [row for row in rows if row["rank"] == r]
+        table.append({
+            "rank": r, "trainable": mine[0]["trainable"],
+            "valid_loss": float(np.mean([m["valid_loss"] for m in mine])),
+            "test_accuracy": float(np.mean([m["test_accuracy"] for m in mine])),
+            "test_accuracy_std": float(np.std([m["test_accuracy"] for m in mine])),
+            "seconds": float(np.mean([m["seconds"] for m in mine])),
+        })  # fmt: skip
+    best = max(t["test_accuracy"] for t in table)
+    enough = min(t["rank"] for t in table if t["test_accuracy"] >= best - settings.tolerance)
+    results = {
+        "settings": asdict(settings), "runs": rows, "table": table, "best_accuracy": best,
+        "smallest_rank_within_tolerance": enough, "full_finetune_test_accuracy": full_acc,
+        "lora_spectra": {str(r): s for r, s in spectra.items()}, "full_finetune_spectra": full_spectra,
+        "base_flipped_test_accuracy": accuracy(base, flipped.test.x, flipped.test.y),
+    }  # fmt: skip
+    results["figures"] = _plots(results, out)
+    results["total_seconds"] = round(time.perf_counter() - t0, 1)
+    tmp = out / ".results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, out / "results.json")
+    log(format_table(results))
+    return results
+
+
+def format_table(r: dict) -> str:
+    lines = ["| rank | trainable | valid loss | F-MNIST test | s |", "|---:|---:|---:|---:|---:|"]
+    for t in r["table"]:
+        mark = " ←" if t["rank"] == r["smallest_rank_within_tolerance"] else ""
+        acc = f"{100 * t['test_accuracy']:.2f}% ± {100 * t['test_accuracy_std']:.2f}{mark}"
+        lines.append(f"| {t['rank']} | {t['trainable']:,} | {t['valid_loss']:.4f} | {acc} | {t['seconds']:.1f} |")
+    lines.append("")
+    lines.append(
+        f"base {100 * r['base_flipped_test_accuracy']:.2f}%, full fine-tuning "
+        f"{100 * r['full_finetune_test_accuracy']:.2f}%; smallest rank within "
+        f"{100 * r['settings']['tolerance']:.1f} points of the best: {r['smallest_rank_within_tolerance']}"
+    )
+    top = str(max(int(k) for k in r["lora_spectra"]))
+    for layer, full in r["full_finetune_spectra"].items():
+        lo = r["lora_spectra"][top][layer]
+        lines.append(
+            f"{layer}: effective rank (90% / 99% energy) full fine-tuning ΔW {full['effective_rank_90']} / "
+            f"{full['effective_rank_99']}, LoRA r={top} ΔW {lo['effective_rank_90']} / {lo['effective_rank_99']}"
+        )
+    return "\n".join(lines)
+
+
+def _plots(r: dict, out: Path) -> dict[str, str]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return {}
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ranks = [t["rank"] for t in r["table"]]
+    acc = [100 * t["test_accuracy"] for t in r["table"]]
+    std = [100 * t["test_accuracy_std"] for t in r["table"]]
+    ax.errorbar(ranks, acc, yerr=std, marker="o", capsize=3, label="LoRA")
+    ax.axhline(100 * r["full_finetune_test_accuracy"], color="gray", ls="--", label="full fine-tuning")
+    k = ranks.index(r["smallest_rank_within_tolerance"])
+    ax.plot([ranks[k]], [acc[k]], "r*", ms=14, label="smallest rank within tolerance")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("rank r")
+    ax.set_ylabel("F-MNIST test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "accuracy_vs_rank.png", dpi=120)
+    plt.close(fig)
+
+    layers = list(r["full_finetune_spectra"])
+    fig, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.8))
+    for ax, layer in zip(axes, layers, strict=True):
+        for label, spec in [("full fine-tuning", r["full_finetune_spectra"][layer])] + [
+            (f"LoRA r={rank}", r["lora_spectra"][rank][layer]) for rank in sorted(r["lora_spectra"], key=int)[-3:]
+        ]:
+            s = np.asarray(spec["singular_values"])
+            ax.plot(np.arange(1, len(s) + 1), np.cumsum(s**2) / max((s**2).sum(), 1e-30), label=label)
+        ax.set_xscale("log")
+        ax.set_title(f"{layer}: cumulative energy of ΔW's singular values", fontsize=9)
+        ax.set_xlabel("number of singular values")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "svd_energy.png", dpi=120)
+    plt.close(fig)
+    return {"accuracy_vs_rank": str(out / "accuracy_vs_rank.png"), "svd_energy": str(out / "svd_energy.png")}
