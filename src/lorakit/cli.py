@@ -49,6 +49,11 @@ def _sweep(args: argparse.Namespace) -> int:
                              data_dir=args.data_dir, progress=not args.no_progress)  # fmt: skip
     if args.quick:
         settings.epochs, settings.finetune_epochs, settings.limit = 1, 1, 3000
+    if args.task == "combine-mnist":
+        from .sweep import combine_experiment
+
+        combine_experiment(settings)
+        return 0
     sweep_flipped_mnist(settings)
     return 0
 
@@ -196,8 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     tr.set_defaults(func=_train)
 
-    sw = sub.add_parser("sweep", help="rank sweep + SVD view of the updates on a task")
-    sw.add_argument("task", choices=["flipped-mnist"], help="the task to sweep")
+    sw = sub.add_parser("sweep", help="rank sweep + SVD view of the updates; or combining two task adapters")
+    sw.add_argument(
+        "task",
+        choices=["flipped-mnist", "combine-mnist"],
+        help="flipped-mnist: the rank sweep; combine-mnist: two task adapters combined by every method",
+    )
     sw.add_argument("--out", default="runs/sweep")
     sw.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
     sw.add_argument("--seeds", type=int, nargs="+", default=[0])

@@ -192,3 +192,66 @@ def _plots(r: dict, out: Path) -> dict[str, str]:
     fig.savefig(out / "svd_energy.png", dpi=120)
     plt.close(fig)
     return {"accuracy_vs_rank": str(out / "accuracy_vs_rank.png"), "svd_energy": str(out / "svd_energy.png")}
+
+
+def _flip_vertically(split, seed: int, name: str, digits: tuple[int, ...] = (4, 9), fraction: float = 0.3):
+    """Task B: 30% of the 4s and 9s turned upside down (a shift unlike task A's mirror)."""
+    from .data.mnist import Split, flip_indices
+
+    x = split.x.copy()
+    idx = flip_indices(split.y, seed + 7, name, digits, fraction)
+    x[idx] = x[idx].reshape(-1, 28, 28)[:, ::-1, :].reshape(-1, 784)
+    return Split(x, split.y.copy())
+
+
+def combine_experiment(settings: SweepSettings, rank: int = 4, log=print) -> dict:
+    """Two adapters for two shifts of MNIST (A: 2s and 3s mirrored; B: 4s and 9s upside down),
+    combined by every method; each task's accuracy with the combined adapter vs its own adapter."""
+    from .combine import combine_adapters
+    from .data.mnist import MNIST
+    from .injection import add_adapter, set_adapter
+
+    out = Path(settings.out)
+    out.mkdir(parents=True, exist_ok=True)
+    clean = _limit(load_mnist(settings.data_dir), settings.limit)
+    task_a = flipped_mnist(clean, seed=0)
+    task_b = MNIST(*(_flip_vertically(getattr(clean, s), 0, s) for s in ("train", "valid", "test")), clean.source)
+    torch.manual_seed(0)
+    model = SeedMLP()
+    fit_classifier(model, clean.train.x, clean.train.y, epochs=settings.epochs, lr=settings.lr, seed=0,
+                   desc="base on clean MNIST", progress=settings.progress)  # fmt: skip
+    tasks = {"A": task_a, "B": task_b}
+    scores: dict[str, dict[str, float]] = {"base": {k: accuracy(model, t.test.x, t.test.y) for k, t in tasks.items()}}
+    for k, task in tasks.items():
+        cfg = LoraConfig(r=rank, alpha=float(rank), target_modules=["fc1", "fc2", "fc3"])
+        add_adapter(model, cfg, f"task_{k}")
+        set_adapter(model, f"task_{k}")
+        fit_classifier(model, task.train.x, task.train.y, epochs=settings.finetune_epochs, lr=settings.lora_lr,
+                       seed=1, desc=f"adapter for task {k}", progress=settings.progress)  # fmt: skip
+        scores[f"own adapter {k}"] = {j: accuracy(model, t.test.x, t.test.y) for j, t in tasks.items()}
+    errors = {}
+    plans = [
+        ("cat", {}),
+        ("linear", {"weights": [0.5, 0.5]}),
+        ("svd", {"rank": rank}),
+        ("ties", {"rank": 2 * rank, "density": 0.5}),
+        ("dare", {"rank": 2 * rank, "density": 0.5}),
+    ]
+    for method, kw in plans:
+        weights = kw.pop("weights", [1.0, 1.0])
+        errs = combine_adapters(model, ["task_A", "task_B"], weights, f"combined_{method}", method=method, **kw)
+        set_adapter(model, f"combined_{method}")
+        scores[f"combined: {method}"] = {j: accuracy(model, t.test.x, t.test.y) for j, t in tasks.items()}
+        errors[method] = float(np.mean(list(errs.values())))
+    results = {"rank": rank, "accuracy": scores, "mean_relative_reconstruction_error": errors}
+    tmp = out / ".combine.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    os.replace(tmp, out / "combine.json")
+    lines = ["| adapter | task A (2s, 3s mirrored) | task B (4s, 9s upside down) | ΔW error vs sum |",
+             "|---|---:|---:|---:|"]  # fmt: skip
+    for name, acc in scores.items():
+        method = name.removeprefix("combined: ")
+        err = f"{errors[method]:.3f}" if method in errors else ""
+        lines.append(f"| {name} | {100 * acc['A']:.2f}% | {100 * acc['B']:.2f}% | {err} |")
+    log("\n".join(lines))
+    return results
