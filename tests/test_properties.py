@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tempfile
 
 import torch
@@ -14,7 +15,9 @@ import lorakit as lk
 
 from .conftest import randomize_adapters
 
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# LORAKIT_HYPOTHESIS_EXAMPLES=300 for a deeper local search; 25 keeps CI quick.
+EXAMPLES = int(os.environ.get("LORAKIT_HYPOTHESIS_EXAMPLES", "25"))
+SETTINGS = settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = st.sampled_from([torch.float32, torch.float64, torch.bfloat16])
 
 
@@ -120,3 +123,28 @@ def test_switching_adapters_a_b_a(case, r2):
     lk.set_adapter(root, "a")
     assert torch.equal(root.layer(x), out_a)
     assert not torch.equal(out_a, out_b)
+
+
+@SETTINGS
+@given(layer_and_input(), st.lists(st.integers(1, 6), min_size=2, max_size=3), st.data())
+def test_routed_rows_equal_each_adapter_alone(case, ranks, data):
+    """Any mix of adapters (different ranks) and base rows: each row equals its adapter alone."""
+    root, x, _, alpha, dtype = case
+    names = [f"t{i}" for i in range(len(ranks))]
+    for i, (name, r) in enumerate(zip(names, ranks, strict=True)):
+        cfg = lk.LoraConfig(r=r, alpha=alpha * (i + 1), target_modules=["layer"])
+        (lk.inject if i == 0 else lk.add_adapter)(root, cfg, name)
+    randomize_adapters(root, scale=0.3)
+    root.eval()
+    route = data.draw(st.lists(st.sampled_from([*names, None]), min_size=x.shape[0], max_size=x.shape[0]))
+    with torch.no_grad():
+        with lk.route(root, route):
+            mixed = root.layer(x)
+        for i, name in enumerate(route):
+            if name is None:
+                with lk.disable_adapters(root):
+                    alone = root.layer(x[i : i + 1])
+            else:
+                lk.set_adapter(root, name)
+                alone = root.layer(x[i : i + 1])
+            torch.testing.assert_close(mixed[i : i + 1].float(), alone.float(), **_tol(dtype))
