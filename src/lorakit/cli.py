@@ -42,6 +42,16 @@ def _demo_qlora_lm(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from .demos.compare_methods import run
+
+    if args.quick:
+        run(args.out, epochs=1, finetune_epochs=1, limit=3000, data_dir=args.data_dir, progress=not args.no_progress)
+    else:
+        run(args.out, data_dir=args.data_dir, progress=not args.no_progress)
+    return 0
+
+
 def _sweep(args: argparse.Namespace) -> int:
     from .sweep import SweepSettings, sweep_flipped_mnist
 
@@ -200,6 +210,14 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("config", help="a .toml (or .yaml) file")
     tr.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     tr.set_defaults(func=_train)
+
+    cmp_ = sub.add_parser("compare", help="the PEFT family side by side on a task (accuracy, size, speed)")
+    cmp_.add_argument("task", choices=["flipped-mnist"])
+    cmp_.add_argument("--out", default="runs/compare")
+    cmp_.add_argument("--data-dir", default=None)
+    cmp_.add_argument("--quick", action="store_true", help="1 epoch on 3,000 images (smoke test)")
+    cmp_.add_argument("--no-progress", action="store_true")
+    cmp_.set_defaults(func=_compare)
 
     sw = sub.add_parser("sweep", help="rank sweep + SVD view of the updates; or combining two task adapters")
     sw.add_argument(

@@ -113,7 +113,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return matched
 
 
-def _no_match_message(names: list[str], paths: list[str], config: LoraConfig) -> str:
+def _no_match_message(names: list[str], paths: list[str], config: LoraConfig | None = None) -> str:
     leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
     lines = [f"target_modules: {len(names)} name(s) matched no module of the model:"]
     for name in names:
@@ -122,9 +122,9 @@ def _no_match_message(names: list[str], paths: list[str], config: LoraConfig) ->
         hint = ", ".join(dict.fromkeys(close + close_paths)) or "none close"
         lines.append(f"  {name!r}: nearest existing names: {hint}")
     extra = []
-    if config.layers_to_transform is not None:
+    if config is not None and config.layers_to_transform is not None:
         extra.append(f"layers_to_transform={config.layers_to_transform}")
-    if config.exclude_modules:
+    if config is not None and config.exclude_modules:
         extra.append(f"exclude_modules={config.exclude_modules}")
     if extra:
         lines.append("  (after applying " + ", ".join(extra) + ")")
@@ -377,6 +377,9 @@ def _represented_numel(module_of: dict[int, nn.Module], p: nn.Parameter) -> int:
 def count_parameters(model: nn.Module) -> ParameterCount:
     """Count trainable, total and original-model parameters (shared tensors counted once)."""
     adapter_ids: set[int] = set()
+    for module in model.modules():
+        if getattr(module, "is_lorakit_adapter", False):  # e.g. bottleneck adapters
+            adapter_ids.update(id(p) for p in module.adapter_parameters())
     for module in _wrappers(model):
         if isinstance(module, LoraLayer):
             adapter_ids.update(id(p) for p in module.lora_A.values())

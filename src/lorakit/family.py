@@ -1,0 +1,221 @@
+"""The rest of the parameter-efficient family, under the same calls as LoRA.
+
+* **Selective** tuning trains a chosen subset of the model's own parameters: every bias (BitFit),
+  named modules or numbered layers, or the output head only ("transfer learning"). Nothing is
+  added, so there is nothing to merge: the tuned parameters *are* the model's.
+* **Sequential bottleneck adapters** add ``y ← y + U σ(D y)`` after a chosen sublayer, with
+  ``D ∈ R^{h×d}`` (down-projection), ``U ∈ R^{d×h}`` (up-projection, initialised to zero so the
+  model is unchanged at the start) and a non-linearity ``σ``. They run *in series*, so they add
+  latency and, being non-linear, cannot be merged into the base weights (LoRA's parallel, linear
+  update can).
+
+Both save as safetensors plus a JSON config, atomically, and load with every key and shape checked.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save
+from torch import nn
+
+from .checkpoint import AdapterLoadError, _atomic_write, read_tensors
+from .injection import _candidate_modules, _no_match_message, _set_submodule
+
+SELECTIVE_CONFIG = "selective_config.json"
+BOTTLENECK_CONFIG = "bottleneck_config.json"
+WEIGHTS = "adapter_model.safetensors"
+
+
+def _matches(names: list[str] | str, path: str) -> bool:
+    if isinstance(names, str):
+        return re.fullmatch(names, path) is not None
+    return any(path == n or path.endswith("." + n) for n in names)
+
+
+# ---------------------------------------------------------------------------------------- selective
+@dataclass
+class SelectiveConfig:
+    """``mode``: ``bias`` (BitFit: every bias), ``modules`` (every parameter of the modules named in
+    ``modules``, as names or a regex), or ``head`` (only the module named ``head``)."""
+
+    mode: str = "bias"
+    modules: list[str] | str | None = None
+    head: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("bias", "modules", "head"):
+            raise ValueError(f"SelectiveConfig.mode must be bias, modules or head, got {self.mode!r}")
+        if self.mode == "modules" and not self.modules:
+            raise ValueError("SelectiveConfig.modules is required with mode='modules'")
+        if self.mode == "head" and not self.head:
+            raise ValueError("SelectiveConfig.head is required with mode='head' (e.g. 'lm_head' or 'fc3')")
+
+
+def select_trainable(model: nn.Module, config: SelectiveConfig) -> list[str]:
+    """Freeze everything, then unfreeze what ``config`` selects; returns the trainable names."""
+    names: list[str] = []
+    model.requires_grad_(False)
+    if config.mode == "bias":
+        names = [n for n, _ in model.named_parameters() if n.endswith("bias")]
+    else:
+        wanted = [config.head] if config.mode == "head" else config.modules
+        paths = [p for p, _ in _candidate_modules(model) if _matches(wanted, p)]
+        if not paths:
+            listed = wanted if isinstance(wanted, list) else [wanted]
+            raise ValueError(_no_match_message(listed, [p for p, _ in _candidate_modules(model)]))
+        names = [n for n, _ in model.named_parameters() if any(n.startswith(p + ".") for p in paths)]
+    if not names:
+        raise ValueError(f"{config} selects no parameter of this model")
+    params = dict(model.named_parameters())
+    for n in names:
+        params[n].requires_grad_(True)
+    model.__dict__["lorakit_selective"] = config
+    return names
+
+
+def save_selected(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
+    """The trainable parameters (by the model's own names) and the config, written atomically."""
+    config = model.__dict__.get("lorakit_selective")
+    if config is None:
+        raise ValueError("the model has no selective tuning: call select_trainable first")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    _atomic_write(out / WEIGHTS, save(tensors, metadata={"format": "pt"}))
+    _atomic_write(out / SELECTIVE_CONFIG, (json.dumps(asdict(config), indent=2) + "\n").encode())
+    return out / WEIGHTS
+
+
+def load_selected(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
+    """Load saved selective parameters into ``model`` (every key and shape checked first)."""
+    tensors = read_tensors(directory)
+    params = dict(model.named_parameters())
+    bad = [f"unexpected key {k}" for k in tensors if k not in params]
+    bad += [f"shape mismatch for {k}: model {tuple(params[k].shape)}, file {tuple(t.shape)}"
+            for k, t in tensors.items() if k in params and params[k].shape != t.shape]  # fmt: skip
+    if bad:
+        raise AdapterLoadError(f"{directory}: " + "; ".join(bad))
+    with torch.no_grad():
+        for k, t in tensors.items():
+            params[k].copy_(t)
+    config = json.loads((Path(directory) / SELECTIVE_CONFIG).read_text())
+    select_trainable(model, SelectiveConfig(**config))
+    return model
+
+
+# ---------------------------------------------------------------------------------------- bottleneck
+@dataclass
+class BottleneckConfig:
+    """Bottleneck adapters of width ``bottleneck`` after every module in ``target_modules``."""
+
+    target_modules: list[str] | str = field(default_factory=list)
+    bottleneck: int = 16
+    nonlinearity: str = "relu"
+
+    def __post_init__(self) -> None:
+        if not self.target_modules:
+            raise ValueError("BottleneckConfig.target_modules is required")
+        if self.bottleneck < 1:
+            raise ValueError(f"BottleneckConfig.bottleneck must be >= 1, got {self.bottleneck}")
+        if self.nonlinearity not in ("relu", "gelu", "tanh"):
+            raise ValueError(f"BottleneckConfig.nonlinearity must be relu, gelu or tanh, got {self.nonlinearity!r}")
+
+
+class BottleneckAdapter(nn.Module):
+    """``y = m(x);  y + U σ(D y)`` with ``U = 0`` at the start (the model is unchanged)."""
+
+    is_lorakit_adapter = True
+
+    def __init__(self, module: nn.Module, width: int, bottleneck: int, nonlinearity: str) -> None:
+        super().__init__()
+        self.module = module
+        module.requires_grad_(False)
+        self.down = nn.Linear(width, bottleneck)
+        self.up = nn.Linear(bottleneck, width)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+        self.act = {"relu": nn.ReLU(), "gelu": nn.GELU(), "tanh": nn.Tanh()}[nonlinearity]
+
+    def adapter_parameters(self) -> list[nn.Parameter]:
+        return [*self.down.parameters(), *self.up.parameters()]
+
+    def forward(self, *args, **kwargs):
+        y = self.module(*args, **kwargs)
+        return y + self.up(self.act(self.down(y)))
+
+
+def _output_width(module: nn.Module, path: str) -> int:
+    for attr in ("out_features", "embedding_dim", "normalized_shape"):
+        value = getattr(module, attr, None)
+        if value is not None:
+            return int(value[-1] if isinstance(value, (tuple, list, torch.Size)) else value)
+    raise TypeError(f"cannot tell the output width of {path!r} ({type(module).__name__}); target a Linear or LayerNorm")
+
+
+def inject_bottleneck(model: nn.Module, config: BottleneckConfig) -> nn.Module:
+    """Freeze the model and add a bottleneck adapter after every targeted module."""
+    candidates = [p for p, _ in _candidate_modules(model)]
+    paths = [p for p in candidates if _matches(config.target_modules, p)]
+    if not paths:
+        names = config.target_modules if isinstance(config.target_modules, list) else [config.target_modules]
+        raise ValueError(_no_match_message(names, candidates))
+    model.requires_grad_(False)
+    for path in paths:
+        module = model.get_submodule(path)
+        wrapper = BottleneckAdapter(module, _output_width(module, path), config.bottleneck, config.nonlinearity)
+        _set_submodule(model, path, wrapper.to(next(module.parameters()).device))
+    model.__dict__["lorakit_bottleneck"] = config
+    return model
+
+
+def save_bottleneck(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
+    config = model.__dict__.get("lorakit_bottleneck")
+    if config is None:
+        raise ValueError("the model has no bottleneck adapters: call inject_bottleneck first")
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {}
+    for path, m in model.named_modules():
+        if isinstance(m, BottleneckAdapter):
+            for name, p in [*m.down.named_parameters(prefix="down"), *m.up.named_parameters(prefix="up")]:
+                tensors[f"{path}.{name}"] = p.detach().contiguous()
+    _atomic_write(out / WEIGHTS, save(tensors, metadata={"format": "pt"}))
+    _atomic_write(out / BOTTLENECK_CONFIG, (json.dumps(asdict(config), indent=2) + "\n").encode())
+    return out / WEIGHTS
+
+
+def load_bottleneck(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
+    """Inject from the saved config and load the adapter weights (keys and shapes checked)."""
+    path = Path(directory) / BOTTLENECK_CONFIG
+    if not path.is_file():
+        raise AdapterLoadError(f"{directory}: no {BOTTLENECK_CONFIG} here")
+    inject_bottleneck(model, BottleneckConfig(**json.loads(path.read_text())))
+    tensors = read_tensors(directory)
+    expected = {}
+    for p, m in model.named_modules():
+        if isinstance(m, BottleneckAdapter):
+            for name, t in [*m.down.named_parameters(prefix="down"), *m.up.named_parameters(prefix="up")]:
+                expected[f"{p}.{name}"] = t
+    bad = sorted(set(expected) ^ set(tensors))
+    bad += [k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape]
+    if bad:
+        raise AdapterLoadError(f"{directory}: adapter tensors do not match the model: {bad}")
+    with torch.no_grad():
+        for k, t in tensors.items():
+            expected[k].copy_(t)
+    return model
+
+
+def merge_bottleneck(model: nn.Module) -> None:
+    """Always an error: say why."""
+    raise TypeError(
+        "bottleneck adapters cannot be merged: they sit in series after a layer and contain a "
+        "non-linearity, so y + U·σ(D·y) is no linear map that could be folded into W0; keep them unmerged "
+        "(or use LoRA, whose update B·A is linear and merges with zero added latency)"
+    )

