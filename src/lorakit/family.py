@@ -84,12 +84,8 @@ def save_selected(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     config = model.__dict__.get("lorakit_selective")
     if config is None:
         raise ValueError("the model has no selective tuning: call select_trainable first")
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    _atomic_write(out / WEIGHTS, save(tensors, metadata={"format": "pt"}))
-    _atomic_write(out / SELECTIVE_CONFIG, (json.dumps(asdict(config), indent=2) + "\n").encode())
-    return out / WEIGHTS
+    return _write(directory, tensors, SELECTIVE_CONFIG, asdict(config))
 
 
 def load_selected(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
@@ -178,16 +174,8 @@ def save_bottleneck(model: nn.Module, directory: str | os.PathLike[str]) -> Path
     config = model.__dict__.get("lorakit_bottleneck")
     if config is None:
         raise ValueError("the model has no bottleneck adapters: call inject_bottleneck first")
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {}
-    for path, m in model.named_modules():
-        if isinstance(m, BottleneckAdapter):
-            for name, p in [*m.down.named_parameters(prefix="down"), *m.up.named_parameters(prefix="up")]:
-                tensors[f"{path}.{name}"] = p.detach().contiguous()
-    _atomic_write(out / WEIGHTS, save(tensors, metadata={"format": "pt"}))
-    _atomic_write(out / BOTTLENECK_CONFIG, (json.dumps(asdict(config), indent=2) + "\n").encode())
-    return out / WEIGHTS
+    tensors = {k: p.detach().contiguous() for k, p in _bottleneck_params(model).items()}
+    return _write(directory, tensors, BOTTLENECK_CONFIG, asdict(config))
 
 
 def load_bottleneck(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
@@ -197,11 +185,7 @@ def load_bottleneck(model: nn.Module, directory: str | os.PathLike[str]) -> nn.M
         raise AdapterLoadError(f"{directory}: no {BOTTLENECK_CONFIG} here")
     inject_bottleneck(model, BottleneckConfig(**json.loads(path.read_text())))
     tensors = read_tensors(directory)
-    expected = {}
-    for p, m in model.named_modules():
-        if isinstance(m, BottleneckAdapter):
-            for name, t in [*m.down.named_parameters(prefix="down"), *m.up.named_parameters(prefix="up")]:
-                expected[f"{p}.{name}"] = t
+    expected = _bottleneck_params(model)
     bad = sorted(set(expected) ^ set(tensors))
     bad += [k for k in set(expected) & set(tensors) if expected[k].shape != tensors[k].shape]
     if bad:
@@ -210,6 +194,25 @@ def load_bottleneck(model: nn.Module, directory: str | os.PathLike[str]) -> nn.M
         for k, t in tensors.items():
             expected[k].copy_(t)
     return model
+
+
+def _bottleneck_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    """``<path>.down.weight`` etc. → parameter, for every bottleneck adapter."""
+    out = {}
+    for path, m in model.named_modules():
+        if isinstance(m, BottleneckAdapter):
+            for name, p in [*m.down.named_parameters(prefix="down"), *m.up.named_parameters(prefix="up")]:
+                out[f"{path}.{name}"] = p
+    return out
+
+
+def _write(directory: str | os.PathLike[str], tensors: dict, config_name: str, config: dict) -> Path:
+    """Tensors and their JSON config, each written atomically."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / WEIGHTS, save(tensors, metadata={"format": "pt"}))
+    _atomic_write(out / config_name, (json.dumps(config, indent=2) + "\n").encode())
+    return out / WEIGHTS
 
 
 def merge_bottleneck(model: nn.Module) -> None:
