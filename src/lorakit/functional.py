@@ -73,7 +73,7 @@ class LoraLinearFunction(torch.autograd.Function):
         ctx.scaling, ctx.p, ctx.weight_t = scaling, p, weight_t
         ctx.has_bias = bias is not None
         ctx.in_shape = x.shape
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:

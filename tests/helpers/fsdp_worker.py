@@ -5,6 +5,7 @@ python -m tests.helpers.fsdp_worker INIT_FILE OUT_FILE   (spawns 2 gloo processe
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -42,7 +43,11 @@ def run(rank: int, init: str, out: str) -> None:
     full = {n: p.full_tensor() for n, p in model.named_parameters() if p.requires_grad}
     if rank == 0:
         torch.save(full, out)
+    dist.barrier()  # nobody tears the group down while another rank still works
     dist.destroy_process_group()
+    # Leave without running C++ static destructors: gloo's threads can abort a normal interpreter
+    # exit ("terminate called without an active exception") after all the work is done.
+    os._exit(0)
 
 
 if __name__ == "__main__":

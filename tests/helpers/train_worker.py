@@ -53,7 +53,9 @@ def main() -> None:
     if args.world > 1:
         torch.distributed.barrier()
         torch.distributed.destroy_process_group()
-    print("done", trainer.step, os.getpid())
+    print("done", trainer.step, os.getpid(), flush=True)
+    if args.world > 1:
+        os._exit(0)  # skip C++ static destructors: gloo's threads can abort a normal exit
 
 
 if __name__ == "__main__":
