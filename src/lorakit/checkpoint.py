@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from torch import nn
 from .config import ALL_LINEAR, LoraConfig
 from .injection import (
     _candidate_modules,
+    _name_matches,
     _output_head,
     adapter_configs,
     add_adapter,
@@ -110,22 +112,17 @@ def _config_for_saving(model: nn.Module, config: LoraConfig, name: str) -> LoraC
     on transformers models) rebuilds exactly the same set of adapted modules, and
     ``fan_in_fan_out`` is set when the adapted matrices are stored ``[in, out]`` (GPT-2's Conv1D),
     as PEFT records it."""
-    if any(getattr(layer, "fan_in_fan_out", False) for _, layer in lora_layers(model) if name in layer.lora_A):
+    adapted = {p: layer for p, layer in lora_layers(model) if name in layer.lora_A}
+    if any(getattr(layer, "fan_in_fan_out", False) for layer in adapted.values()):
         config = config.replace(fan_in_fan_out=True)
     if config.target_modules != ALL_LINEAR:
         return config
-    paths = [p for p, layer in lora_layers(model) if name in layer.lora_A]
-    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    leaves = sorted({p.rsplit(".", 1)[-1] for p in adapted})
     probe = config.replace(target_modules=leaves, exclude_modules=None, layers_to_transform=None, layers_pattern=None)
-    candidates = [p for p, _ in _candidate_modules(model)]
-    chosen = {p for p in candidates if any(p == n or p.endswith("." + n) for n in leaves)}
-    if chosen == set(paths):
+    chosen = {p for p, _ in _candidate_modules(model) if _name_matches(leaves, p)}
+    if chosen == set(adapted):
         return probe
-    return probe.replace(target_modules="|".join(_escape(p) for p in paths))
-
-
-def _escape(path: str) -> str:
-    return path.replace(".", r"\.")
+    return probe.replace(target_modules="|".join(re.escape(p) for p in adapted))
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str = "default") -> Path:

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -25,17 +24,11 @@ from safetensors.torch import save
 from torch import nn
 
 from .checkpoint import AdapterLoadError, _atomic_write, read_tensors
-from .injection import _candidate_modules, _no_match_message, _set_submodule
+from .injection import _candidate_modules, _name_matches, _no_match_message, _set_submodule
 
 SELECTIVE_CONFIG = "selective_config.json"
 BOTTLENECK_CONFIG = "bottleneck_config.json"
 WEIGHTS = "adapter_model.safetensors"
-
-
-def _matches(names: list[str] | str, path: str) -> bool:
-    if isinstance(names, str):
-        return re.fullmatch(names, path) is not None
-    return any(path == n or path.endswith("." + n) for n in names)
 
 
 # ---------------------------------------------------------------------------------------- selective
@@ -65,7 +58,7 @@ def select_trainable(model: nn.Module, config: SelectiveConfig) -> list[str]:
         names = [n for n, _ in model.named_parameters() if n.endswith("bias")]
     else:
         wanted = [config.head] if config.mode == "head" else config.modules
-        paths = [p for p, _ in _candidate_modules(model) if _matches(wanted, p)]
+        paths = [p for p, _ in _candidate_modules(model) if _name_matches(wanted, p)]
         if not paths:
             listed = wanted if isinstance(wanted, list) else [wanted]
             raise ValueError(_no_match_message(listed, [p for p, _ in _candidate_modules(model)]))
@@ -157,7 +150,7 @@ def _output_width(module: nn.Module, path: str) -> int:
 def inject_bottleneck(model: nn.Module, config: BottleneckConfig) -> nn.Module:
     """Freeze the model and add a bottleneck adapter after every targeted module."""
     candidates = [p for p, _ in _candidate_modules(model)]
-    paths = [p for p in candidates if _matches(config.target_modules, p)]
+    paths = [p for p in candidates if _name_matches(config.target_modules, p)]
     if not paths:
         names = config.target_modules if isinstance(config.target_modules, list) else [config.target_modules]
         raise ValueError(_no_match_message(names, candidates))

@@ -48,6 +48,26 @@ def _add_low_rank(y: torch.Tensor, t: torch.Tensor, B: torch.Tensor, scaling: fl
     return y.add_((t @ B.T).mul_(scaling).to(y.dtype))
 
 
+def _forward(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scaling: float,
+    p: float,
+    weight_t: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The forward maths; returns ``(y, x2, t, mask)``, the last three for the backward."""
+    x2 = x.reshape(-1, x.shape[-1])
+    y = _base(x2, weight, bias, weight_t)
+    mask = _dropout_mask(x2, p) if p > 0 else None
+    h = x2 if mask is None else x2 * mask / (1.0 - p)
+    t = h.to(A.dtype) @ A.T
+    _add_low_rank(y, t, B, scaling)
+    return (y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])), x2, t, mask
+
+
 class LoraLinearFunction(torch.autograd.Function):
     """``y = x W0ᵀ + b + s · dropout(x) Aᵀ Bᵀ`` with the backward above."""
 
@@ -63,17 +83,12 @@ class LoraLinearFunction(torch.autograd.Function):
         p: float,
         weight_t: bool,
     ) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        y = _base(x2, weight, bias, weight_t)
-        mask = _dropout_mask(x2, p) if p > 0 else None
-        h = x2 if mask is None else x2 * mask / (1.0 - p)
-        t = h.to(A.dtype) @ A.T
-        _add_low_rank(y, t, B, scaling)
+        y, x2, t, mask = _forward(x, weight, bias, A, B, scaling, p, weight_t)
         ctx.save_for_backward(x2, weight, A, B, t, mask)
         ctx.scaling, ctx.p, ctx.weight_t = scaling, p, weight_t
         ctx.has_bias = bias is not None
         ctx.in_shape = x.shape
-        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
+        return y
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
@@ -129,8 +144,4 @@ def lora_linear(
     needs_graph = x.requires_grad or A.requires_grad or B.requires_grad or weight.requires_grad
     if torch.is_grad_enabled() and (needs_graph or (bias is not None and bias.requires_grad)):
         return LoraLinearFunction.apply(x, weight, bias, A, B, scaling, dropout, weight_t)
-    x2 = x.reshape(-1, x.shape[-1])
-    y = _base(x2, weight, bias, weight_t)
-    h = F.dropout(x2, dropout, training=True) if dropout > 0 else x2
-    t = h.to(A.dtype) @ A.T
-    return _add_low_rank(y, t, B, scaling).reshape(*x.shape[:-1], y.shape[-1])
+    return _forward(x, weight, bias, A, B, scaling, dropout, weight_t)[0]

@@ -25,12 +25,17 @@ OUTPUT_HEAD_NAMES = ("lm_head",)
 
 
 # ---------------------------------------------------------------------------------------- matching
+def _is_suffix(name: str, path: str) -> bool:
+    """``name`` is the whole path or a whole dotted suffix of it (``fc1`` matches ``enc.fc1``, not ``xfc1``)."""
+    return path == name or path.endswith("." + name)
+
+
 def _name_matches(names: list[str] | str, path: str) -> bool:
-    """PEFT's rule: a regex string must match the full path; a list entry must equal the path or
-    be a whole dotted suffix of it."""
+    """PEFT's rule: a regex string must match the full path; a list entry must be a whole
+    dotted suffix of it."""
     if isinstance(names, str):
         return re.fullmatch(names, path) is not None
-    return any(path == n or path.endswith("." + n) for n in names)
+    return any(_is_suffix(n, path) for n in names)
 
 
 def _layer_index(path: str, layers_pattern: list[str] | str | None) -> int | None:
@@ -105,7 +110,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 
     all_paths = [p for p, _ in candidates]
     if isinstance(config.target_modules, list):
-        unmatched = [n for n in config.target_modules if not any(p == n or p.endswith("." + n) for p in matched)]
+        unmatched = [n for n in config.target_modules if not any(_is_suffix(n, p) for p in matched)]
         if unmatched:
             raise ValueError(_no_match_message(unmatched, all_paths, config))
     elif not matched:
@@ -153,13 +158,14 @@ def _wrappers(model: nn.Module) -> Iterator[LoraLayer | ModulesToSave]:
 
 
 def _changed(model: nn.Module) -> None:
+    """Adapters were added or removed: cached wrapper lists are stale."""
     model.__dict__["_lorakit_generation"] = model.__dict__.get("_lorakit_generation", 0) + 1
 
 
 def wrapper_list(model: nn.Module) -> list[LoraLayer | ModulesToSave]:
     """Every lorakit wrapper in ``model``, cached until adapters are added or deleted (walking
     a large model's module tree costs milliseconds, too much for a per-batch call)."""
-    key = (model.__dict__.get("_lorakit_generation", 0), tuple(adapter_configs(model)))
+    key = model.__dict__.get("_lorakit_generation", 0)
     cached = model.__dict__.get("_lorakit_wrappers")
     if cached is None or cached[0] != key:
         cached = (key, list(_wrappers(model)))
@@ -209,8 +215,6 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str) -> nn.Module:
     targets = find_targets(model, config)
     first = not configs
     current = active_adapter(model)
-    if first:
-        model.requires_grad_(False)
 
     # Validate every target before changing anything: a failure leaves the model untouched.
     new_wrappers: dict[str, LoraLayer] = {}
@@ -218,6 +222,8 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str) -> nn.Module:
         module = model.get_submodule(path)
         if not isinstance(module, LoraLayer):
             new_wrappers[path] = wrap_module(module, path)
+    if first:
+        model.requires_grad_(False)
     for path, wrapper in new_wrappers.items():
         wrapper.train(model.get_submodule(path).training)  # an eval-mode model stays in eval mode
         _set_submodule(model, path, wrapper)
@@ -225,7 +231,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str) -> nn.Module:
         layer = model.get_submodule(path)
         assert isinstance(layer, LoraLayer)
         r, alpha = config.rank_for(path), config.alpha_for(path)
-        layer.add_adapter(name, r, alpha, config.scaling(r, alpha), float(config.dropout), config.init)
+        layer.add_adapter(name, r, config.scaling(r, alpha), float(config.dropout), config.init)
         layer.lora_A[name].requires_grad_(False)
         layer.lora_B[name].requires_grad_(False)
         if path in new_wrappers:
@@ -252,7 +258,7 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str) -> nn.Module:
 
 
 def _add_module_to_save(model: nn.Module, module_name: str, adapter: str) -> None:
-    paths = [p for p, _ in _candidate_modules(model) if p == module_name or p.endswith("." + module_name)]
+    paths = [p for p, _ in _candidate_modules(model) if _is_suffix(module_name, p)]
     if not paths:
         leaves = sorted({p.rsplit(".", 1)[-1] for p, _ in _candidate_modules(model)})
         close = difflib.get_close_matches(module_name, leaves, n=5, cutoff=0.4)
@@ -366,32 +372,22 @@ class ParameterCount:
         )
 
 
-def _represented_numel(module_of: dict[int, nn.Module], p: nn.Parameter) -> int:
-    """Weights a parameter stands for: a packed 4-bit weight holds two per byte."""
-    owner = module_of.get(id(p))
-    if owner is not None:
-        return owner.in_features * owner.out_features
-    return p.numel()
-
-
 def count_parameters(model: nn.Module) -> ParameterCount:
     """Count trainable, total and original-model parameters (shared tensors counted once)."""
     adapter_ids: set[int] = set()
+    packed: dict[int, int] = {}  # a packed 4-bit weight stands for in·out weights, two per byte
     for module in model.modules():
-        if getattr(module, "is_lorakit_adapter", False):  # e.g. bottleneck adapters
-            adapter_ids.update(id(p) for p in module.adapter_parameters())
-    for module in _wrappers(model):
         if isinstance(module, LoraLayer):
-            adapter_ids.update(id(p) for p in module.lora_A.values())
-            adapter_ids.update(id(p) for p in module.lora_B.values())
-        else:
+            adapter_ids.update(id(p) for p in (*module.lora_A.values(), *module.lora_B.values()))
+        elif isinstance(module, ModulesToSave):
             adapter_ids.update(id(p) for p in module.modules_to_save.parameters())
-    from .quantization import is_linear4bit
-
-    packed = {id(m.weight): m for m in model.modules() if is_linear4bit(m)}
+        elif getattr(module, "is_lorakit_adapter", False):  # e.g. bottleneck adapters
+            adapter_ids.update(id(p) for p in module.adapter_parameters())
+        elif is_linear4bit(module):
+            packed[id(module.weight)] = module.in_features * module.out_features
     trainable = total = base = 0
     for p in model.parameters():  # parameters() already yields each shared tensor once
-        n = _represented_numel(packed, p)
+        n = packed.get(id(p), p.numel())
         total += n
         trainable += n if p.requires_grad else 0
         base += 0 if id(p) in adapter_ids else n

@@ -59,7 +59,7 @@ class LoraLayer(nn.Module):
     Attributes:
         base_layer: the wrapped original module (frozen).
         lora_A, lora_B: adapter factors by adapter name.
-        r, alpha, scaling: per-adapter rank, alpha and output scale ``s``.
+        r, scaling: per-adapter rank and output scale ``s``.
         active_adapter: the adapter that runs in ``forward`` (None: base only).
         merged_adapters: adapters whose ΔW is currently added into the base weight.
         adapters_disabled: when True the layer behaves exactly like ``base_layer``.
@@ -75,7 +75,6 @@ class LoraLayer(nn.Module):
         self.lora_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
         self.r: dict[str, int] = {}
-        self.alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.active_adapter: str | None = None
         self.merged_adapters: list[str] = []
@@ -104,7 +103,7 @@ class LoraLayer(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
-    def add_adapter(self, name: str, r: int, alpha: float, scaling: float, dropout: float, init: str) -> None:
+    def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: str) -> None:
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
         weight = self.base_layer.weight
@@ -113,7 +112,7 @@ class LoraLayer(nn.Module):
         self.lora_A[name] = nn.Parameter(torch.empty(shape_a, **kw))
         self.lora_B[name] = nn.Parameter(torch.empty(shape_b, **kw))
         self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.r[name], self.alpha[name], self.scaling[name] = r, alpha, scaling
+        self.r[name], self.scaling[name] = r, scaling
         with torch.no_grad():
             self.reset_adapter(name, init)
 
@@ -121,12 +120,9 @@ class LoraLayer(nn.Module):
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is merged into the base weights; unmerge it before deleting it")
         del self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-        del self.r[name], self.alpha[name], self.scaling[name]
+        del self.r[name], self.scaling[name]
         if self.active_adapter == name:
             self.active_adapter = None
-
-    def adapter_parameters(self, name: str) -> dict[str, nn.Parameter]:
-        return {"A": self.lora_A[name], "B": self.lora_B[name]}
 
     # ------------------------------------------------------------------ merge / unmerge
     def merge(self) -> None:

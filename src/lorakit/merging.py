@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .injection import CONFIGS_ATTR, _set_submodule, active_adapter, adapter_configs, lora_layers
+from .injection import CONFIGS_ATTR, _changed, _set_submodule, active_adapter, adapter_configs, lora_layers
 from .layers import LoraLayer, ModulesToSave
 
 
@@ -92,5 +92,5 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False, dtype: torch.dt
             _set_submodule(model, path, module.active_module())
     adapter_configs(model).clear()
     model.__dict__.pop(CONFIGS_ATTR, None)
-    model.__dict__.pop("_lorakit_wrappers", None)
+    _changed(model)
     return model

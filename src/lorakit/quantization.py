@@ -134,15 +134,8 @@ class NF4Linear(nn.Module):
         return f"{shape}, {self.quant_type}{dq}, block {self.blocksize}"
 
 
-def quantize_linear(
-    linear: nn.Linear,
-    quant_type: str = "nf4",
-    double_quant: bool = True,
-    compute_dtype: torch.dtype = torch.float32,
-    blocksize: int = 64,
-) -> NF4Linear:
-    """A frozen 4-bit copy of ``linear``."""
-    return NF4Linear(linear, quant_type, double_quant, compute_dtype, blocksize)
+#: a frozen 4-bit copy of an ``nn.Linear``: ``quantize_linear(linear, quant_type, double_quant, ...)``
+quantize_linear = NF4Linear
 
 
 def quantize(
@@ -160,17 +153,14 @@ def quantize(
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
     _bnb()
-    from .injection import _candidate_modules, _set_submodule
+    from .injection import _candidate_modules, _name_matches, _set_submodule
 
-    targets = [
-        p for p, m in _candidate_modules(model)
-        if type(m) is nn.Linear and not any(p == s or p.endswith("." + s) for s in skip)
-    ]  # fmt: skip
+    targets = [p for p, m in _candidate_modules(model) if type(m) is nn.Linear and not _name_matches(list(skip), p)]
     if not targets:
         raise ValueError("quantize found no nn.Linear to quantize (after skip=" + repr(list(skip)) + ")")
     for path in targets:
         linear = model.get_submodule(path)
-        _set_submodule(model, path, quantize_linear(linear, quant_type, double_quant, compute_dtype))
+        _set_submodule(model, path, NF4Linear(linear, quant_type, double_quant, compute_dtype))
     return model
 
 
