@@ -14,7 +14,7 @@ pytest.importorskip("transformers")
 
 
 def _has_bbc() -> bool:
-    from lorakit.demos.qlora_lm import bbc_dir
+    from lorakit.data.text import bbc_dir
 
     try:
         bbc_dir()

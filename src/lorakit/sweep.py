@@ -25,6 +25,7 @@ from .combine import effective_rank, singular_values
 from .config import LoraConfig
 from .data.mnist import flipped_mnist, load_mnist
 from .demos.flipped_mnist import SeedMLP, _limit
+from .demos.measure import write_results
 from .injection import count_parameters, inject, lora_layers
 from .training import accuracy, fit_classifier
 
@@ -121,9 +122,7 @@ def sweep_flipped_mnist(settings: SweepSettings, log=print) -> dict:
     }  # fmt: skip
     results["figures"] = _plots(results, out)
     results["total_seconds"] = round(time.perf_counter() - t0, 1)
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, out / "results.json")
+    write_results(out, results)
     log(format_table(results))
     return results
 

@@ -127,6 +127,7 @@ class Trainer:
         self.out = Path(config.out_dir)
         self.ckpt_dir = self.out / "checkpoints"
         self.losses: list[float] = []
+        self.step_seconds: list[float] = []  # wall time of each optimizer step taken in this process
 
     # ------------------------------------------------------------------ schedule and data
     def _lr_factor(self, step: int) -> float:
@@ -292,7 +293,9 @@ class Trainer:
         start, start_step = time.perf_counter(), self.step
         try:
             while self.step < c.max_steps:
+                tick = time.perf_counter()
                 loss = self.train_step()
+                self.step_seconds.append(time.perf_counter() - tick)
                 if loss is not None:
                     self.losses.append(loss)
                 record: dict[str, Any] = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]}

