@@ -10,6 +10,7 @@ lk.save_adapter(model, "out/adapter")      # PEFT-compatible safetensors + adapt
 from .checkpoint import AdapterLoadError, load_adapter, read_config, save_adapter
 from .combine import combine_adapters, effective_rank, singular_values
 from .config import LoraConfig
+from .hub import model_card, push_to_hub, save_for_hub
 from .injection import (
     ParameterCount,
     active_adapter,
@@ -63,12 +64,15 @@ __all__ = [
     "lora_layers",
     "merge",
     "merge_and_unload",
+    "model_card",
     "paged_adamw",
+    "push_to_hub",
     "quantize",
     "quantized_size",
     "read_config",
     "route",
     "save_adapter",
+    "save_for_hub",
     "set_adapter",
     "set_trainable",
     "singular_values",

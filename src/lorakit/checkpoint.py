@@ -187,14 +187,22 @@ def load_adapter(
     name: str = "default",
     *,
     activate: bool = True,
+    revision: str | None = None,
+    subfolder: str | None = None,
 ) -> nn.Module:
     """Load an adapter saved by lorakit or by ``peft`` into ``model`` under ``name``.
+
+    ``directory`` is a local folder or a Hugging Face Hub id (``owner/name``, resolved through
+    ``huggingface_hub``'s cache; ``revision`` and ``subfolder`` pick the commit and folder).
 
     On a plain model this injects from the stored config; on a model that already holds
     adapters it adds one more. Every tensor is checked first; missing keys, unexpected keys and
     shape mismatches raise one ``AdapterLoadError`` listing each of them, and the model is then
     left as it was.
     """
+    from .hub import resolve_adapter
+
+    directory = resolve_adapter(directory, revision=revision, subfolder=subfolder)
     config = read_config(directory)
     tensors = read_tensors(directory)
     if name in adapter_configs(model):
