@@ -1,0 +1,142 @@
+"""Prompt tuning and prefix tuning: what trains, generate against a step-by-step forward, PEFT's
+files both ways, encoders, and the refusal to merge."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lorakit.checkpoint import AdapterLoadError
+from lorakit.soft_prompts import PrefixTuningConfig, PromptTuningConfig, SoftPromptModel
+
+from .models import tiny_bert, tiny_gpt2, tiny_llama, token_batch
+
+pytest.importorskip("transformers")
+
+CONFIGS = {
+    "prompt": PromptTuningConfig(num_virtual_tokens=5),
+    "prefix": PrefixTuningConfig(num_virtual_tokens=5),
+    "prefix-mlp": PrefixTuningConfig(num_virtual_tokens=5, projection=True, projection_hidden=24),
+}
+MODELS = {"llama": tiny_llama, "gpt2": tiny_gpt2}
+
+
+def _trained(build, config, seed: int = 0) -> SoftPromptModel:
+    """A soft prompt moved away from its initialisation (a few Adam steps), so tests see its effect."""
+    wrapped = SoftPromptModel(build(), config, seed=seed)
+    ids = token_batch(batch=4, length=8, seed=3)
+    opt = torch.optim.Adam([p for p in wrapped.parameters() if p.requires_grad], lr=5e-2)
+    for _ in range(5):
+        opt.zero_grad()
+        wrapped(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    return wrapped.eval()
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_only_the_prompt_trains_and_loss_falls(arch, kind):
+    wrapped = SoftPromptModel(MODELS[arch](), CONFIGS[kind])
+    trainable = {n: p.numel() for n, p in wrapped.named_parameters() if p.requires_grad}
+    dims = wrapped.dims
+    if kind == "prompt":
+        assert trainable == {"embedding": 5 * dims["width"]}
+    elif kind == "prefix":
+        assert trainable == {"embedding": 5 * 2 * dims["layers"] * dims["kv_heads"] * dims["head_dim"]}
+    else:
+        assert set(trainable) == {"embedding", "transform.0.weight", "transform.0.bias", "transform.2.weight",
+                                  "transform.2.bias"}  # fmt: skip
+    frozen = {n: p.clone() for n, p in wrapped.model.named_parameters()}
+    ids = token_batch(batch=4, length=8, seed=3)
+    with torch.no_grad():
+        before = wrapped(input_ids=ids, labels=ids).loss.item()
+    after = _trained(MODELS[arch], CONFIGS[kind])(input_ids=ids, labels=ids).loss.item()
+    assert after < before
+    assert all(torch.equal(p, frozen[n]) for n, p in wrapped.model.named_parameters())
+
+
+def _greedy_by_forward(wrapped: SoftPromptModel, ids: torch.Tensor, mask: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding without a cache: the whole sequence through forward at every step."""
+    for _ in range(steps):
+        logits = wrapped(input_ids=ids, attention_mask=mask).logits
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        ids, mask = torch.cat([ids, nxt], 1), torch.cat([mask, torch.ones_like(nxt)], 1)
+    return ids
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_generate_equals_stepwise_forward(arch, kind):
+    wrapped = _trained(MODELS[arch], CONFIGS[kind])
+    ids = token_batch(batch=2, length=6, seed=5)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        out = wrapped.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        want = _greedy_by_forward(wrapped, ids, mask, 6)
+        plain = wrapped.model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert out.shape == (2, 12)
+    assert torch.equal(out, want)
+    assert not torch.equal(out, plain), "the soft prompt should change what the model writes"
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids).logits[:, -ids.shape[1] :]
+
+
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_peft_reads_ours_and_we_read_peft(tmp_path, kind):
+    from peft import PeftModel, get_peft_model
+    from peft import PrefixTuningConfig as PeftPrefix
+    from peft import PromptTuningConfig as PeftPrompt
+
+    ids = token_batch(batch=2, length=6, seed=7)
+    ours = _trained(tiny_llama, CONFIGS[kind])
+    ours.save(tmp_path / "ours")
+    theirs = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ours")).eval()
+    torch.testing.assert_close(_logits(theirs, ids), _logits(ours, ids), rtol=1e-5, atol=1e-5)
+
+    peft_cfg = (
+        PeftPrompt(task_type="CAUSAL_LM", num_virtual_tokens=5)
+        if kind == "prompt"
+        else PeftPrefix(task_type="CAUSAL_LM", num_virtual_tokens=5, prefix_projection=kind == "prefix-mlp")
+    )
+    peft_model = get_peft_model(tiny_llama(), peft_cfg)
+    with torch.no_grad():
+        for p in peft_model.prompt_encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    peft_model.eval().save_pretrained(tmp_path / "peft")
+    loaded = SoftPromptModel.load(tiny_llama(), tmp_path / "peft").eval()
+    torch.testing.assert_close(_logits(loaded, ids), _logits(peft_model, ids), rtol=1e-5, atol=1e-5)
+
+
+def test_encoder_prompt_tuning_and_prefix_refused():
+    model = tiny_bert()
+    wrapped = SoftPromptModel(model, PromptTuningConfig(num_virtual_tokens=4))
+    ids = token_batch(batch=3, length=7)
+    out = wrapped(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.tensor([0, 1, 1]))
+    assert out.logits.shape == (3, 2)
+    out.loss.backward()
+    assert wrapped.embedding.grad is not None and wrapped.embedding.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+    with pytest.raises(NotImplementedError, match="decoder-only"):
+        SoftPromptModel(tiny_bert(), PrefixTuningConfig())
+
+
+def test_text_init_merge_refusal_and_bad_files(tmp_path):
+    class Tok:
+        def __call__(self, text, add_special_tokens=False):
+            return type("E", (), {"input_ids": [3, 4]})()
+
+    model = tiny_llama()
+    wrapped = SoftPromptModel(model, PromptTuningConfig(num_virtual_tokens=5, init="text", init_text="x"), Tok())
+    embed = model.get_input_embeddings().weight
+    assert torch.equal(wrapped.embedding.data, embed[torch.tensor([3, 4, 3, 4, 3])])
+    with pytest.raises(NotImplementedError, match="cannot be merged"):
+        wrapped.merge()
+    wrapped.save(tmp_path)
+    with pytest.raises(AdapterLoadError, match=r"shape \(5, 32\).*needs \(5, 16\)"):
+        SoftPromptModel.load(tiny_gpt2().__class__(tiny_gpt2().config.__class__(
+            n_layer=2, n_embd=16, n_head=2, vocab_size=101, n_positions=32)), tmp_path)  # fmt: skip
+    with pytest.raises(ValueError, match="needs init_text"):
+        PromptTuningConfig(init="text")
