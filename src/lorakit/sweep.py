@@ -128,14 +128,15 @@ def sweep_flipped_mnist(settings: SweepSettings, log=print) -> dict:
 
 
 def format_table(r: dict) -> str:
-    lines = ["| rank | trainable | valid loss | F-MNIST test | s |", "|---:|---:|---:|---:|---:|"]
+    metric = r.get("metric_label", "F-MNIST test")
+    lines = [f"| rank | trainable | {r.get('loss_label', 'valid loss')} | {metric} | s |", "|---:|---:|---:|---:|---:|"]
     for t in r["table"]:
         mark = " ←" if t["rank"] == r["smallest_rank_within_tolerance"] else ""
         acc = f"{100 * t['test_accuracy']:.2f}% ± {100 * t['test_accuracy_std']:.2f}{mark}"
         lines.append(f"| {t['rank']} | {t['trainable']:,} | {t['valid_loss']:.4f} | {acc} | {t['seconds']:.1f} |")
     lines.append("")
     lines.append(
-        f"base {100 * r['base_flipped_test_accuracy']:.2f}%, full fine-tuning "
+        f"{r.get('base_label', 'base')} {100 * r['base_flipped_test_accuracy']:.2f}%, full fine-tuning "
         f"{100 * r['full_finetune_test_accuracy']:.2f}%; smallest rank within "
         f"{100 * r['settings']['tolerance']:.1f} points of the best: {r['smallest_rank_within_tolerance']}"
     )
@@ -167,7 +168,7 @@ def _plots(r: dict, out: Path) -> dict[str, str]:
     ax.plot([ranks[k]], [acc[k]], "r*", ms=14, label="smallest rank within tolerance")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("rank r")
-    ax.set_ylabel("F-MNIST test accuracy (%)")
+    ax.set_ylabel(f"{r.get('metric_label', 'F-MNIST test')} accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -175,7 +176,8 @@ def _plots(r: dict, out: Path) -> dict[str, str]:
     plt.close(fig)
 
     layers = list(r["full_finetune_spectra"])
-    fig, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.8))
+    fig, axes = plt.subplots(1, len(layers), figsize=(5 * len(layers), 3.8), squeeze=False)
+    axes = axes[0]
     for ax, layer in zip(axes, layers, strict=True):
         for label, spec in [("full fine-tuning", r["full_finetune_spectra"][layer])] + [
             (f"LoRA r={rank}", r["lora_spectra"][rank][layer]) for rank in sorted(r["lora_spectra"], key=int)[-3:]

@@ -40,6 +40,7 @@ class Settings:
     max_tokens: int = 64
     rank: int = 8
     alpha: float = 16.0
+    rslora: bool = False
     train_limit: int | None = None
     test_limit: int | None = None
     methods: tuple[str, ...] = ("head", "lora", "full")
@@ -81,7 +82,7 @@ def prepare(method: str, settings: Settings) -> tuple[nn.Module, object]:
     if method == "head":
         model.encoder.requires_grad_(False)
     elif method == "lora":
-        inject(model, LoraConfig(r=settings.rank, alpha=settings.alpha, dropout=0.1,
+        inject(model, LoraConfig(r=settings.rank, alpha=settings.alpha, dropout=0.1, use_rslora=settings.rslora,
                                  target_modules=["query", "value"], modules_to_save=["head"]))  # fmt: skip
     elif method != "full":
         raise ValueError(f"unknown method {method!r}; expected head, lora or full")
