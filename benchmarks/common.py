@@ -20,7 +20,7 @@ BATCH, SEQ, VOCAB = 8, 128, 8192
 
 def build_model(name: str) -> nn.Module:
     """GPT-2 architecture (6 layers, width 512, 8 heads, vocab 8,192: 23.2M parameters) or a Llama
-    architecture of similar size, random init, float32."""
+    architecture of similar size, random init, float32; or the pretrained SmolLM2-135M."""
     torch.manual_seed(0)
     if name == "gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -41,11 +41,15 @@ def build_model(name: str) -> nn.Module:
             tie_word_embeddings=True,
         )
         return LlamaForCausalLM(cfg)
-    raise ValueError(f"unknown model {name!r}; choose gpt2 or llama")
+    if name == "smollm2":  # the real pretrained SmolLM2-135M-Instruct (Llama, 30 layers, width 576)
+        from lorakit.pretrained import smollm2
+
+        return smollm2()[0]
+    raise ValueError(f"unknown model {name!r}; choose gpt2, llama or smollm2")
 
 
 #: LoRA targets per model, as the issue asks: r=8 on c_attn/c_proj/c_fc (GPT-2), all-linear (Llama)
-TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"], "llama": "all-linear"}
+TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"], "llama": "all-linear", "smollm2": "all-linear"}
 
 
 def apply_method(model: nn.Module, model_name: str, method: str, r: int = 8) -> nn.Module:

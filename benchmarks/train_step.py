@@ -9,6 +9,7 @@ its own (median over rounds).
 
     .venv/bin/python benchmarks/train_step.py                   # GPT-2 and Llama, the defaults
     .venv/bin/python benchmarks/train_step.py --models gpt2 --steps 6 --rounds 1
+    .venv/bin/python benchmarks/train_step.py --models smollm2 --steps 5 --rounds 1 --name train_step_smollm2
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2, help="fresh-process memory runs per configuration")
     ap.add_argument("--memory-steps", type=int, default=3)
+    ap.add_argument("--name", default="train_step", help="results file name under benchmarks/results")
     ap.add_argument("--memory-worker", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.memory_worker:
@@ -118,7 +120,8 @@ def main() -> None:
         results[model_name] = res
     info = machine()
     md = (
-        f"Training step: batch 8×128, AdamW, LoRA r=8 alpha 16 (GPT-2: c_attn, c_proj, c_fc; Llama: all-linear). "
+        f"Training step: batch 8×128, AdamW, LoRA r=8 alpha 16 (GPT-2: c_attn, c_proj, c_fc; Llama, SmolLM2: "
+        "all-linear). "
         f"Median of {args.steps} interleaved steps in one process; peak RSS: median of {args.rounds} fresh "
         f"processes × {args.memory_steps} steps. {info['date']}, {info['device']}, {info['torch_threads']} threads, "
         f"torch {info['torch']}.\n\n"
@@ -127,7 +130,7 @@ def main() -> None:
         "`floor`: frozen model, input gradient only (no adapter): the least work any LoRA step can do.\n"
     )
     print("\n" + md)
-    save("train_step", {"machine": info, "settings": vars(args), "results": results}, md)
+    save(args.name, {"machine": info, "settings": vars(args), "results": results}, md)
 
 
 if __name__ == "__main__":
