@@ -113,6 +113,8 @@ def test_multitask_quick(tmp_path):
     assert (tmp_path / "adapters" / "questions" / "adapter_model.safetensors").is_file()
     # greedy answers of one mixed, per-row-routed batch equal the answers with each adapter chosen by name
     assert r["mixed_equals_by_name_fraction"] >= 0.75
+    assert r["combined"]["cat"]["relative_error_mean"] == 0.0  # concatenation is the exact sum
+    assert 0 < r["combined"]["svd"]["relative_error_mean"] < 1
 
 
 @needs_smollm2
