@@ -55,7 +55,7 @@ def _demo_headlines(args: argparse.Namespace) -> int:
 def _demo_sentiment(args: argparse.Namespace) -> int:
     from .demos.sentiment import Settings, quick, run
 
-    settings = Settings(out=args.out, seed=args.seed, epochs=args.epochs, rank=args.rank,
+    settings = Settings(out=args.out, seed=args.seed, epochs=args.epochs, rank=args.rank, lora_lr=args.lora_lr,
                         methods=tuple(args.methods.split(",")), progress=not args.no_progress)  # fmt: skip
     run(quick(settings) if args.quick else settings)
     return 0
@@ -277,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--seed", type=int, default=0)
     se.add_argument("--epochs", type=int, default=2)
     se.add_argument("--rank", type=int, default=8)
+    se.add_argument("--lora-lr", type=float, default=1e-3)
     se.add_argument("--methods", default="head,lora,full", help="comma-separated subset of head,lora,full")
     se.add_argument("--quick", action="store_true", help="a few steps on a few snippets (smoke test)")
     se.add_argument("--no-progress", action="store_true")

@@ -41,6 +41,7 @@ class Settings:
     rank: int = 8
     alpha: float = 16.0
     rslora: bool = False
+    lora_lr: float = LR["lora"]
     train_limit: int | None = None
     test_limit: int | None = None
     methods: tuple[str, ...] = ("head", "lora", "full")
@@ -126,7 +127,8 @@ def run(settings: Settings, log=print) -> dict:
         counts = count_parameters(model)
         with PeakMemory() as memory:
             start = time.perf_counter()
-            trainer = train(model, train_rows, train_y, pad_id, LR[method], settings, str(out / "training" / method),
+            lr = settings.lora_lr if method == "lora" else LR[method]
+            trainer = train(model, train_rows, train_y, pad_id, lr, settings, str(out / "training" / method),
                             desc=f"{method} training")  # fmt: skip
             seconds = time.perf_counter() - start
         start = time.perf_counter()
