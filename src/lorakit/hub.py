@@ -33,7 +33,9 @@ def resolve_adapter(
         return path / subfolder if subfolder else path
     text = str(source)
     if not _REPO_ID.match(text):
-        raise AdapterLoadError(f"{text}: no such adapter folder (and not a hub id of the form 'owner/name')")
+        raise AdapterLoadError(
+            f"{text}: no such adapter folder (no {CONFIG_NAME} here), and not a hub id of the form 'owner/name'"
+        )
     repo_id = text.removeprefix("hf://")
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
     try:
