@@ -17,6 +17,33 @@ def _pyplot():
     return plt
 
 
+def optional_pyplot():
+    """matplotlib's pyplot (Agg), or None when matplotlib is not installed (figures are optional)."""
+    try:
+        return _pyplot()
+    except ImportError:
+        return None
+
+
+def save_figure(fig, path: str | Path) -> str:
+    """Lay out, write as a 120-dpi PNG, close; returns the path."""
+    plt = _pyplot()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return str(path)
+
+
+def loss_panel(ax, curves: dict[str, list[float]], ylabel: str = "training loss") -> None:
+    """One line per named training-loss curve, against the step."""
+    for name, losses in curves.items():
+        if losses:
+            ax.plot(range(1, len(losses) + 1), losses, label=name, alpha=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel(ylabel)
+    ax.legend()
+
+
 def confusion_matrices(panels: Sequence[tuple[str, np.ndarray]], path: str | Path) -> Path:
     """Side-by-side confusion matrices (rows: true class, columns: predicted), counts annotated
     off the diagonal where they are large enough to read."""

@@ -68,6 +68,23 @@ def _spectrum(delta: torch.Tensor) -> dict:
             "effective_rank_99": effective_rank(s, 0.99)}  # fmt: skip
 
 
+def summarize_ranks(rows: list[dict], ranks: list[int], tolerance: float) -> tuple[list[dict], float, int]:
+    """Per rank, the mean (and spread) over seeds; the best mean accuracy; and the smallest rank whose
+    mean accuracy is within ``tolerance`` of the best."""
+    table = []
+    for r in ranks:
+        mine = [row for row in rows if row["rank"] == r]
+        accs = [m["test_accuracy"] for m in mine]
+        table.append({
+            "rank": r, "trainable": mine[0]["trainable"],
+            "valid_loss": float(np.mean([m["valid_loss"] for m in mine])),
+            "test_accuracy": float(np.mean(accs)), "test_accuracy_std": float(np.std(accs)),
+            "seconds": float(np.mean([m["seconds"] for m in mine])),
+        })  # fmt: skip
+    best = max(t["test_accuracy"] for t in table)
+    return table, best, min(t["rank"] for t in table if t["test_accuracy"] >= best - tolerance)
+
+
 def sweep_flipped_mnist(settings: SweepSettings, log=print) -> dict:
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,18 +119,7 @@ def sweep_flipped_mnist(settings: SweepSettings, log=print) -> dict:
                     for n in ("fc1", "fc2", "fc3")}  # fmt: skip
     full_acc = accuracy(full, flipped.test.x, flipped.test.y)
 
-    table = []
-    for r in settings.ranks:
-        mine = [row for row in rows if row["rank"] == r]
-        table.append({
-            "rank": r, "trainable": mine[0]["trainable"],
-            "valid_loss": float(np.mean([m["valid_loss"] for m in mine])),
-            "test_accuracy": float(np.mean([m["test_accuracy"] for m in mine])),
-            "test_accuracy_std": float(np.std([m["test_accuracy"] for m in mine])),
-            "seconds": float(np.mean([m["seconds"] for m in mine])),
-        })  # fmt: skip
-    best = max(t["test_accuracy"] for t in table)
-    enough = min(t["rank"] for t in table if t["test_accuracy"] >= best - settings.tolerance)
+    table, best, enough = summarize_ranks(rows, settings.ranks, settings.tolerance)
     results = {
         "settings": asdict(settings), "runs": rows, "table": table, "best_accuracy": best,
         "smallest_rank_within_tolerance": enough, "full_finetune_test_accuracy": full_acc,

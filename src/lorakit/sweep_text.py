@@ -14,7 +14,6 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -22,7 +21,7 @@ from .data.text import fixed_split, review_snippets
 from .demos.measure import write_results
 from .demos.sentiment import LR, Settings, pad, predict, prepare, tokenize, train
 from .injection import count_parameters, lora_layers
-from .sweep import SweepSettings, _alpha, _plots, _spectrum, format_table
+from .sweep import SweepSettings, _alpha, _plots, _spectrum, format_table, summarize_ranks
 
 # Two layers' query and value matrices are enough to see the shape of the spectra.
 SPECTRUM_LAYERS = tuple(f"encoder.encoder.layer.{k}.attention.self.{m}" for k in (0, 5) for m in ("query", "value"))
@@ -88,16 +87,7 @@ def sweep_sentiment(settings: SweepSettings, epochs: int = 1, train_limit: int |
                                          - base_encoder.get_submodule(p.removeprefix("encoder.")).weight.detach())
                     for p in SPECTRUM_LAYERS}  # fmt: skip
 
-    table = []
-    for r in settings.ranks:
-        mine = [row for row in rows if row["rank"] == r]
-        accs = [m["test_accuracy"] for m in mine]
-        table.append({"rank": r, "trainable": mine[0]["trainable"],
-                      "valid_loss": float(np.mean([m["valid_loss"] for m in mine])),
-                      "test_accuracy": float(np.mean(accs)), "test_accuracy_std": float(np.std(accs)),
-                      "seconds": float(np.mean([m["seconds"] for m in mine]))})  # fmt: skip
-    best = max(t["test_accuracy"] for t in table)
-    enough = min(t["rank"] for t in table if t["test_accuracy"] >= best - settings.tolerance)
+    table, best, enough = summarize_ranks(rows, settings.ranks, settings.tolerance)
     results = {
         "task": "Rotten Tomatoes sentiment, all-MiniLM-L6-v2", "metric_label": "sentiment test",
         "loss_label": "test loss",

@@ -94,6 +94,8 @@ def run(settings: Settings, log=print) -> dict:
     test_q = test_q[: settings.test_limit]
     results: dict = {"settings": asdict(settings), "train_questions": len(train_q), "test_questions": len(test_q),
                      "methods": {}}  # fmt: skip
+    examples: list = []  # tokenized once: every method loads the same tokenizer
+    prompts: list = []
     for method in settings.methods:
         model, tokenizer = prepare(method, settings)
         counts = count_parameters(model)
@@ -101,13 +103,15 @@ def run(settings: Settings, log=print) -> dict:
         if isinstance(model, SoftPromptModel):  # what the file holds (the prefix MLP is not needed afterwards)
             entry["saved_parameters"] = model.prompt().numel()
         if method != "base":
-            examples = [chat_lm.example(tokenizer, QUESTION_INSTRUCTION.format(text=q), y) for q, y in train_q]
+            examples = examples or [
+                chat_lm.example(tokenizer, QUESTION_INSTRUCTION.format(text=q), y) for q, y in train_q
+            ]
             stats = chat_lm.train(model, examples, tokenizer.pad_token_id, out_dir=str(out / "training" / method),
                                   steps=settings.steps, batch_size=settings.batch_size, lr=LR[method],
                                   seed=settings.seed, desc=method, progress=settings.progress)  # fmt: skip
             entry.update({"median_step_s": round(stats.median_step_s, 3), "losses": stats.losses,
                           "final_loss": sum(stats.losses[-10:]) / len(stats.losses[-10:])})  # fmt: skip
-        prompts = [chat_lm.prompt_ids(tokenizer, QUESTION_INSTRUCTION.format(text=q)) for q, _ in test_q]
+        prompts = prompts or [chat_lm.prompt_ids(tokenizer, QUESTION_INSTRUCTION.format(text=q)) for q, _ in test_q]
         answers = chat_lm.generate(model, tokenizer, prompts, max_new_tokens=4, progress=settings.progress,
                                    desc=f"{method}: answers")  # fmt: skip
         entry["accuracy"] = round(100 * sum(first_word(a) == y for a, (_, y) in zip(answers, test_q, strict=True))
@@ -149,11 +153,10 @@ def format_table(r: dict) -> str:
 
 
 def _plot(r: dict, out: Path) -> str | None:
-    try:
-        from ..plots import _pyplot
+    from ..plots import optional_pyplot, save_figure
 
-        plt = _pyplot()
-    except ImportError:
+    plt = optional_pyplot()
+    if plt is None:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for name, e in r["methods"].items():
@@ -171,8 +174,4 @@ def _plot(r: dict, out: Path) -> str | None:
     right.set_ylabel("forward ms, batch of 8 prompts")
     right.tick_params(axis="x", rotation=30)
     right.legend()
-    fig.tight_layout()
-    path = out / "compare_questions.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    return save_figure(fig, out / "compare_questions.png")

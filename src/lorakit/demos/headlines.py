@@ -83,6 +83,8 @@ def run(settings: Settings, log=print) -> dict:
     results: dict = {"settings": asdict(settings), "train_articles": len(train_articles),
                      "test_articles": len(test_articles), "methods": {}, "samples": []}  # fmt: skip
     predictions: dict[str, list[str]] = {}
+    examples: list = []  # tokenized once: every method loads the same tokenizer
+    prompts: list = []
     for method in settings.methods:
         model, tokenizer = smollm2()
         model.requires_grad_(method == "full")
@@ -94,7 +96,7 @@ def run(settings: Settings, log=print) -> dict:
         entry["trainable_parameters"] = counts.trainable if method != "base" else 0
         entry["model_parameters"] = counts.base
         if method != "base":
-            examples = build_examples(tokenizer, train_articles, settings.lead_words)
+            examples = examples or build_examples(tokenizer, train_articles, settings.lead_words)
             with PeakMemory() as memory:
                 stats = chat_lm.train(
                     model, examples, tokenizer.pad_token_id, out_dir=str(out / "training" / method),
@@ -109,8 +111,8 @@ def run(settings: Settings, log=print) -> dict:
                 "checkpoint_weight_bytes": folder_bytes(stats.checkpoint), "checkpoint": stats.checkpoint,
                 "losses": stats.losses,
             })  # fmt: skip
-        prompts = [chat_lm.prompt_ids(tokenizer, INSTRUCTION.format(text=lead(a.body, settings.lead_words)))
-                   for a in test_articles]  # fmt: skip
+        prompts = prompts or [chat_lm.prompt_ids(tokenizer, INSTRUCTION.format(text=lead(a.body, settings.lead_words)))
+                              for a in test_articles]  # fmt: skip
         start = time.perf_counter()
         raw = chat_lm.generate(model, tokenizer, prompts, max_new_tokens=settings.max_new_tokens,
                                progress=settings.progress, desc=f"{method}: headlines")  # fmt: skip
@@ -154,11 +156,10 @@ def format_table(r: dict) -> str:
 
 
 def _plot(r: dict, out: Path) -> str | None:
-    try:
-        from ..plots import _pyplot
+    from ..plots import loss_panel, optional_pyplot, save_figure
 
-        plt = _pyplot()
-    except ImportError:
+    plt = optional_pyplot()
+    if plt is None:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     names = list(r["methods"])
@@ -169,15 +170,5 @@ def _plot(r: dict, out: Path) -> str | None:
     left.set_ylabel("F1 × 100 on the test articles")
     left.set_title("Headline generation, SmolLM2-135M")
     left.legend()
-    for name in names:
-        losses = r["methods"][name].get("losses")
-        if losses:
-            right.plot(range(1, len(losses) + 1), losses, label=name)
-    right.set_xlabel("step")
-    right.set_ylabel("training loss (headline tokens)")
-    right.legend()
-    fig.tight_layout()
-    path = out / "headlines.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    loss_panel(right, {n: r["methods"][n].get("losses", []) for n in names}, "training loss (headline tokens)")
+    return save_figure(fig, out / "headlines.png")

@@ -169,11 +169,10 @@ def format_table(r: dict) -> str:
 
 
 def _plot(r: dict, out: Path) -> str | None:
-    try:
-        from ..plots import _pyplot
+    from ..plots import loss_panel, optional_pyplot, save_figure
 
-        plt = _pyplot()
-    except ImportError:
+    plt = optional_pyplot()
+    if plt is None:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     names = list(r["methods"])
@@ -186,13 +185,5 @@ def _plot(r: dict, out: Path) -> str | None:
     left.set_ylim(max(0, low - 10), 100)
     left.set_ylabel("test accuracy, %")
     left.set_title("Rotten Tomatoes sentiment, MiniLM-L6")
-    for n in names:
-        right.plot(r["methods"][n]["losses"], label=n, alpha=0.8)
-    right.set_xlabel("step")
-    right.set_ylabel("training loss")
-    right.legend()
-    fig.tight_layout()
-    path = out / "sentiment.png"
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return str(path)
+    loss_panel(right, {n: r["methods"][n]["losses"] for n in names})
+    return save_figure(fig, out / "sentiment.png")
