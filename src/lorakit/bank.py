@@ -7,6 +7,17 @@ For adapters ``k = 0..n-1`` of ranks ``r_k`` and scales ``s_k`` the bank holds::
 zero-padded on the rank axis, plus one all-zero slot ``n`` for rows that use no adapter. Padding
 and the zero slot contribute exactly nothing, so adapters of different ranks and alphas mix freely.
 ``routing.py`` explains how a batch uses it.
+
+Two ways to apply a bank of linear adapters to rows ``x_b`` (``b`` rows of ``L`` tokens), both
+free of Python loops over adapters::
+
+    gathered (BGMV):  t_b = x_b A[k_b]ᵀ,                      y_b = t_b B[k_b]
+    dense-masked:     T = x [A_0; …; A_{S-1}]ᵀ  (every slot),  y = (T ⊙ M) [B_0; …; B_{S-1}]
+
+with ``M[b, k·R + j] = [k = k_b]``. Gathered does ``L·R·(in+out)`` multiply-adds per row but copies
+each row's factors and runs one tiny GEMM per row; dense does ``S`` times the arithmetic in two
+plain GEMMs with no copy. ``use_dense_bank`` picks by the measured crossover
+(``benchmarks/bank_strategies.py``).
 """
 
 from __future__ import annotations
@@ -88,3 +99,48 @@ def routed_input_dropout(h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     keep = keep.reshape(shape)
     mask = torch.rand(h.shape, device=h.device, dtype=h.dtype) < keep
     return h * mask / keep
+
+
+#: dense-masked while ``slots × tokens per row`` is at most this (benchmarks/bank_strategies.py:
+#: on CPU dense wins 1.5-4x at one token per row with 9-33 slots, and loses from ~16 tokens on)
+DENSE_BANK_LIMIT = 64
+
+
+def use_dense_bank(slots: int, tokens: int) -> bool:
+    """Whether the dense-masked form is the faster one for this bank and batch."""
+    return slots * tokens <= DENSE_BANK_LIMIT
+
+
+def slot_mask(slots: torch.Tensor, n_slots: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
+    """``M [b, S·R]``: 1 on the ``R`` columns of row ``b``'s own slot, 0 elsewhere."""
+    return (slots.unsqueeze(1) == torch.arange(n_slots, device=slots.device)).to(dtype).repeat_interleave(rank, 1)
+
+
+def bank_delta_dense(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(x A_allᵀ ⊙ M) B_all`` for ``x [b, L, in]``, banks ``A [S, R, in]``, ``B [S, R, out]``,
+    ``mask [b, S·R]``. Rows and slots not selected contribute exact zeros, also to gradients."""
+    s, r = A.shape[0], A.shape[1]
+    t = torch.matmul(x, A.reshape(s * r, -1).T)  # [b, L, S·R]: every slot's shrink, one GEMM
+    t = t * mask.unsqueeze(1)
+    return torch.matmul(t, B.reshape(s * r, -1))  # [b, L, out]
+
+
+def bank_delta_gathered(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor,
+    bags: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """Each row's own factors gathered from the banks (``A [S, R, in]``, ``B [S, R, out]``), then a
+    batched shrink and expand. With one token per row the expand is a weighted ``embedding_bag``
+    over the rows ``k_b·R + j`` of the flattened ``B`` bank (``bags``: those rows and offsets)."""
+    t = torch.bmm(x, A.index_select(0, slots).transpose(1, 2))  # shrink: [b, L, R]
+    if x.shape[1] != 1:
+        return torch.bmm(t, B.index_select(0, slots))  # expand: [b, L, out]
+    rows, offsets = bags if bags is not None else bag_indices(slots, A.shape[1])
+    flat = B.reshape(-1, B.shape[2])
+    return F.embedding_bag(rows, flat, offsets, mode="sum", per_sample_weights=t.reshape(-1)).unsqueeze(1)
+
+
+def bag_indices(slots: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``k_b·R + j`` of a flattened ``[S·R, out]`` bank, and each row's bag offset."""
+    rows = (slots.unsqueeze(1) * rank + torch.arange(rank, device=slots.device)).reshape(-1)
+    return rows, torch.arange(0, slots.shape[0] * rank, rank, device=slots.device)

@@ -26,7 +26,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .bank import inference_bank, routed_input_dropout, row_slots, stack_bank
+from .bank import (
+    bag_indices,
+    bank_delta_dense,
+    bank_delta_gathered,
+    inference_bank,
+    routed_input_dropout,
+    row_slots,
+    slot_mask,
+    stack_bank,
+    use_dense_bank,
+)
 from .functional import lora_linear
 from .quantization import is_linear4bit, merge_into_4bit
 
@@ -255,36 +265,32 @@ class LoraLinear(LoraLayer):
     def _bank_delta(
         self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor, keep: torch.Tensor | None
     ) -> torch.Tensor:
-        # banks: A [S, in, R], B [S, R, out] (scale folded into B)
-        b, rank = x.shape[0], A.shape[2]
-        h = x.reshape(b, -1, x.shape[-1]).to(A.dtype)  # [b, tokens, in]
+        # banks: A [S, R, in], B [S, R, out] (scale folded into B); bank.py has both strategies
+        n_slots, rank = A.shape[0], A.shape[1]
+        h = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)  # [b, tokens, in]
         if keep is not None:
             h = routed_input_dropout(h, keep)
-        t = torch.bmm(h, A.index_select(0, slots))  # shrink: [b, tokens, R]
-        if h.shape[1] == 1:
-            # One token per row (decoding): expand with a weighted gather of each row's R rows of
-            # B straight from the bank, without copying every row's B first (1.6x faster in isolation).
-            rows, offsets = self._bag_indices(slots, rank)
-            delta = F.embedding_bag(
-                rows, B.reshape(-1, B.shape[2]), offsets, mode="sum", per_sample_weights=t.reshape(-1)
-            )
+        mask, bags = self._route_indices(slots, n_slots, rank, A.dtype)
+        if use_dense_bank(n_slots, h.shape[1]):
+            delta = bank_delta_dense(h, A, B, mask)
         else:
-            delta = torch.bmm(t, B.index_select(0, slots))  # expand: [b, tokens, out]
+            delta = bank_delta_gathered(h, A, B, slots, bags)
         return delta.reshape(*x.shape[:-1], B.shape[2])
 
     def bank_layout(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return A.transpose(1, 2).contiguous(), B.transpose(1, 2).contiguous()
+        return A, B.transpose(1, 2).contiguous()
 
-    def _bag_indices(self, slots: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows ``slot·R + j`` of the flattened B bank and bag offsets, cached for the slots of the
-        current route (a decode loop reuses them every step)."""
-        cached = self.__dict__.get("_bag_cache")
-        if cached is None or cached[0] is not slots or cached[1] != rank:
-            rows = (slots.unsqueeze(1) * rank + torch.arange(rank, device=slots.device)).reshape(-1)
-            offsets = torch.arange(0, slots.shape[0] * rank, rank, device=slots.device)
-            cached = (slots, rank, rows, offsets)
-            self.__dict__["_bag_cache"] = cached
-        return cached[2], cached[3]
+    def _route_indices(
+        self, slots: torch.Tensor, n_slots: int, rank: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The slot mask and ``embedding_bag`` indices for the current route, cached while the
+        same route tensor is in use (a decode loop reuses them at every step)."""
+        key = (slots, n_slots, rank, dtype)
+        cached = self.__dict__.get("_route_cache")
+        if cached is None or cached[0][0] is not slots or cached[0][1:] != key[1:]:
+            cached = (key, slot_mask(slots, n_slots, rank, dtype), bag_indices(slots, rank))
+            self.__dict__["_route_cache"] = cached
+        return cached[1], cached[2]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self._routed():
