@@ -129,6 +129,7 @@ def test_compare_questions_quick(tmp_path):
     assert m["prefix"]["saved_parameters"] == 4 * 2 * 30 * 3 * 64  # 30 layers × (K, V) × 3 KV heads × 64
     assert m["bottleneck"]["trainable_parameters"] == 30 * (576 * 32 + 32 + 32 * 576 + 576)
     assert "forward_ms_merged" in m["lora"] and "forward_ms_merged" not in m["prompt"]
+    assert all(e["forward_ms_unmerged"] > 0 for e in m.values())  # measured side by side at the end
     assert (tmp_path / "compare_questions.png").stat().st_size > 10_000
 
 

