@@ -1,5 +1,5 @@
-"""One routed LoRA layer, two ways to run a mixed batch; the measurement behind the rule in
-``lorakit.bank.use_dense_bank``.
+"""One routed LoRA layer, two ways to run a mixed batch: the measurement behind lorakit's choice of
+the gathered form (``lorakit.bank.bank_delta_gathered``).
 
 For ``b`` rows of ``L`` tokens, bank of ``S`` slots of rank ``R``:
 
@@ -8,8 +8,8 @@ For ``b`` rows of ``L`` tokens, bank of ``S`` slots of rank ``R``:
 * dense-masked: one GEMM against *every* slot's ``A`` (``[S·R, in]``, no copy), zero the columns of
   the slots a row does not use, one GEMM against every slot's ``B``; ``b·L·S·R·(in+out)``.
 
-Dense wins while the batch is short (decode), gathered once the tokens per row amortize the
-copies. Shapes: GPT-2 small-ish widths (512 → 1536, 512 → 512, 2048 → 512), r=8, batch 32.
+One might expect dense to win at decode (no copies, two plain GEMMs); on CPU it does not.
+Shapes: GPT-2 small-ish widths (512 → 1536, 512 → 512, 2048 → 512), r=8, batch 32.
 
     .venv/bin/python benchmarks/bank_strategies.py
 """
@@ -26,7 +26,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, median, save
 
-from lorakit.bank import bank_delta_dense, bank_delta_gathered, slot_mask
+from lorakit.bank import bank_delta_gathered
+
+
+def slot_mask(slots: torch.Tensor, n_slots: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
+    """``M [b, S·R]``: 1 on the ``R`` columns of row ``b``'s own slot, 0 elsewhere."""
+    return (slots.unsqueeze(1) == torch.arange(n_slots)).to(dtype).repeat_interleave(rank, 1)
+
+
+def bank_delta_dense(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``(x A_allᵀ ⊙ M) B_all``: every slot's shrink in one GEMM, other slots' columns zeroed."""
+    s, r = A.shape[0], A.shape[1]
+    t = torch.matmul(x, A.reshape(s * r, -1).T) * mask.unsqueeze(1)
+    return torch.matmul(t, B.reshape(s * r, -1))
 
 
 def _time(fn, reps: int) -> float:
@@ -65,10 +77,8 @@ def main() -> None:
                     a = bank_delta_gathered(x, A, B, slots)
                     d = bank_delta_dense(x, A, B, mask)
                     assert torch.allclose(a, d, rtol=1e-4, atol=1e-3), (a - d).abs().max()
-                    results.append(
-                        {"in": n_in, "out": n_out, "slots": slots_n, "tokens": tokens, "gathered_us": gathered,
-                         "dense_us": dense}  # fmt: skip
-                    )
+                    cell = {"in": n_in, "out": n_out, "slots": slots_n, "tokens": tokens}
+                    results.append({**cell, "gathered_us": gathered, "dense_us": dense})
                     rows.append(
                         f"| {n_in}→{n_out} | {slots_n} | {tokens} | {gathered:.0f} | {dense:.0f} | "
                         f"{gathered / dense:.2f}× |"

@@ -14,13 +14,6 @@ from .models import tiny_gpt2, token_batch
 ROUTE = ["b", "a", None, "c", "a", "b", "c"]
 
 
-@pytest.fixture(params=["dense", "gathered"])
-def strategy(request, monkeypatch):
-    """Run a test under both bank strategies (``lorakit.bank.use_dense_bank`` picks by size)."""
-    monkeypatch.setattr(lk.bank, "DENSE_BANK_LIMIT", 10**9 if request.param == "dense" else 0)
-    return request.param
-
-
 def _three_adapters(model: nn.Module, targets, dropout: float = 0.0) -> None:
     lk.inject(model, lk.LoraConfig(r=2, alpha=4.0, target_modules=targets, dropout=dropout), name="a")
     lk.add_adapter(model, lk.LoraConfig(r=5, alpha=3.0, target_modules=targets, dropout=dropout), name="b")
@@ -41,7 +34,7 @@ def _rows(t: torch.Tensor, i: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
-def test_mixed_batch_equals_each_row_alone_all_layer_types(dropout, strategy):
+def test_mixed_batch_equals_each_row_alone_all_layer_types(dropout):
     torch.manual_seed(0)
     model = Mixed()
     _three_adapters(model, ["emb", "conv", "proj", "head"], dropout)
@@ -56,7 +49,7 @@ def test_mixed_batch_equals_each_row_alone_all_layer_types(dropout, strategy):
                                        rtol=1e-5, atol=1e-5)  # fmt: skip
 
 
-def test_mixed_batch_gpt2_conv1d_and_index_tensor(strategy):
+def test_mixed_batch_gpt2_conv1d_and_index_tensor():
     model = tiny_gpt2()
     _three_adapters(model, ["c_attn", "c_proj", "c_fc", "wte"])
     ids = token_batch(batch=len(ROUTE), length=6)
@@ -74,7 +67,7 @@ def test_mixed_batch_gpt2_conv1d_and_index_tensor(strategy):
 
 
 @pytest.mark.parametrize("tokens", [1, 4])
-def test_training_gradients_per_adapter_equal_training_alone(strategy, tokens):
+def test_training_gradients_per_adapter_equal_training_alone(tokens):
     torch.manual_seed(0)
     model = SeedMLP()
     _three_adapters(model, ["fc1", "fc2", "fc3"])
@@ -164,9 +157,9 @@ def test_generate_with_beams_matches_each_prompt_alone():
         assert torch.equal(together[i : i + 1], alone), f"row {i} ({name})"
 
 
-@pytest.mark.parametrize("tokens", [1, 3])
-def test_bank_strategies_agree_with_a_loop_over_rows(tokens):
-    """The two bank kernels against the definition: row b gets x_b A[k_b]ᵀ B[k_b], gradients too."""
+@pytest.mark.parametrize("tokens", [1, 3])  # embedding_bag expand (decode) and batched GEMM expand
+def test_gathered_bank_equals_a_loop_over_rows(tokens):
+    """The bank kernel against the definition: row b gets x_b A[k_b]ᵀ B[k_b], gradients too."""
     g = torch.Generator().manual_seed(0)
     n_slots, rank, n_in, n_out, rows = 5, 3, 7, 6, 9
     A = torch.randn(n_slots, rank, n_in, generator=g, requires_grad=True)
@@ -175,13 +168,10 @@ def test_bank_strategies_agree_with_a_loop_over_rows(tokens):
     slots = torch.randint(0, n_slots, (rows,), generator=g)
     want = torch.stack([x[b] @ A[k].T @ B[k] for b, k in enumerate(slots.tolist())])
     want_grads = torch.autograd.grad(want.square().sum(), (A, B))
-    mask = lk.bank.slot_mask(slots, n_slots, rank, x.dtype)
-    assert mask.shape == (rows, n_slots * rank) and torch.equal(mask.sum(1), torch.full((rows,), float(rank)))
-    for got in (lk.bank.bank_delta_dense(x, A, B, mask), lk.bank.bank_delta_gathered(x, A, B, slots)):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-        for a, b in zip(torch.autograd.grad(got.square().sum(), (A, B)), want_grads, strict=True):
-            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    got = lk.bank.bank_delta_gathered(x, A, B, slots)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(got.square().sum(), (A, B))
+    for a, b in zip(grads, want_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
     unused = sorted(set(range(n_slots)) - set(slots.tolist()))
-    if unused:  # slots no row uses get exactly zero gradient from the dense form
-        grad_a, _ = torch.autograd.grad(lk.bank.bank_delta_dense(x, A, B, mask).sum(), (A, B))
-        assert torch.count_nonzero(grad_a[unused]) == 0
+    assert unused and all(torch.count_nonzero(gr[unused]) == 0 for gr in grads)  # unused slots: no gradient

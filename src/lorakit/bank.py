@@ -8,16 +8,13 @@ zero-padded on the rank axis, plus one all-zero slot ``n`` for rows that use no 
 and the zero slot contribute exactly nothing, so adapters of different ranks and alphas mix freely.
 ``routing.py`` explains how a batch uses it.
 
-Two ways to apply a bank of linear adapters to rows ``x_b`` (``b`` rows of ``L`` tokens), both
-free of Python loops over adapters::
+A bank of linear adapters is applied to rows ``x_b`` by gathering (BGMV-style)::
 
-    gathered (BGMV):  t_b = x_b A[k_b]ᵀ,                      y_b = t_b B[k_b]
-    dense-masked:     T = x [A_0; …; A_{S-1}]ᵀ  (every slot),  y = (T ⊙ M) [B_0; …; B_{S-1}]
+    t_b = x_b A[k_b]ᵀ   (shrink to rank R),    y_b = t_b B[k_b]   (expand)
 
-with ``M[b, k·R + j] = [k = k_b]``. Gathered does ``L·R·(in+out)`` multiply-adds per row but copies
-each row's factors and runs one tiny GEMM per row; dense does ``S`` times the arithmetic in two
-plain GEMMs with no copy. ``use_dense_bank`` picks by the measured crossover
-(``benchmarks/bank_strategies.py``).
+``benchmarks/bank_strategies.py`` measures the alternative that needs no gather, one GEMM against
+every slot's ``A`` with the other slots' columns masked to zero: on CPU it loses at every size
+measured (0.02-0.87x), since it does ``S`` times the arithmetic.
 """
 
 from __future__ import annotations
@@ -99,30 +96,6 @@ def routed_input_dropout(h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     keep = keep.reshape(shape)
     mask = torch.rand(h.shape, device=h.device, dtype=h.dtype) < keep
     return h * mask / keep
-
-
-#: dense-masked while ``slots × tokens per row`` is at most this (benchmarks/bank_strategies.py:
-#: on CPU dense wins 1.5-4x at one token per row with 9-33 slots, and loses from ~16 tokens on)
-DENSE_BANK_LIMIT = 64
-
-
-def use_dense_bank(slots: int, tokens: int) -> bool:
-    """Whether the dense-masked form is the faster one for this bank and batch."""
-    return slots * tokens <= DENSE_BANK_LIMIT
-
-
-def slot_mask(slots: torch.Tensor, n_slots: int, rank: int, dtype: torch.dtype) -> torch.Tensor:
-    """``M [b, S·R]``: 1 on the ``R`` columns of row ``b``'s own slot, 0 elsewhere."""
-    return (slots.unsqueeze(1) == torch.arange(n_slots, device=slots.device)).to(dtype).repeat_interleave(rank, 1)
-
-
-def bank_delta_dense(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``(x A_allᵀ ⊙ M) B_all`` for ``x [b, L, in]``, banks ``A [S, R, in]``, ``B [S, R, out]``,
-    ``mask [b, S·R]``. Rows and slots not selected contribute exact zeros, also to gradients."""
-    s, r = A.shape[0], A.shape[1]
-    t = torch.matmul(x, A.reshape(s * r, -1).T)  # [b, L, S·R]: every slot's shrink, one GEMM
-    t = t * mask.unsqueeze(1)
-    return torch.matmul(t, B.reshape(s * r, -1))  # [b, L, out]
 
 
 def bank_delta_gathered(

@@ -28,14 +28,11 @@ from torch import nn
 
 from .bank import (
     bag_indices,
-    bank_delta_dense,
     bank_delta_gathered,
     inference_bank,
     routed_input_dropout,
     row_slots,
-    slot_mask,
     stack_bank,
-    use_dense_bank,
 )
 from .functional import lora_linear
 from .quantization import is_linear4bit, merge_into_4bit
@@ -202,6 +199,11 @@ class LoraLayer(nn.Module):
         keep = (1.0 - p[slots]) if self.training and bool((p > 0).any()) else None
         return self._accumulate(out, self._bank_delta(x, A, B, slots, keep))
 
+    def route_prepare(self, shared: dict) -> None:
+        """Called once per layer when a route is entered (``self.routing`` is set): precompute
+        what every routed forward of this route needs, sharing it through ``shared`` between
+        layers of the same route."""
+
     def bank_layout(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacked ``A [S, R, ...]`` and ``B [S, out, R, ...]`` rearranged as ``_bank_delta`` reads
         them, so a gathered slice feeds the batched GEMM without another copy."""
@@ -265,32 +267,33 @@ class LoraLinear(LoraLayer):
     def _bank_delta(
         self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor, keep: torch.Tensor | None
     ) -> torch.Tensor:
-        # banks: A [S, R, in], B [S, R, out] (scale folded into B); bank.py has both strategies
-        n_slots, rank = A.shape[0], A.shape[1]
+        # banks: A [S, R, in], B [S, R, out] (scale folded into B)
+        rank = A.shape[1]
         h = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)  # [b, tokens, in]
         if keep is not None:
             h = routed_input_dropout(h, keep)
-        mask, bags = self._route_indices(slots, n_slots, rank, A.dtype)
-        if use_dense_bank(n_slots, h.shape[1]):
-            delta = bank_delta_dense(h, A, B, mask)
-        else:
-            delta = bank_delta_gathered(h, A, B, slots, bags)
-        return delta.reshape(*x.shape[:-1], B.shape[2])
+        bags = self._bag_indices(slots, rank) if h.shape[1] == 1 else None
+        return bank_delta_gathered(h, A, B, slots, bags).reshape(*x.shape[:-1], B.shape[2])
 
     def bank_layout(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return A, B.transpose(1, 2).contiguous()
 
-    def _route_indices(
-        self, slots: torch.Tensor, n_slots: int, rank: int, dtype: torch.dtype
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """The slot mask and ``embedding_bag`` indices for the current route, cached while the
-        same route tensor is in use (a decode loop reuses them at every step)."""
-        key = (slots, n_slots, rank, dtype)
-        cached = self.__dict__.get("_route_cache")
-        if cached is None or cached[0][0] is not slots or cached[0][1:] != key[1:]:
-            cached = (key, slot_mask(slots, n_slots, rank, dtype), bag_indices(slots, rank))
-            self.__dict__["_route_cache"] = cached
-        return cached[1], cached[2]
+    def route_prepare(self, shared: dict) -> None:
+        # Layers of one route that share a slot tensor and rank share its bag indices.
+        rank = max(self.r.values())
+        key = ("bags", id(self.routing), rank)
+        if key not in shared:
+            shared[key] = bag_indices(self.routing, rank)
+        self.__dict__["_bag_cache"] = (self.routing, rank, shared[key])
+
+    def _bag_indices(self, slots: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``bank.bag_indices`` for the current route, cached while the same route tensor is in
+        use (a decode loop reuses them at every step)."""
+        cached = self.__dict__.get("_bag_cache")
+        if cached is None or cached[0] is not slots or cached[1] != rank:
+            cached = (slots, rank, bag_indices(slots, rank))
+            self.__dict__["_bag_cache"] = cached
+        return cached[2]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self._routed():

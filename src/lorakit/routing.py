@@ -73,6 +73,7 @@ def route(model: nn.Module, adapters: Routing) -> Iterator[nn.Module]:
     position = {n: i for i, n in enumerate(order)}
     rows = torch.tensor([position[n] if n is not None else len(order) for n in names])
     used = set(names)
+    shared: dict = {}
     try:
         for layer in layers:
             present = used.intersection(layer.lora_A._parameters)
@@ -84,8 +85,13 @@ def route(model: nn.Module, adapters: Routing) -> Iterator[nn.Module]:
             if len(used) == 1:
                 layer.active_adapter = next(iter(present))
                 continue
-            slots = _slot_table(layer, order)[rows]
-            layer.routing = slots.to(layer.base_layer.weight.device)
+            # Layers holding the same adapters share one slot tensor (and its cached indices).
+            device = layer.base_layer.weight.device
+            key = (tuple(layer.lora_A._parameters), device)
+            if key not in shared:
+                shared[key] = _slot_table(layer, order)[rows].to(device)
+            layer.routing = shared[key]
+            layer.route_prepare(shared)
             # Captured once here, so a forward does no per-adapter Python work.
             layer.route_trains = any(p.requires_grad for p in layer.lora_A._parameters.values())
             layer.route_bank = None if layer.route_trains else inference_bank(layer)
