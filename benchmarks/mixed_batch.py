@@ -3,7 +3,10 @@
 GPT-2 architecture from config (6 layers, width 512, vocab 8,192), eval mode, no_grad, batch 32,
 32 adapters of r=8 on c_attn/c_proj/c_fc loaded in both libraries. For decode length 1 and
 prefill length 128: the base model, one adapter for the whole batch, and mixed batches with 1, 8
-and 32 distinct adapters. All configurations take turns in one process; medians reported.
+and 32 distinct adapters. All configurations take turns in one process; medians reported. The
+``floor`` row adds to the one-adapter time the time to read the distinct adapters' factors once
+(each row's own A and B must reach the CPU at least once: 1.5 MB per adapter here), the least any
+gather-based method can cost on this machine.
 
     .venv/bin/python benchmarks/mixed_batch.py
     .venv/bin/python benchmarks/mixed_batch.py --reps 3 --lengths 1
@@ -60,6 +63,14 @@ def build(seed: int = 0):
     return base, ours, theirs.eval()
 
 
+def _read_adapters(banks: list, distinct: int) -> None:
+    """Read ``distinct`` adapters' factors once from every layer's bank (a sum streams each byte
+    once): no gather-based mixed batch can add less than this to the one-adapter time."""
+    for A, B, _ in banks:
+        A[:distinct].sum()
+        B[:distinct].sum()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=7)
@@ -70,6 +81,7 @@ def main() -> None:
     import lorakit as lk
 
     base, ours, theirs = build()
+    banks = [lk.bank.inference_bank(layer) for _, layer in lk.injection.lora_layers(ours)]
     results = {}
     for length in args.lengths:
         ids = torch.randint(0, 8192, (BATCH, length), generator=torch.Generator().manual_seed(length))
@@ -88,6 +100,7 @@ def main() -> None:
                     return ours(input_ids=ids)
 
             configs[f"lorakit mixed {d}"] = ours_mixed
+            configs[f"read floor {d}"] = lambda d=d: _read_adapters(banks, d)
             configs[f"peft mixed {d}"] = lambda names=names, ids=ids: theirs(input_ids=ids, adapter_names=names)
         with torch.no_grad():  # same numbers from both libraries
             a, b = configs["lorakit mixed 32"]().logits, configs["peft mixed 32"]().logits
@@ -108,10 +121,13 @@ def main() -> None:
     rows = []
     for length in args.lengths:
         r = results[length]
+        one_ours = r["lorakit one adapter"]
         for lib in ("lorakit", "peft"):
             one = r[f"{lib} one adapter"]
             cells = " | ".join(f"{r[f'{lib} mixed {d}']:.1f} ({r[f'{lib} mixed {d}'] / one:.2f}×)" for d in (1, 8, 32))
             rows.append(f"| {length} | {lib} | {r['base']:.1f} | {one:.1f} | {cells} |")
+        floors = " | ".join(f"{(one_ours + r[f'read floor {d}']) / one_ours:.2f}×" for d in (1, 8, 32))
+        rows.append(f"| {length} | floor: one adapter + reading the distinct adapters once | | | {floors} |")
         rows.append(
             f"| {length} | lorakit vs PEFT throughput, 32 distinct | | | | | "
             f"{r['peft mixed 32'] / r['lorakit mixed 32']:.2f}× |"

@@ -140,3 +140,27 @@ def test_text_init_merge_refusal_and_bad_files(tmp_path):
             n_layer=2, n_embd=16, n_head=2, vocab_size=101, n_positions=32)), tmp_path)  # fmt: skip
     with pytest.raises(ValueError, match="needs init_text"):
         PromptTuningConfig(init="text")
+
+
+@pytest.mark.parametrize("kind", ["prompt", "prefix"])
+def test_beam_search_and_sampled_sequences_match_peft(tmp_path, kind):
+    """Beams and several returned sequences: our generate against PEFT's on the same saved prompt."""
+    from peft import PeftModel
+
+    ours = _trained(tiny_llama, CONFIGS[kind])
+    ours.save(tmp_path / "p")
+    theirs = PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "p")).eval()
+    ids = token_batch(batch=2, length=5, seed=11)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0  # left padding in the second prompt
+    for kwargs in ({"num_beams": 3, "num_return_sequences": 2}, {"num_beams": 2},
+                   {"do_sample": True, "num_return_sequences": 3, "top_k": 4}):  # fmt: skip
+        settings = {"max_new_tokens": 4, "pad_token_id": 0, **kwargs}
+        torch.manual_seed(5)
+        got = ours.generate(ids, attention_mask=mask, **settings)
+        torch.manual_seed(5)
+        want = theirs.generate(input_ids=ids, attention_mask=mask, **settings)
+        rows = ids.shape[0] * kwargs.get("num_return_sequences", 1)
+        assert got.shape == (rows, ids.shape[1] + 4), kwargs
+        assert torch.equal(got[:, ids.shape[1] :], want[:, -4:]), kwargs
+        assert torch.equal(got[:, : ids.shape[1]], ids.repeat_interleave(rows // ids.shape[0], 0)), kwargs

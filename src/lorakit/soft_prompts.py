@@ -180,19 +180,27 @@ class SoftPromptModel(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
         """``model.generate`` with the soft prompt; returns ``[input_ids, new tokens]`` as usual."""
-        if kwargs.get("num_beams", 1) != 1 or kwargs.get("num_return_sequences", 1) != 1:
-            raise NotImplementedError("soft-prompt generate supports num_beams=1 and num_return_sequences=1")
         mask = self._extend(input_ids, attention_mask)
         P = self.config.num_virtual_tokens
         if self.is_prefix:
             # The cache already holds P "tokens" (the prefix): generate reads only the ids after them,
-            # so P placeholder ids stand in front and are cut off again.
+            # so P placeholder ids stand in front and are cut off again. generate expands the ids
+            # for beams / returned sequences but not a cache passed in, so the cache comes expanded.
             pad = torch.zeros(input_ids.shape[0], P, dtype=input_ids.dtype, device=input_ids.device)
+            cache = self._prefix_cache(input_ids.shape[0] * self._expansion(kwargs))
             out = self.model.generate(input_ids=torch.cat([pad, input_ids], 1), attention_mask=mask,
-                                      past_key_values=self._prefix_cache(input_ids.shape[0]), **kwargs)  # fmt: skip
+                                      past_key_values=cache, **kwargs)  # fmt: skip
             return out[:, P:]
         new = self.model.generate(inputs_embeds=self._embeds(input_ids), attention_mask=mask, **kwargs)
-        return torch.cat([input_ids, new], dim=1)  # with inputs_embeds, generate returns only the new tokens
+        # with inputs_embeds, generate returns only the new tokens (one row per returned sequence)
+        return torch.cat([input_ids.repeat_interleave(new.shape[0] // input_ids.shape[0], 0), new], dim=1)
+
+    def _expansion(self, kwargs: dict) -> int:
+        """How many rows ``generate`` makes of each prompt: beams, or returned samples."""
+        config = kwargs.get("generation_config") or self.model.generation_config
+        beams = kwargs.get("num_beams", config.num_beams) or 1
+        returned = kwargs.get("num_return_sequences", config.num_return_sequences) or 1
+        return beams if beams > 1 else returned
 
     # ------------------------------------------------------------------ files (PEFT's format)
     def peft_config(self) -> dict:
