@@ -84,3 +84,27 @@ def test_compare_quick(tmp_path, capsys):
     assert methods["bottleneck adapter (16)"]["merged_latency_ms"] is None
     assert (tmp_path / "methods.png").stat().st_size > 10_000
     assert "cannot merge" in capsys.readouterr().out
+
+
+def test_selective_numbered_layers():
+    from .models import tiny_gpt2
+
+    model = tiny_gpt2()
+    n_layers = model.config.n_layer
+    last = n_layers - 1
+    names = select_trainable(model, SelectiveConfig(mode="layers", layers=[last]))
+    assert names and all(n.startswith(f"transformer.h.{last}.") for n in names)
+    per_layer = sum(p.numel() for p in model.transformer.h[last].parameters())
+    assert lk.count_parameters(model).trainable == per_layer
+    # layers narrow bias and modules too
+    names = select_trainable(model, SelectiveConfig(mode="bias", layers=[0]))
+    assert names and all(n.startswith("transformer.h.0.") and n.endswith("bias") for n in names)
+    names = select_trainable(model, SelectiveConfig(mode="modules", modules=["c_attn"], layers=[0, last]))
+    assert sorted({n.split(".")[2] for n in names}) == sorted({"0", str(last)})
+    assert all(".c_attn." in n for n in names)
+    with pytest.raises(ValueError, match=rf"layers \[7\] not found.*\[0, .*{last}\]"):
+        select_trainable(model, SelectiveConfig(mode="layers", layers=[7, 0]))
+    with pytest.raises(ValueError, match="layer indices"):
+        SelectiveConfig(mode="layers", layers=["h.0"])
+    with pytest.raises(ValueError, match="required with mode='layers'"):
+        SelectiveConfig(mode="layers")

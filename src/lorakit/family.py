@@ -24,7 +24,7 @@ from safetensors.torch import save
 from torch import nn
 
 from .checkpoint import AdapterLoadError, _atomic_write, read_tensors
-from .injection import _candidate_modules, _name_matches, _no_match_message, _set_submodule
+from .injection import _candidate_modules, _layer_index, _name_matches, _no_match_message, _set_submodule
 
 SELECTIVE_CONFIG = "selective_config.json"
 BOTTLENECK_CONFIG = "bottleneck_config.json"
@@ -35,27 +35,38 @@ WEIGHTS = "adapter_model.safetensors"
 @dataclass
 class SelectiveConfig:
     """``mode``: ``bias`` (BitFit: every bias), ``modules`` (every parameter of the modules named in
-    ``modules``, as names or a regex), or ``head`` (only the module named ``head``)."""
+    ``modules``, as names or a regex), ``layers`` (every parameter inside the numbered layers
+    ``layers``, e.g. ``transformer.h.10.…``) or ``head`` (only the module named ``head``).
+    ``layers`` also narrows ``bias`` and ``modules`` to those layers; ``layers_pattern`` names the
+    layer list (``h``, ``layers``) when the model has more than one."""
 
     mode: str = "bias"
     modules: list[str] | str | None = None
     head: str | None = None
+    layers: list[int] | None = None
+    layers_pattern: str | None = None
 
     def __post_init__(self) -> None:
-        if self.mode not in ("bias", "modules", "head"):
-            raise ValueError(f"SelectiveConfig.mode must be bias, modules or head, got {self.mode!r}")
+        if self.mode not in ("bias", "modules", "layers", "head"):
+            raise ValueError(f"SelectiveConfig.mode must be bias, modules, layers or head, got {self.mode!r}")
         if self.mode == "modules" and not self.modules:
             raise ValueError("SelectiveConfig.modules is required with mode='modules'")
+        if self.mode == "layers" and not self.layers:
+            raise ValueError("SelectiveConfig.layers (layer indices, e.g. [10, 11]) is required with mode='layers'")
         if self.mode == "head" and not self.head:
             raise ValueError("SelectiveConfig.head is required with mode='head' (e.g. 'lm_head' or 'fc3')")
+        if self.layers is not None and (
+            not isinstance(self.layers, list | tuple) or not all(isinstance(i, int) and i >= 0 for i in self.layers)
+        ):
+            raise ValueError(f"SelectiveConfig.layers must be a list of layer indices >= 0, got {self.layers!r}")
 
 
 def select_trainable(model: nn.Module, config: SelectiveConfig) -> list[str]:
     """Freeze everything, then unfreeze what ``config`` selects; returns the trainable names."""
     names: list[str] = []
     model.requires_grad_(False)
-    if config.mode == "bias":
-        names = [n for n, _ in model.named_parameters() if n.endswith("bias")]
+    if config.mode in ("bias", "layers"):
+        names = [n for n, _ in model.named_parameters() if config.mode == "layers" or n.endswith("bias")]
     else:
         wanted = [config.head] if config.mode == "head" else config.modules
         paths = [p for p, _ in _candidate_modules(model) if _name_matches(wanted, p)]
@@ -63,6 +74,16 @@ def select_trainable(model: nn.Module, config: SelectiveConfig) -> list[str]:
             listed = wanted if isinstance(wanted, list) else [wanted]
             raise ValueError(_no_match_message(listed, [p for p, _ in _candidate_modules(model)]))
         names = [n for n, _ in model.named_parameters() if any(n.startswith(p + ".") for p in paths)]
+    if config.layers is not None and config.mode != "head":
+        index = {n: _layer_index(n, config.layers_pattern) for n in names}
+        present = sorted({i for i in index.values() if i is not None})
+        missing = sorted(set(config.layers) - set(present))
+        if missing:
+            raise ValueError(
+                f"SelectiveConfig.layers {missing} not found: the selected parameters sit in numbered layers "
+                f"{present or 'none'}" + (f" of {config.layers_pattern!r}" if config.layers_pattern else "")
+            )
+        names = [n for n in names if index[n] in config.layers]
     if not names:
         raise ValueError(f"{config} selects no parameter of this model")
     params = dict(model.named_parameters())
