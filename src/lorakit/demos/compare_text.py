@@ -173,10 +173,11 @@ def _plot(r: dict, out: Path) -> str | None:
     if plt is None:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, e in r["methods"].items():
+    for i, (name, e) in enumerate(r["methods"].items()):
         left.scatter(max(e["trainable_parameters"], 1), e["accuracy"], s=60)
+        # alternate the label above/below: methods often tie on accuracy
         left.annotate(name, (max(e["trainable_parameters"], 1), e["accuracy"]), textcoords="offset points",
-                      xytext=(5, 5))  # fmt: skip
+                      xytext=(5, 6 if i % 2 else -13))  # fmt: skip
     left.set_xscale("log")
     left.set_xlabel("trainable parameters (log)")
     left.set_ylabel("test accuracy, %")
