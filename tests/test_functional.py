@@ -81,3 +81,41 @@ def test_inference_path_matches_and_adds_in_place():
         ref = _reference(x, w, b, A, B, 2.0, False)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     assert not out.requires_grad
+
+
+@pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
+def test_fast_dropout_mask_has_the_rate_and_is_reproducible(p):
+    n = 1_000_003  # not a multiple of 4: the last 64-bit draw is cut
+    torch.manual_seed(0)
+    mask = fn.keep_mask((n,), p)
+    q = fn.quantize_dropout(p)
+    assert abs(q - p) <= 0.5 / fn.DROPOUT_LEVELS
+    dropped = 1.0 - mask.float().mean().item()
+    assert abs(dropped - q) < 5 * (q * (1 - q) / n) ** 0.5  # within 5 standard errors
+    torch.manual_seed(0)
+    assert torch.equal(fn.keep_mask((n,), p), mask)  # the default generator drives it
+    # neighbours (which share a 64-bit draw) are independent: P(both kept) = (1-q)^2
+    both = (mask[:-1:2] & mask[1::2]).float().mean().item()
+    assert abs(both - (1 - q) ** 2) < 5 * ((1 - q) ** 2 / (n / 2)) ** 0.5
+
+
+def test_random_int16_uses_every_bit():
+    torch.manual_seed(1)
+    r = fn.random_int16((4, 100_000)).to(torch.int32) & 0xFFFF
+    for bit in range(16):  # each bit set half the time, in every position of the 64-bit draw
+        share = ((r >> bit) & 1).float().mean(1)
+        assert torch.all((share - 0.5).abs() < 0.01), (bit, share)
+
+
+def test_dropout_module_is_unbiased_and_per_row_rates():
+    torch.manual_seed(2)
+    drop = fn.Dropout(0.3).train()
+    x = torch.ones(2000, 500)
+    y = drop(x)
+    values = y.unique()
+    assert len(values) == 2 and values[0] == 0 and abs(values[1].item() - 1.0 / (1 - drop.p)) < 1e-6
+    assert abs(y.mean().item() - 1.0) < 0.01
+    assert torch.equal(drop.eval()(x), x)
+    rows = fn.keep_mask((3, 200_000), torch.tensor([[0.0], [0.25], [1.0]]))
+    rates = 1 - rows.float().mean(1)
+    assert rates[0] == 0 and rates[2] == 1 and abs(rates[1] - 0.25) < 0.005

@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .functional import keep_mask
+
 if TYPE_CHECKING:
     from .layers import LoraLayer
 
@@ -94,8 +96,7 @@ def routed_input_dropout(h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
     """Per-row inverted dropout with keep probability ``keep[b]`` (1 where a row has none)."""
     shape = (h.shape[0],) + (1,) * (h.dim() - 1)
     keep = keep.reshape(shape)
-    mask = torch.rand(h.shape, device=h.device, dtype=h.dtype) < keep
-    return h * mask / keep
+    return h * keep_mask(h.shape, 1.0 - keep, h.device) / keep
 
 
 def bank_delta_gathered(

@@ -24,10 +24,12 @@ autograd would also keep ``h`` and ``t`` unscaled, and add two full-size tensors
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
 def _base(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_t: bool) -> torch.Tensor:
@@ -36,8 +38,47 @@ def _base(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wei
     return F.linear(x2, weight, bias)
 
 
+# ------------------------------------------------------------------------------ dropout masks
+# torch's bernoulli_ draws one 32-bit number per element (≈2.8 ms for 350k elements on this CPU,
+# 40% of a SmolLM2 LoRA step with dropout 0.05). Here 16 random bits decide an element, cut from
+# full-range 64-bit draws, four elements per draw: 7x faster. The price is that p is rounded to a
+# multiple of 1/65536 (at most 7.6e-6 off), and the 1/(1-p) scale uses that same rounded p.
+DROPOUT_LEVELS = 65536
+
+
+def quantize_dropout(p: float) -> float:
+    """The drop probability actually used: ``p`` rounded to a multiple of 1/65536."""
+    return round(p * DROPOUT_LEVELS) / DROPOUT_LEVELS
+
+
+def random_int16(shape: tuple[int, ...] | torch.Size, device: torch.device | str | None = None) -> torch.Tensor:
+    """Uniform random int16s (16 independent random bits each) from the default generator."""
+    n = math.prod(shape)
+    words = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)  # all 64 bits
+    return words.view(torch.int16)[:n].view(shape)
+
+
+def keep_mask(shape: tuple[int, ...] | torch.Size, p: float | torch.Tensor, device=None) -> torch.Tensor:
+    """Bool mask, True with probability ``1 − quantize_dropout(p)`` per element; ``p`` may be a
+    tensor broadcasting against ``shape`` (a probability per row)."""
+    levels = torch.round(p * DROPOUT_LEVELS) if isinstance(p, torch.Tensor) else round(p * DROPOUT_LEVELS)
+    return random_int16(shape, device) >= levels - DROPOUT_LEVELS // 2
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` (inverted, elementwise) with the fast mask above; ``p`` is quantized."""
+
+    def __init__(self, p: float = 0.5) -> None:
+        super().__init__(quantize_dropout(p))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        return x * keep_mask(x.shape, self.p, x.device) / (1.0 - self.p)
+
+
 def _dropout_mask(x2: torch.Tensor, p: float) -> torch.Tensor:
-    return torch.empty(x2.shape, dtype=torch.bool, device=x2.device).bernoulli_(1.0 - p)
+    return keep_mask(x2.shape, p, x2.device)
 
 
 def _add_low_rank(y: torch.Tensor, t: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
@@ -62,8 +103,10 @@ def _forward(
     x2 = x.reshape(-1, x.shape[-1])
     y = _base(x2, weight, bias, weight_t)
     mask = _dropout_mask(x2, p) if p > 0 else None
-    h = x2 if mask is None else x2 * mask / (1.0 - p)
+    h = x2 if mask is None else x2 * mask
     t = h.to(A.dtype) @ A.T
+    if mask is not None:
+        t.mul_(1.0 / (1.0 - p))  # the 1/q scale on the [N, r] product, not on the full input
     _add_low_rank(y, t, B, scaling)
     return (y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])), x2, t, mask
 
@@ -117,9 +160,9 @@ class LoraLinearFunction(torch.autograd.Function):
             if mask is None and grad_x.dtype == u.dtype:
                 grad_x.addmm_(u, A)
             else:
-                low = u @ A
+                low = (u * scale_in if mask is not None else u) @ A  # scale on [N, r], mask on [N, in]
                 if mask is not None:
-                    low.mul_(mask).mul_(scale_in)
+                    low.mul_(mask)
                 grad_x.add_(low.to(grad_x.dtype))
             grad_x = grad_x.reshape(ctx.in_shape)
         grad_w = None
@@ -141,6 +184,7 @@ def lora_linear(
 ) -> torch.Tensor:
     """LoRA linear forward. Under autograd it runs :class:`LoraLinearFunction`; in inference it
     adds the rank-r term into the base output in place (no second full-size tensor)."""
+    dropout = quantize_dropout(dropout)  # what the mask draws (see keep_mask)
     needs_graph = x.requires_grad or A.requires_grad or B.requires_grad or weight.requires_grad
     if torch.is_grad_enabled() and (needs_graph or (bias is not None and bias.requires_grad)):
         return LoraLinearFunction.apply(x, weight, bias, A, B, scaling, dropout, weight_t)

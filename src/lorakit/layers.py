@@ -34,7 +34,7 @@ from .bank import (
     row_slots,
     stack_bank,
 )
-from .functional import lora_linear
+from .functional import Dropout, lora_linear
 from .quantization import is_linear4bit, merge_into_4bit
 
 
@@ -118,7 +118,7 @@ class LoraLayer(nn.Module):
         shape_a, shape_b = self.factor_shapes(r)
         self.lora_A[name] = nn.Parameter(torch.empty(shape_a, **kw))
         self.lora_B[name] = nn.Parameter(torch.empty(shape_b, **kw))
-        self.lora_dropout[name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout[name] = Dropout(dropout) if dropout > 0 else nn.Identity()
         self.r[name], self.scaling[name] = r, scaling
         with torch.no_grad():
             self.reset_adapter(name, init)
