@@ -69,7 +69,8 @@ def route(model: nn.Module, adapters: Routing) -> Iterator[nn.Module]:
     if merged:
         raise RuntimeError("an adapter is merged into the base weights: call lorakit.unmerge(model) before routing")
     state = ("routing", "route_bank", "route_trains", "active_adapter", "adapters_disabled")
-    previous = [tuple(getattr(layer, a) for a in state) for layer in layers]
+    # Plain attributes: saved and restored through __dict__ (nn.Module.__setattr__ is slow).
+    previous = [{a: layer.__dict__[a] for a in state} for layer in layers]
     position = {n: i for i, n in enumerate(order)}
     rows = torch.tensor([position[n] if n is not None else len(order) for n in names])
     used = set(names)
@@ -98,8 +99,7 @@ def route(model: nn.Module, adapters: Routing) -> Iterator[nn.Module]:
         yield model
     finally:
         for layer, old in zip(layers, previous, strict=True):
-            for attr, value in zip(state, old, strict=True):
-                setattr(layer, attr, value)
+            layer.__dict__.update(old)
 
 
 def _slot_table(layer: LoraLayer, order: list[str]) -> torch.Tensor:
