@@ -14,7 +14,7 @@ A bank of linear adapters is applied to rows ``x_b`` by gathering (BGMV-style)::
 
 ``benchmarks/bank_strategies.py`` measures the alternative that needs no gather, one GEMM against
 every slot's ``A`` with the other slots' columns masked to zero: on CPU it loses at every size
-measured (0.02-0.87x), since it does ``S`` times the arithmetic.
+measured (0.02-0.76x), since it does ``S`` times the arithmetic.
 """
 
 from __future__ import annotations
