@@ -105,6 +105,12 @@ def timed(fn, reps: int) -> list[float]:
     return out
 
 
+def rotated(names: list[str], i: int) -> list[str]:
+    """``names`` starting at position ``i``: configurations take turns in a rotated order each
+    round, so no one of them always runs first (cold) or last (after the others warmed caches)."""
+    return names[i % len(names) :] + names[: i % len(names)]
+
+
 def median(xs: list[float]) -> float:
     return statistics.median(xs)
 

@@ -26,11 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, median, save
-
-
-def _rotate(names: list[str], i: int) -> list[str]:
-    return names[i % len(names) :] + names[: i % len(names)]
+from common import machine, median, rotated, save
 
 
 def main() -> None:
@@ -84,7 +80,7 @@ def main() -> None:
     jobs = [("train", trainers, train_step), ("prefill", servers, forward), ("decode", servers, decode)]
     for i in tqdm(range(args.reps + 1), desc="rounds", unit="round"):
         for kind, names, fn in jobs:
-            for name in _rotate(names, i):
+            for name in rotated(names, i):
                 start = time.perf_counter()
                 fn(name)
                 if i > 0:  # round 0 warms up

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import apply_method, batch, build_model, machine, median, save
+from common import apply_method, batch, build_model, machine, median, rotated, save
 
 
 def _randomize_adapters(model: torch.nn.Module) -> None:
@@ -82,7 +82,7 @@ def run_model(model_name: str, reps: int, warmup: int) -> dict:
     times: dict[str, list[float]] = {n: [] for n in names}
     with torch.no_grad():
         for i in tqdm(range(warmup + reps), desc=f"{model_name}: interleaved forwards", unit="round"):
-            for n in names[i % len(names) :] + names[: i % len(names)]:
+            for n in rotated(names, i):
                 t = time.perf_counter()
                 configs[n](input_ids=ids)
                 if i >= warmup:

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_model, machine, median, save
+from common import build_model, machine, median, rotated, save
 
 N_ADAPTERS, BATCH, TARGETS = 32, 32, ["c_attn", "c_proj", "c_fc"]
 
@@ -109,7 +109,7 @@ def main() -> None:
         times: dict[str, list[float]] = {n: [] for n in names}
         with torch.no_grad():
             for i in tqdm(range(args.reps + 1), desc=f"length {length}", unit="round"):
-                for n in names[i % len(names) :] + names[: i % len(names)]:
+                for n in rotated(names, i):
                     t = time.perf_counter()
                     configs[n]()
                     if i > 0:

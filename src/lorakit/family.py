@@ -65,8 +65,10 @@ def select_trainable(model: nn.Module, config: SelectiveConfig) -> list[str]:
     """Freeze everything, then unfreeze what ``config`` selects; returns the trainable names."""
     names: list[str] = []
     model.requires_grad_(False)
-    if config.mode in ("bias", "layers"):
-        names = [n for n, _ in model.named_parameters() if config.mode == "layers" or n.endswith("bias")]
+    if config.mode == "layers":
+        names = [n for n, _ in model.named_parameters()]  # narrowed to the layers below
+    elif config.mode == "bias":
+        names = [n for n, _ in model.named_parameters() if n.endswith("bias")]
     else:
         wanted = [config.head] if config.mode == "head" else config.modules
         paths = [p for p, _ in _candidate_modules(model) if _name_matches(wanted, p)]

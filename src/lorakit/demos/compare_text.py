@@ -131,9 +131,8 @@ def run(settings: Settings, log=print) -> dict:
         trained[method] = model
         if method == "lora":
             trained["lora merged"] = merge_and_unload(copy.deepcopy(model))  # the deployment form
-        pad_id = tokenizer.pad_token_id
     # Latency of the trained models side by side, one batch of 8 test prompts.
-    batch = chat_lm.collate([(p, p) for p in prompts[:8]], pad_id)
+    batch = chat_lm.collate([(p, p) for p in prompts[:8]], tokenizer.pad_token_id)
     latency = interleaved_forward_ms(trained, batch["input_ids"], batch["attention_mask"], reps=settings.latency_reps)
     for name, ms in latency.items():
         key = "forward_ms_merged" if name == "lora merged" else "forward_ms_unmerged"
