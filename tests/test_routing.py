@@ -133,7 +133,7 @@ def test_route_errors():
         pass
     with pytest.raises(ValueError, match="given 2 rows but a layer received a batch of 3"), lk.route(model, ["a", "b"]):
         model(torch.randn(3, 784))
-    assert model.fc1.routing is None, "leaving the block restores normal forwards"
+    assert model.fc1.route is None, "leaving the block restores normal forwards"
     lk.merge(model)
     with pytest.raises(RuntimeError, match="unmerge"), lk.route(model, ["a"]):
         pass

@@ -24,7 +24,7 @@ from .injection import (
     lora_layers,
     set_adapter,
 )
-from .layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave
+from .layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, register_kind
 from .merging import is_merged, merge, merge_and_unload, unmerge
 from .planner import MemoryEstimate, architecture, estimate_memory
 from .quantization import QuantizedSize, paged_adamw, quantize, quantized_size
@@ -69,6 +69,7 @@ __all__ = [
     "push_to_hub",
     "quantize",
     "quantized_size",
+    "register_kind",
     "read_config",
     "route",
     "save_adapter",

@@ -19,20 +19,14 @@ measured (0.02-0.76x), since it does ``S`` times the arithmetic.
 
 from __future__ import annotations
 
-from operator import attrgetter
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .functional import keep_mask
 
-if TYPE_CHECKING:
-    from .layers import LoraLayer
 
-
-def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+def pad_rank(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """Zero-pad the rank axis ``dim`` of a factor up to ``size`` (padding contributes nothing)."""
     missing = size - t.shape[dim]
     if missing == 0:
         return t
@@ -40,56 +34,19 @@ def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return F.pad(t, pad)
 
 
-_VERSION = attrgetter("_version")
-
-
-def _factors(layer: LoraLayer) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
-    names = list(layer.lora_A._parameters)
-    return names, list(layer.lora_A._parameters.values()), list(layer.lora_B._parameters.values())
-
-
-def stack_bank(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Stack ``layer``'s adapters (differentiably) into ``(A_bank, B_bank, dropout_p)`` in the
-    layer's bank layout (``layer.bank_layout``)."""
-    names, a_params, b_params = _factors(layer)
-    rank = max(layer.r.values())
-    a = [_pad(p, 0, rank) for p in a_params]
-    b = [_pad(p * layer.scaling[n], 1, rank) for n, p in zip(names, b_params, strict=True)]
+def stack_factors(
+    a_factors: list[torch.Tensor], b_factors: list[torch.Tensor], scalings: list[float], dropout: list[float]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(A_bank [S, R, ...], B_bank [S, out, R, ...], dropout_p [S])`` from each adapter's factors
+    (``A_k [r_k, ...]``, ``B_k [out, r_k, ...]``), ranks zero-padded to the largest, ``s_k`` folded
+    into ``B_k``, and the all-zero slot ``S - 1`` appended. Differentiable."""
+    rank = max(a.shape[0] for a in a_factors)
+    a = [pad_rank(f, 0, rank) for f in a_factors]
+    b = [pad_rank(f * s, 1, rank) for f, s in zip(b_factors, scalings, strict=True)]
     a.append(torch.zeros_like(a[0]))
     b.append(torch.zeros_like(b[0]))
-    drop = [m.p if isinstance(m, nn.Dropout) else 0.0 for m in layer.lora_dropout.values()] + [0.0]
-    A, B = layer.bank_layout(torch.stack(a), torch.stack(b))
-    return A, B, torch.tensor(drop, dtype=A.dtype, device=A.device)
-
-
-def inference_bank(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The bank for forwards without autograd, cached on the layer and rebuilt only when an
-    adapter was added, deleted, replaced or changed in place (tensor version counters)."""
-    names, a_params, b_params = _factors(layer)
-    params = a_params + b_params
-    # map() with C-level getters: this check runs for every layer each time a route is entered.
-    key = (tuple(names), tuple(map(id, params)), tuple(map(_VERSION, params)), tuple(layer.scaling.values()))
-    cache = layer.__dict__.get("_bank_cache")
-    if cache is None or cache[0] != key:
-        with torch.no_grad():
-            cache = (key, stack_bank(layer))
-        layer.__dict__["_bank_cache"] = cache
-    return cache[1]
-
-
-def row_slots(layer: LoraLayer, batch: int) -> torch.Tensor:
-    """The bank slot of every row; a route given per prompt is repeated for expanded batches
-    (beam search and sampling in ``generate`` repeat each row contiguously)."""
-    slots = layer.routing
-    assert slots is not None
-    if batch == slots.shape[0]:
-        return slots
-    if batch % slots.shape[0] == 0:
-        return slots.repeat_interleave(batch // slots.shape[0])
-    raise ValueError(
-        f"lorakit.route was given {slots.shape[0]} rows but a layer received a batch of {batch}; "
-        "route one adapter name per row of the input"
-    )
+    A = torch.stack(a)
+    return A, torch.stack(b), torch.tensor([*dropout, 0.0], dtype=A.dtype, device=A.device)
 
 
 def routed_input_dropout(h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

@@ -15,39 +15,43 @@ before anything is copied, and writes go to a temporary file that is renamed int
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig
-from .injection import (
-    _candidate_modules,
-    _name_matches,
-    _output_head,
-    adapter_configs,
-    add_adapter,
-    delete_adapter,
-    find_targets,
-    lora_layers,
-    set_adapter,
+from .files import (
+    CONFIG_NAME,
+    PREFIX,
+    WEIGHTS_NAME,
+    AdapterLoadError,
+    atomic_write,
+    read_config,
+    read_tensors,
+    resolve_adapter,
 )
-from .layers import ModulesToSave
+from .injection import adapter_configs, add_adapter, delete_adapter, find_targets, lora_layers, set_adapter
+from .layers import LoraLinear, ModulesToSave
+from .targeting import candidate_modules, name_matches, output_head
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
-PREFIX = "base_model.model."
-
-
-class AdapterLoadError(ValueError):
-    """An adapter checkpoint cannot be loaded into this model; the message says exactly why."""
+__all__ = [
+    "CONFIG_NAME",
+    "PREFIX",
+    "WEIGHTS_NAME",
+    "AdapterLoadError",
+    "adapter_state",
+    "embedding_state",
+    "load_adapter",
+    "load_adapter_tensors",
+    "read_config",
+    "read_tensors",
+    "save_adapter",
+]
 
 
 # ---------------------------------------------------------------------------------------- key map
@@ -84,7 +88,7 @@ def embedding_state(model: nn.Module) -> dict[str, torch.Tensor]:
     PEFT saves these full weights beside the adapter when an embedding is adapted
     (``save_embedding_layers``, for resized vocabularies); loading them reproduces PEFT's model.
     """
-    head = _output_head(model)
+    head = output_head(model)
     state: dict[str, torch.Tensor] = {}
     for path, module in model.named_modules():
         if isinstance(module, nn.Embedding) or (head is not None and module is head):
@@ -93,33 +97,19 @@ def embedding_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------------- saving
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _config_for_saving(model: nn.Module, config: LoraConfig, name: str) -> LoraConfig:
     """``all-linear`` is resolved to explicit names so that PEFT (which accepts ``all-linear`` only
     on transformers models) rebuilds exactly the same set of adapted modules, and
     ``fan_in_fan_out`` is set when the adapted matrices are stored ``[in, out]`` (GPT-2's Conv1D),
     as PEFT records it."""
     adapted = {p: layer for p, layer in lora_layers(model) if name in layer.lora_A}
-    if any(getattr(layer, "fan_in_fan_out", False) for layer in adapted.values()):
+    if any(isinstance(layer, LoraLinear) and layer.fan_in_fan_out for layer in adapted.values()):
         config = config.replace(fan_in_fan_out=True)
     if config.target_modules != ALL_LINEAR:
         return config
     leaves = sorted({p.rsplit(".", 1)[-1] for p in adapted})
     probe = config.replace(target_modules=leaves, exclude_modules=None, layers_to_transform=None, layers_pattern=None)
-    chosen = {p for p, _ in _candidate_modules(model) if _name_matches(leaves, p)}
+    chosen = {p for p, _ in candidate_modules(model) if name_matches(leaves, p)}
     if chosen == set(adapted):
         return probe
     return probe.replace(target_modules="|".join(re.escape(p) for p in adapted))
@@ -137,50 +127,13 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str 
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     weights = out / WEIGHTS_NAME
-    _atomic_write(weights, save(tensors, metadata={"format": "pt"}))
+    atomic_write(weights, save(tensors, metadata={"format": "pt"}))
     text = json.dumps(config.to_peft_dict(), indent=2, sort_keys=True) + "\n"
-    _atomic_write(out / CONFIG_NAME, text.encode())
+    atomic_write(out / CONFIG_NAME, text.encode())
     return weights
 
 
 # ---------------------------------------------------------------------------------------- loading
-def read_config(directory: str | os.PathLike[str]) -> LoraConfig:
-    """The ``LoraConfig`` stored in an adapter directory (PEFT's or ours)."""
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise AdapterLoadError(f"{path}: no {CONFIG_NAME} here; is {directory} an adapter directory?")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterLoadError(f"{path}: not valid JSON ({err})") from None
-    try:
-        return LoraConfig.from_peft_dict(data)
-    except ValueError as err:
-        raise AdapterLoadError(f"{path}: {err}") from None
-
-
-def read_tensors(directory: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """The tensors of an adapter directory; only safetensors, never a pickle."""
-    directory = Path(directory)
-    path = directory / WEIGHTS_NAME
-    if not path.is_file():
-        pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
-        if pickles:
-            raise AdapterLoadError(
-                f"{directory}: found {', '.join(pickles)} but no {WEIGHTS_NAME}. lorakit never loads pickle "
-                "files (unpickling can run arbitrary code); convert the adapter to safetensors first "
-                "(e.g. with peft: PeftModel.from_pretrained(...).save_pretrained(dir, safe_serialization=True))"
-            )
-        raise AdapterLoadError(f"{directory}: no {WEIGHTS_NAME} here")
-    try:
-        return load_file(str(path))
-    except (SafetensorError, OSError, ValueError) as err:
-        size = path.stat().st_size
-        raise AdapterLoadError(
-            f"{path}: not a readable safetensors file ({size} bytes; truncated or corrupted?): {err}"
-        ) from None
-
-
 def load_adapter(
     model: nn.Module,
     directory: str | os.PathLike[str],
@@ -200,8 +153,6 @@ def load_adapter(
     shape mismatches raise one ``AdapterLoadError`` listing each of them, and the model is then
     left as it was.
     """
-    from .hub import resolve_adapter
-
     directory = resolve_adapter(directory, revision=revision, subfolder=subfolder)
     config = read_config(directory)
     tensors = read_tensors(directory)

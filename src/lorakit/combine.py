@@ -26,7 +26,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .injection import adapter_configs, add_adapter, lora_layers
-from .layers import LoraLayer, LoraLinear
+from .layers import LoraLayer
 
 METHODS = ("linear", "cat", "svd", "ties", "dare")
 
@@ -102,7 +102,7 @@ def combine_adapters(
         if not present:
             continue
         with torch.no_grad():
-            deltas = [w * _layout(layer, layer.delta_weight(s)) for s, w in present]
+            deltas = [w * _factor_delta(layer, s) for s, w in present]
             target = torch.stack(deltas).sum(0)
             A, B = _factors(layer, present, deltas, target, method, rank, density, generator)
         plans[path] = (A, B, target)
@@ -128,15 +128,14 @@ def combine_adapters(
         with torch.no_grad():
             layer.lora_A[name].copy_(A.reshape(layer.lora_A[name].shape))
             layer.lora_B[name].copy_(B.reshape(layer.lora_B[name].shape))
-            got = _layout(layer, layer.delta_weight(name))
+            got = _factor_delta(layer, name)
         errors[path] = float((got - target).norm() / target.norm().clamp_min(1e-12))
     return errors
 
 
-def _layout(layer: LoraLayer, delta: torch.Tensor) -> torch.Tensor:
-    """ΔW as ``B A`` (out-major), whatever the base stores: undo Conv1D's / embeddings' transpose."""
-    transposed = (isinstance(layer, LoraLinear) and layer.fan_in_fan_out) or type(layer).__name__ == "LoraEmbedding"
-    return delta.T if transposed else delta
+def _factor_delta(layer: LoraLayer, name: str) -> torch.Tensor:
+    """ΔW of adapter ``name`` as ``B A`` (the factors' layout, whatever the base stores)."""
+    return layer.factor_delta(layer.lora_A[name], layer.lora_B[name], layer.scaling[name])
 
 
 def _factors(layer, present, deltas, target, method, rank, density, generator):

@@ -109,6 +109,12 @@ class LoraConfig:
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("LoraConfig.layers_pattern only makes sense together with layers_to_transform")
 
+    @property
+    def variant(self) -> str:
+        """The layer variant these adapters need (plain ``"lora"``; a variant such as DoRA
+        registers layer classes under its own name)."""
+        return "lora"
+
     # ------------------------------------------------------------------ per-module values
     def rank_for(self, module_path: str) -> int:
         """The rank of the adapter on ``module_path`` (``rank_pattern`` first, then ``r``)."""

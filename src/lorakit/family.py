@@ -23,8 +23,8 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
-from .checkpoint import AdapterLoadError, _atomic_write, read_tensors
-from .injection import _candidate_modules, _layer_index, _name_matches, _no_match_message, _set_submodule
+from .files import AdapterLoadError, atomic_write, read_tensors
+from .targeting import candidate_modules, layer_index, name_matches, no_match_message, set_submodule
 
 SELECTIVE_CONFIG = "selective_config.json"
 BOTTLENECK_CONFIG = "bottleneck_config.json"
@@ -71,13 +71,13 @@ def select_trainable(model: nn.Module, config: SelectiveConfig) -> list[str]:
         names = [n for n, _ in model.named_parameters() if n.endswith("bias")]
     else:
         wanted = [config.head] if config.mode == "head" else config.modules
-        paths = [p for p, _ in _candidate_modules(model) if _name_matches(wanted, p)]
+        paths = [p for p, _ in candidate_modules(model) if name_matches(wanted, p)]
         if not paths:
             listed = wanted if isinstance(wanted, list) else [wanted]
-            raise ValueError(_no_match_message(listed, [p for p, _ in _candidate_modules(model)]))
+            raise ValueError(no_match_message(listed, [p for p, _ in candidate_modules(model)]))
         names = [n for n, _ in model.named_parameters() if any(n.startswith(p + ".") for p in paths)]
     if config.layers is not None and config.mode != "head":
-        index = {n: _layer_index(n, config.layers_pattern) for n in names}
+        index = {n: layer_index(n, config.layers_pattern) for n in names}
         present = sorted({i for i in index.values() if i is not None})
         missing = sorted(set(config.layers) - set(present))
         if missing:
@@ -172,16 +172,16 @@ def _output_width(module: nn.Module, path: str) -> int:
 
 def inject_bottleneck(model: nn.Module, config: BottleneckConfig) -> nn.Module:
     """Freeze the model and add a bottleneck adapter after every targeted module."""
-    candidates = [p for p, _ in _candidate_modules(model)]
-    paths = [p for p in candidates if _name_matches(config.target_modules, p)]
+    candidates = [p for p, _ in candidate_modules(model)]
+    paths = [p for p in candidates if name_matches(config.target_modules, p)]
     if not paths:
         names = config.target_modules if isinstance(config.target_modules, list) else [config.target_modules]
-        raise ValueError(_no_match_message(names, candidates))
+        raise ValueError(no_match_message(names, candidates))
     model.requires_grad_(False)
     for path in paths:
         module = model.get_submodule(path)
         wrapper = BottleneckAdapter(module, _output_width(module, path), config.bottleneck, config.nonlinearity)
-        _set_submodule(model, path, wrapper.to(next(module.parameters()).device))
+        set_submodule(model, path, wrapper.to(next(module.parameters()).device))
     model.__dict__["lorakit_bottleneck"] = config
     return model
 
@@ -226,8 +226,8 @@ def _write(directory: str | os.PathLike[str], tensors: dict, config_name: str, c
     """Tensors and their JSON config, each written atomically."""
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS, save(tensors, metadata={"format": "pt"}))
-    _atomic_write(out / config_name, (json.dumps(config, indent=2) + "\n").encode())
+    atomic_write(out / WEIGHTS, save(tensors, metadata={"format": "pt"}))
+    atomic_write(out / config_name, (json.dumps(config, indent=2) + "\n").encode())
     return out / WEIGHTS
 
 

@@ -10,51 +10,14 @@ works offline (``HF_HUB_OFFLINE=1``) once the repository is cached.
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError, _atomic_write, save_adapter
+from .checkpoint import save_adapter
+from .files import atomic_write
 from .injection import adapter_configs, count_parameters
-
-_REPO_ID = re.compile(r"^(hf://)?[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def resolve_adapter(
-    source: str | os.PathLike[str], *, revision: str | None = None, subfolder: str | None = None
-) -> Path:
-    """The local folder of an adapter given as a folder or as a hub id (``owner/name`` or
-    ``hf://owner/name``). Hub ids go through ``huggingface_hub.snapshot_download``, which reads
-    the local cache first and only that when ``HF_HUB_OFFLINE=1``."""
-    path = Path(source)
-    if path.is_dir():
-        return path / subfolder if subfolder else path
-    text = str(source)
-    if not _REPO_ID.match(text):
-        raise AdapterLoadError(
-            f"{text}: no such adapter folder (no {CONFIG_NAME} here), and not a hub id of the form 'owner/name'"
-        )
-    repo_id = text.removeprefix("hf://")
-    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-    except ImportError:
-        raise AdapterLoadError(f"{text}: no such folder; loading from the hub needs huggingface_hub") from None
-    try:
-        folder = snapshot_download(
-            repo_id, revision=revision, allow_patterns=[prefix + CONFIG_NAME, prefix + WEIGHTS_NAME]
-        )
-    except LocalEntryNotFoundError as err:
-        raise AdapterLoadError(
-            f"{repo_id}: not a local folder and not in the Hugging Face cache "
-            f"({'offline mode is on' if os.environ.get('HF_HUB_OFFLINE') else 'and the hub was not reachable'}): {err}"
-        ) from None
-    except (HfHubHTTPError, OSError) as err:
-        raise AdapterLoadError(f"{repo_id}: could not fetch the adapter from the hub: {err}") from None
-    return Path(folder) / prefix if prefix else Path(folder)
 
 
 def model_card(
@@ -107,7 +70,7 @@ def save_for_hub(
     out = Path(directory)
     save_adapter(model, out, name=name)
     card = model_card(model, name=name, base_model=base_model, metrics=metrics, description=description)
-    _atomic_write(out / "README.md", card.encode())
+    atomic_write(out / "README.md", card.encode())
     return out
 
 

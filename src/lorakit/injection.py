@@ -16,73 +16,24 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig
-from .layers import LoraLayer, LoraLinear, ModulesToSave, is_conv1d, wrap_module
-from .quantization import is_linear4bit
+from .layers import LoraLayer, LoraLinear, ModulesToSave, wrap_module
+from .targeting import (
+    candidate_modules,
+    is_conv1d,
+    is_linear4bit,
+    is_suffix,
+    layer_index,
+    name_matches,
+    no_match_message,
+    output_head,
+    set_submodule,
+)
 
 CONFIGS_ATTR = "lorakit_configs"
-#: attribute names of the output head that ``"all-linear"`` leaves out when the model cannot tell
-OUTPUT_HEAD_NAMES = ("lm_head",)
-
-
-# ---------------------------------------------------------------------------------------- matching
-def _is_suffix(name: str, path: str) -> bool:
-    """``name`` is the whole path or a whole dotted suffix of it (``fc1`` matches ``enc.fc1``, not ``xfc1``)."""
-    return path == name or path.endswith("." + name)
-
-
-def _name_matches(names: list[str] | str, path: str) -> bool:
-    """PEFT's rule: a regex string must match the full path; a list entry must be a whole
-    dotted suffix of it."""
-    if isinstance(names, str):
-        return re.fullmatch(names, path) is not None
-    return any(_is_suffix(n, path) for n in names)
-
-
-def _layer_index(path: str, layers_pattern: list[str] | str | None) -> int | None:
-    """The index of the numbered layer list the module sits in (``model.layers.3.mlp`` → 3)."""
-    if not layers_pattern:
-        m = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", path)
-    else:
-        patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
-        m = None
-        for pattern in patterns:
-            m = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", path)
-            if m:
-                break
-    return int(m.group("idx")) if m else None
-
-
-def _output_head(model: nn.Module) -> nn.Module | None:
-    get = getattr(model, "get_output_embeddings", None)
-    if callable(get):
-        try:
-            head = get()
-        except (NotImplementedError, AttributeError):
-            head = None
-        if isinstance(head, nn.Module):
-            return head
-    for name in OUTPUT_HEAD_NAMES:
-        head = getattr(model, name, None)
-        if isinstance(head, nn.Module):
-            return head
-    return None
 
 
 def _is_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, LoraLinear)) or is_conv1d(module) or is_linear4bit(module)
-
-
-def _candidate_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Every module a config may target: skips the insides of lorakit wrappers."""
-    out: list[tuple[str, nn.Module]] = []
-    skip: list[str] = []
-    for path, module in model.named_modules():
-        if not path or any(path.startswith(s + ".") for s in skip):
-            continue
-        if isinstance(module, (LoraLayer, ModulesToSave)):
-            skip.append(path)
-        out.append((path, module))
-    return out
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -91,26 +42,26 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     Raises ``ValueError`` when a listed name (or the regex, or ``all-linear``) matches nothing,
     naming the closest existing module names.
     """
-    candidates = _candidate_modules(model)
+    candidates = candidate_modules(model)
     saved = config.modules_to_save or []
     if config.target_modules == ALL_LINEAR:
-        head = _output_head(model)
+        head = output_head(model)
         matched = [p for p, m in candidates if _is_linear(m) and m is not head]
         if isinstance(head, LoraLayer):
             matched = [p for p in matched if getattr(model.get_submodule(p), "base_layer", None) is not head]
     else:
-        matched = [p for p, _ in candidates if _name_matches(config.target_modules, p)]
+        matched = [p for p, _ in candidates if name_matches(config.target_modules, p)]
     if config.layers_to_transform is not None:
         wanted = set(config.layers_to_transform)  # type: ignore[arg-type]
-        matched = [p for p in matched if _layer_index(p, config.layers_pattern) in wanted]
+        matched = [p for p in matched if layer_index(p, config.layers_pattern) in wanted]
     if config.exclude_modules:
-        matched = [p for p in matched if not _name_matches(config.exclude_modules, p)]
+        matched = [p for p in matched if not name_matches(config.exclude_modules, p)]
     # Never put an adapter on a module that is trained in full: the two would fight.
     matched = [p for p in matched if not any(re.match(rf"(^|.*\.){re.escape(s)}($|\..*)", p) for s in saved)]
 
     all_paths = [p for p, _ in candidates]
     if isinstance(config.target_modules, list):
-        unmatched = [n for n in config.target_modules if not any(_is_suffix(n, p) for p in matched)]
+        unmatched = [n for n in config.target_modules if not any(is_suffix(n, p) for p in matched)]
         if unmatched:
             raise ValueError(_no_match_message(unmatched, all_paths, config))
     elif not matched:
@@ -118,24 +69,13 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     return matched
 
 
-def _no_match_message(names: list[str], paths: list[str], config: LoraConfig | None = None) -> str:
-    leaves = sorted({p.rsplit(".", 1)[-1] for p in paths})
-    lines = [f"target_modules: {len(names)} name(s) matched no module of the model:"]
-    for name in names:
-        close = difflib.get_close_matches(name.rsplit(".", 1)[-1], leaves, n=5, cutoff=0.4)
-        close_paths = difflib.get_close_matches(name, paths, n=3, cutoff=0.5)
-        hint = ", ".join(dict.fromkeys(close + close_paths)) or "none close"
-        lines.append(f"  {name!r}: nearest existing names: {hint}")
-    extra = []
-    if config is not None and config.layers_to_transform is not None:
-        extra.append(f"layers_to_transform={config.layers_to_transform}")
-    if config is not None and config.exclude_modules:
-        extra.append(f"exclude_modules={config.exclude_modules}")
-    if extra:
-        lines.append("  (after applying " + ", ".join(extra) + ")")
-    shown = ", ".join(leaves[:40]) + (" ..." if len(leaves) > 40 else "")
-    lines.append(f"module names in this model: {shown}")
-    return "\n".join(lines)
+def _no_match_message(names: list[str], paths: list[str], config: LoraConfig) -> str:
+    after = []
+    if config.layers_to_transform is not None:
+        after.append(f"layers_to_transform={config.layers_to_transform}")
+    if config.exclude_modules:
+        after.append(f"exclude_modules={config.exclude_modules}")
+    return no_match_message(names, paths, after)
 
 
 # ---------------------------------------------------------------------------------------- registry
@@ -157,8 +97,8 @@ def _wrappers(model: nn.Module) -> Iterator[LoraLayer | ModulesToSave]:
             yield module
 
 
-def _changed(model: nn.Module) -> None:
-    """Adapters were added or removed: cached wrapper lists are stale."""
+def adapters_changed(model: nn.Module) -> None:
+    """Adapters were added or removed (or wrappers unloaded): cached wrapper lists are stale."""
     model.__dict__["_lorakit_generation"] = model.__dict__.get("_lorakit_generation", 0) + 1
 
 
@@ -171,12 +111,6 @@ def wrapper_list(model: nn.Module) -> list[LoraLayer | ModulesToSave]:
         cached = (key, list(_wrappers(model)))
         model.__dict__["_lorakit_wrappers"] = cached
     return cached[1]
-
-
-def _set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, child, new)
 
 
 def _check_name(name: str) -> None:
@@ -221,12 +155,17 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str) -> nn.Module:
     for path in targets:
         module = model.get_submodule(path)
         if not isinstance(module, LoraLayer):
-            new_wrappers[path] = wrap_module(module, path)
+            new_wrappers[path] = wrap_module(module, path, config.variant)
+        elif module.variant != config.variant:
+            raise ValueError(
+                f"{path!r} holds {module.variant!r} adapters {sorted(module.lora_A)}; a {config.variant!r} adapter "
+                "cannot share a layer with them"
+            )
     if first:
         model.requires_grad_(False)
     for path, wrapper in new_wrappers.items():
         wrapper.train(model.get_submodule(path).training)  # an eval-mode model stays in eval mode
-        _set_submodule(model, path, wrapper)
+        set_submodule(model, path, wrapper)
     for path in targets:
         layer = model.get_submodule(path)
         assert isinstance(layer, LoraLayer)
@@ -251,16 +190,16 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str) -> nn.Module:
                 bias.requires_grad_(True)
 
     configs[name] = config
-    _changed(model)
+    adapters_changed(model)
     if first:
         set_adapter(model, name)
     return model
 
 
 def _add_module_to_save(model: nn.Module, module_name: str, adapter: str) -> None:
-    paths = [p for p, _ in _candidate_modules(model) if _is_suffix(module_name, p)]
+    paths = [p for p, _ in candidate_modules(model) if is_suffix(module_name, p)]
     if not paths:
-        leaves = sorted({p.rsplit(".", 1)[-1] for p, _ in _candidate_modules(model)})
+        leaves = sorted({p.rsplit(".", 1)[-1] for p, _ in candidate_modules(model)})
         close = difflib.get_close_matches(module_name, leaves, n=5, cutoff=0.4)
         raise ValueError(
             f"modules_to_save: {module_name!r} matches no module; nearest existing names: {close or 'none close'}"
@@ -272,7 +211,7 @@ def _add_module_to_save(model: nn.Module, module_name: str, adapter: str) -> Non
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module).train(module.training)
             module.active_adapter = active_adapter(model)
-            _set_submodule(model, path, module)
+            set_submodule(model, path, module)
         module.add_adapter(adapter)
         module.modules_to_save[adapter].requires_grad_(False)
 
@@ -309,13 +248,13 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if isinstance(module, LoraLayer) and name in module.lora_A:
             module.delete_adapter(name)
             if not module.lora_A:
-                _set_submodule(model, path, module.base_layer)
+                set_submodule(model, path, module.base_layer)
         elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
             module.delete_adapter(name)
             if not module.modules_to_save:
-                _set_submodule(model, path, module.original_module)
+                set_submodule(model, path, module.original_module)
     del configs[name]
-    _changed(model)
+    adapters_changed(model)
     if configs and active_adapter(model) is None:
         set_adapter(model, next(iter(configs)))
 
@@ -326,13 +265,12 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
 
     A merged adapter is unmerged for the block and merged back after it.
     """
-    from .merging import merge, unmerge
-
     wrappers = list(_wrappers(model))
-    was_merged = any(isinstance(w, LoraLayer) and w.merged_adapters for w in wrappers)
     previous = [w.adapters_disabled for w in wrappers]
-    if was_merged:
-        unmerge(model)
+    # A merged adapter is taken out of the weights for the block (what lorakit.unmerge does per layer).
+    merged = [w for w in wrappers if isinstance(w, LoraLayer) and w.merged_adapters]
+    for layer in merged:
+        layer.unmerge()
     for w in wrappers:
         w.adapters_disabled = True
     try:
@@ -340,8 +278,8 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     finally:
         for w, flag in zip(wrappers, previous, strict=True):
             w.adapters_disabled = flag
-        if was_merged:
-            merge(model)
+        for layer in merged:
+            layer.merge()
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .injection import CONFIGS_ATTR, _changed, _set_submodule, active_adapter, adapter_configs, lora_layers
+from .injection import CONFIGS_ATTR, active_adapter, adapter_configs, adapters_changed, lora_layers
 from .layers import LoraLayer, ModulesToSave
+from .quantization import dense_linear
+from .targeting import is_linear4bit, set_submodule
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -38,8 +40,6 @@ def merge(model: nn.Module) -> nn.Module:
 def _dequantize_merge(model: nn.Module, dtype: torch.dtype) -> None:
     """Every ``Linear4bit`` → dense ``nn.Linear``; a LoRA layer on one gets ``W + ΔW`` (active
     adapter) and is marked merged, so the unload below only unwraps it."""
-    from .quantization import dense_linear, is_linear4bit
-
     if is_merged(model):
         raise RuntimeError(
             "an adapter is already merged into 4-bit weights: unmerge before merge_and_unload(dequantize=True)"
@@ -54,7 +54,7 @@ def _dequantize_merge(model: nn.Module, dtype: torch.dtype) -> None:
                 module.merged_adapters.append(name)
             module.base_layer = dense
         elif is_linear4bit(module) and not path.endswith("base_layer"):
-            _set_submodule(model, path, dense_linear(module, dtype))
+            set_submodule(model, path, dense_linear(module, dtype))
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -87,10 +87,10 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False, dtype: torch.dt
     for path, module in list(model.named_modules()):
         if isinstance(module, LoraLayer):
             module.base_layer.requires_grad_(False)
-            _set_submodule(model, path, module.base_layer)
+            set_submodule(model, path, module.base_layer)
         elif isinstance(module, ModulesToSave):
-            _set_submodule(model, path, module.active_module())
+            set_submodule(model, path, module.active_module())
     adapter_configs(model).clear()
     model.__dict__.pop(CONFIGS_ATTR, None)
-    _changed(model)
+    adapters_changed(model)
     return model

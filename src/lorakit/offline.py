@@ -19,8 +19,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from .checkpoint import PREFIX, WEIGHTS_NAME, AdapterLoadError, _atomic_write, read_config, read_tensors
 from .config import LoraConfig
+from .files import PREFIX, WEIGHTS_NAME, AdapterLoadError, atomic_write, read_config, read_tensors
+from .layers import layer_class
 
 
 @dataclass
@@ -33,13 +34,10 @@ class AdaptedMatrix:
     B: torch.Tensor
 
     def delta(self) -> torch.Tensor:
-        """``ΔW`` in the layout PEFT's ``lora_A``/``lora_B`` imply: ``[out, in]`` (``[in, out]`` for
-        embeddings; ``[out, in, kh, kw]`` for Conv2d)."""
-        A, B = self.A.float(), self.B.float()
-        if self.kind == "conv2d":
-            return torch.einsum("or,rihw->oihw", B[:, :, 0, 0], A) * self.scaling
-        d = (B @ A) * self.scaling
-        return d.T if self.kind == "embedding" else d
+        """``ΔW`` in the layout of the weight it adapts, as the layer kind defines it: ``[out, in]``
+        for linear factors (a Conv1D base transposes it, see ``merge_files``), ``[num, dim]`` for
+        embeddings, ``[out, in, kh, kw]`` for Conv2d."""
+        return layer_class(self.kind).weight_delta(self.A.float(), self.B.float(), self.scaling, False)
 
 
 def adapted_matrices(config: LoraConfig, tensors: dict[str, torch.Tensor]) -> list[AdaptedMatrix]:
@@ -144,5 +142,5 @@ def merge_files(
     merged = {k: updates.get(k, v).contiguous() for k, v in base.items()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out, save(merged, metadata={"format": "pt"}))
+    atomic_write(out, save(merged, metadata={"format": "pt"}))
     return {"out": str(out), "updated": sorted(updates), "tensors": len(merged)}

@@ -20,10 +20,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .targeting import candidate_modules, is_linear4bit, name_matches, set_submodule
+
 QUANT_TYPES = ("nf4", "fp4")
 
 
-def _bnb() -> Any:
+def require_bitsandbytes() -> Any:
+    """The ``bitsandbytes`` module, or an ``ImportError`` that says how to install it."""
     try:
         import bitsandbytes
     except ImportError:
@@ -31,15 +34,6 @@ def _bnb() -> Any:
             "4-bit quantization needs bitsandbytes>=0.46 (CPU support): pip install 'lorakit[quant]'"
         ) from None
     return bitsandbytes
-
-
-def is_linear4bit(module: nn.Module) -> bool:
-    """A 4-bit linear layer: lorakit's ``NF4Linear`` or bitsandbytes' ``Linear4bit`` (as loaded
-    by transformers' ``BitsAndBytesConfig``; detected without importing bitsandbytes)."""
-    if isinstance(module, NF4Linear):
-        return True
-    cls = type(module)
-    return cls.__name__ in ("Linear4bit", "LinearNF4", "LinearFP4") and cls.__module__.startswith("bitsandbytes")
 
 
 def _unpack(packed: torch.Tensor) -> torch.Tensor:
@@ -73,6 +67,9 @@ class NF4Linear(nn.Module):
     kernel mis-reads rows whose length is not a multiple of the block size, e.g. 784.)
     """
 
+    #: recognised by ``targeting.is_linear4bit`` (and so wrapped by ``LoraLinear``)
+    lorakit_4bit = True
+
     def __init__(
         self,
         linear: nn.Linear,
@@ -93,7 +90,7 @@ class NF4Linear(nn.Module):
 
     def store(self, weight: torch.Tensor) -> None:
         """Quantize ``weight`` ``[out, in]`` into this layer (flattened: blocks run across rows)."""
-        bnb = _bnb()
+        bnb = require_bitsandbytes()
         packed, state = bnb.functional.quantize_4bit(
             weight.reshape(-1).float(), blocksize=self.blocksize, compress_statistics=self.double_quant,
             quant_type=self.quant_type,
@@ -152,15 +149,13 @@ def quantize(
         raise ValueError(f"quantize supports bits=4 (NF4/FP4), got bits={bits}")
     if quant_type not in QUANT_TYPES:
         raise ValueError(f"quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
-    _bnb()
-    from .injection import _candidate_modules, _name_matches, _set_submodule
-
-    targets = [p for p, m in _candidate_modules(model) if type(m) is nn.Linear and not _name_matches(list(skip), p)]
+    require_bitsandbytes()
+    targets = [p for p, m in candidate_modules(model) if type(m) is nn.Linear and not name_matches(list(skip), p)]
     if not targets:
         raise ValueError("quantize found no nn.Linear to quantize (after skip=" + repr(list(skip)) + ")")
     for path in targets:
         linear = model.get_submodule(path)
-        _set_submodule(model, path, NF4Linear(linear, quant_type, double_quant, compute_dtype))
+        set_submodule(model, path, NF4Linear(linear, quant_type, double_quant, compute_dtype))
     return model
 
 
@@ -168,7 +163,7 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
     """The float32 weight ``[out, in]`` a 4-bit layer represents."""
     if isinstance(layer, NF4Linear):
         return layer.dequantize()
-    bnb = _bnb()
+    bnb = require_bitsandbytes()
     w = layer.weight
     if getattr(w.quant_state, "packing_format_for_cpu", False):  # repacked by an eval forward on CPU
         from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
@@ -186,7 +181,7 @@ def requantize_into(layer: nn.Module, weight: torch.Tensor) -> None:
     if isinstance(layer, NF4Linear):
         layer.store(weight)
         return
-    bnb = _bnb()
+    bnb = require_bitsandbytes()
     state = layer.weight.quant_state
     packed, new_state = bnb.functional.quantize_4bit(
         weight.to(state.dtype), blocksize=state.blocksize, compress_statistics=state.nested, quant_type=state.quant_type
@@ -273,6 +268,6 @@ def paged_adamw(params: Any, bits: int = 8, **kwargs: Any) -> torch.optim.Optimi
             "paged optimizers page their state through CUDA unified memory, and this machine has no CUDA "
             "device; use torch.optim.AdamW (adapter optimizer state is small) or run on a GPU"
         )
-    bnb = _bnb()
+    bnb = require_bitsandbytes()
     cls = bnb.optim.PagedAdamW8bit if bits == 8 else bnb.optim.PagedAdamW32bit
     return cls(params, **kwargs)

@@ -14,34 +14,142 @@ There is no Python loop over adapters in ``forward``. Zero padding and the zero 
 exactly nothing, so adapters of different ranks and alphas mix freely. Under autograd the bank is
 stacked from the adapters' own parameters on every forward, so each row's loss reaches only its own
 adapter; in inference the bank is cached until an adapter changes (added, deleted, or written to).
+
+All routing state lives here: entering a route gives each LoRA layer one :class:`LayerRoute`
+(``layer.route``), leaving it restores what was there before. The caches (inference banks, slot
+tables) are owned by this module, keyed weakly by layer and guarded by a lock, so two threads
+routing different models never interfere. (One model routed by two threads at once is not
+supported: a route is state of the model, like ``train()``/``eval()``.)
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
+import weakref
 from collections.abc import Iterator, Sequence
+from operator import attrgetter
+from typing import Any
 
 import torch
 from torch import nn
 
-from .bank import inference_bank
+from .bank import bag_indices, stack_factors
 from .injection import adapter_configs, lora_layers, wrapper_list
-from .layers import LoraLayer, ModulesToSave
+from .layers import LoraLayer, ModulesToSave, accumulate
 
 Routing = Sequence[str | None] | torch.Tensor
 
+_VERSION = attrgetter("_version")
+_LOCK = threading.Lock()
+_BANKS: weakref.WeakKeyDictionary[LoraLayer, tuple[tuple, tuple[torch.Tensor, ...]]] = weakref.WeakKeyDictionary()
+_SLOT_TABLES: weakref.WeakKeyDictionary[LoraLayer, tuple[tuple, torch.Tensor]] = weakref.WeakKeyDictionary()
 
-@contextlib.contextmanager
-def route(model: nn.Module, adapters: Routing) -> Iterator[nn.Module]:
-    """Within the block, row ``b`` of every batch runs adapter ``adapters[b]`` (None: base only).
 
-    ``adapters`` is a list of adapter names (or None), or an integer tensor of positions in
-    ``lorakit.adapter_configs(model)`` order (-1: base only). Works in training (each row's loss
-    updates only its own adapter; see ``set_trainable``) and in inference, including
-    ``generate`` with beams or sampling (rows are expanded as generate expands them).
-    """
-    configs = adapter_configs(model)
-    order = list(configs)
+# ---------------------------------------------------------------------------------------- banks
+def stack_bank(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``layer``'s adapters stacked (differentiably) into ``(A_bank, B_bank, dropout_p)`` in the
+    layer's bank layout."""
+    names = list(layer.lora_A.keys())
+    A, B, p = stack_factors(
+        [layer.lora_A[n] for n in names], [layer.lora_B[n] for n in names],
+        [layer.scaling[n] for n in names], [layer.dropout_p(n) for n in names],
+    )  # fmt: skip
+    A, B = layer.bank_layout(A, B)
+    return A, B, p
+
+
+def inference_bank(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bank for forwards without autograd, cached and rebuilt only when an adapter was added,
+    deleted, replaced or changed in place (tensor version counters)."""
+    params = [*layer.lora_A.values(), *layer.lora_B.values()]
+    # map() with C-level getters: this check runs for every layer each time a route is entered.
+    key = (tuple(layer.lora_A.keys()), tuple(map(id, params)), tuple(map(_VERSION, params)),
+           tuple(layer.scaling.values()))  # fmt: skip
+    with _LOCK:
+        cached = _BANKS.get(layer)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, stack_bank(layer))
+        with _LOCK:
+            _BANKS[layer] = cached
+    return cached[1]
+
+
+def _slot_table(layer: LoraLayer, order: list[str]) -> torch.Tensor:
+    """Model adapter position → this layer's bank slot (the zero slot for adapters the layer
+    lacks, and for position ``len(order)`` = no adapter)."""
+    key = (tuple(order), tuple(layer.lora_A.keys()))
+    with _LOCK:
+        cached = _SLOT_TABLES.get(layer)
+    if cached is None or cached[0] != key:
+        slot = {n: i for i, n in enumerate(layer.lora_A.keys())}
+        zero = len(slot)
+        cached = (key, torch.tensor([slot.get(n, zero) for n in order] + [zero]))
+        with _LOCK:
+            _SLOT_TABLES[layer] = cached
+    return cached[1]
+
+
+# ---------------------------------------------------------------------------------------- one layer
+class LayerRoute:
+    """How one LoRA layer runs inside a route: one adapter (or none) for every row, or each row
+    its own bank slot (``slots``). Layers of one route share slot tensors and gather indices
+    through ``shared``, a dict that lives as long as the route."""
+
+    __slots__ = ("adapter", "bank", "has_dropout", "shared", "slots", "trains")
+
+    def __init__(
+        self, adapter: str | None = None, slots: torch.Tensor | None = None, bank: tuple | None = None,
+        trains: bool = False, has_dropout: bool = False, shared: dict | None = None,
+    ) -> None:  # fmt: skip
+        self.adapter, self.slots, self.bank = adapter, slots, bank
+        self.trains, self.has_dropout = trains, has_dropout
+        self.shared = shared if shared is not None else {}
+
+    def rows(self, batch: int) -> torch.Tensor:
+        """The bank slot of every row; a route given per prompt is repeated for expanded batches
+        (beam search and sampling in ``generate`` repeat each row contiguously)."""
+        slots = self.slots
+        assert slots is not None
+        if batch == slots.shape[0]:
+            return slots
+        if batch % slots.shape[0]:
+            raise ValueError(
+                f"lorakit.route was given {slots.shape[0]} rows but a layer received a batch of {batch}; "
+                "route one adapter name per row of the input"
+            )
+        key = ("rows", id(slots), batch)
+        if key not in self.shared:
+            self.shared[key] = (slots, slots.repeat_interleave(batch // slots.shape[0]))
+        return self.shared[key][1]
+
+    def bag_indices(self, slots: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``bank.bag_indices`` for these slots, computed once per route (a decode loop reuses
+        them at every step and in every layer)."""
+        key = ("bags", id(slots), rank)
+        entry = self.shared.get(key)
+        if entry is None or entry[0] is not slots:
+            entry = (slots, bag_indices(slots, rank))
+            self.shared[key] = entry
+        return entry[1]
+
+    def forward(self, layer: LoraLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.slots is None:  # every row runs the same adapter (or none): the exact, cheaper path
+            return layer.forward_with(self.adapter, x, *args, **kwargs)
+        out = layer.base_layer(x, *args, **kwargs)
+        if torch.is_grad_enabled() and self.trains:
+            A, B, p = stack_bank(layer)  # rebuilt each step so gradients reach each adapter
+        else:
+            A, B, p = self.bank if self.bank is not None else inference_bank(layer)
+        slots = self.rows(x.shape[0])
+        keep = (1.0 - p[slots]) if layer.training and self.has_dropout else None
+        return accumulate(out, layer.bank_delta(x, A, B, slots, keep, self.bag_indices))
+
+
+# ---------------------------------------------------------------------------------------- the route
+def _row_names(model: nn.Module, adapters: Routing) -> tuple[list[str], list[str | None]]:
+    order = list(adapter_configs(model))
     if isinstance(adapters, torch.Tensor):
         if adapters.dim() != 1 or adapters.dtype.is_floating_point:
             raise ValueError(
@@ -53,11 +161,24 @@ def route(model: nn.Module, adapters: Routing) -> Iterator[nn.Module]:
         names: list[str | None] = [order[i] if i >= 0 else None for i in adapters.tolist()]
     else:
         names = list(adapters)
-        unknown = sorted({n for n in names if n is not None and n not in configs})
+        unknown = sorted({n for n in names if n is not None and n not in order})
         if unknown:
             raise KeyError(f"route names unknown adapters {unknown}; the model holds {order or 'no adapters'}")
     if not names:
         raise ValueError("route needs at least one row")
+    return order, names
+
+
+@contextlib.contextmanager
+def route(model: nn.Module, adapters: Routing) -> Iterator[nn.Module]:
+    """Within the block, row ``b`` of every batch runs adapter ``adapters[b]`` (None: base only).
+
+    ``adapters`` is a list of adapter names (or None), or an integer tensor of positions in
+    ``lorakit.adapter_configs(model)`` order (-1: base only). Works in training (each row's loss
+    updates only its own adapter; see ``set_trainable``) and in inference, including
+    ``generate`` with beams or sampling (rows are expanded as generate expands them).
+    """
+    order, names = _row_names(model, adapters)
     wrappers = wrapper_list(model)
     if any(isinstance(m, ModulesToSave) for m in wrappers):
         raise NotImplementedError(
@@ -65,54 +186,38 @@ def route(model: nn.Module, adapters: Routing) -> Iterator[nn.Module]:
             "use set_adapter for such adapters"
         )
     layers = [m for m in wrappers if isinstance(m, LoraLayer)]
-    merged = [layer for layer in layers if layer.merged_adapters]
-    if merged:
+    if any(layer.merged_adapters for layer in layers):
         raise RuntimeError("an adapter is merged into the base weights: call lorakit.unmerge(model) before routing")
-    state = ("routing", "route_bank", "route_trains", "active_adapter", "adapters_disabled")
-    # Plain attributes: saved and restored through __dict__ (nn.Module.__setattr__ is slow).
-    previous = [{a: layer.__dict__[a] for a in state} for layer in layers]
     position = {n: i for i, n in enumerate(order)}
     rows = torch.tensor([position[n] if n is not None else len(order) for n in names])
     used = set(names)
     shared: dict = {}
+    routes: list[LayerRoute] = []
+    for layer in layers:
+        present = used.intersection(layer.lora_A.keys())
+        if len(used) == 1 or not present:
+            routes.append(LayerRoute(adapter=next(iter(present), None)))
+            continue
+        # Layers holding the same adapters share one slot tensor (and its cached indices).
+        device = layer.base_layer.weight.device
+        key = ("slots", tuple(layer.lora_A.keys()), device)
+        if key not in shared:
+            shared[key] = _slot_table(layer, order)[rows].to(device)
+        # Captured once here, so a forward does no per-adapter Python work.
+        trains = any(p.requires_grad for p in layer.lora_A.values())
+        routes.append(LayerRoute(
+            slots=shared[key], bank=None if trains else inference_bank(layer), trains=trains,
+            has_dropout=any(layer.dropout_p(n) > 0 for n in layer.lora_A.keys()), shared=shared,
+        ))  # fmt: skip
+    # Plain attribute writes through __dict__ (nn.Module.__setattr__ is slow); restored on exit.
+    previous = [layer.__dict__["route"] for layer in layers]
     try:
-        for layer in layers:
-            present = used.intersection(layer.lora_A._parameters)
-            # Every row of this layer runs the same adapter, or none: the single-adapter path is
-            # exact and cheaper than a gather.
-            if not present:
-                layer.adapters_disabled = True
-                continue
-            if len(used) == 1:
-                layer.active_adapter = next(iter(present))
-                continue
-            # Layers holding the same adapters share one slot tensor (and its cached indices).
-            device = layer.base_layer.weight.device
-            key = (tuple(layer.lora_A._parameters), device)
-            if key not in shared:
-                shared[key] = _slot_table(layer, order)[rows].to(device)
-            layer.routing = shared[key]
-            layer.route_prepare(shared)
-            # Captured once here, so a forward does no per-adapter Python work.
-            layer.route_trains = any(p.requires_grad for p in layer.lora_A._parameters.values())
-            layer.route_bank = None if layer.route_trains else inference_bank(layer)
+        for layer, layer_route in zip(layers, routes, strict=True):
+            layer.__dict__["route"] = layer_route
         yield model
     finally:
         for layer, old in zip(layers, previous, strict=True):
-            layer.__dict__.update(old)
-
-
-def _slot_table(layer: LoraLayer, order: list[str]) -> torch.Tensor:
-    """Model adapter position → this layer's bank slot (the zero slot for adapters the layer
-    lacks, and for position ``len(order)`` = no adapter). Cached per layer."""
-    key = (tuple(order), tuple(layer.lora_A._parameters))
-    cached = layer.__dict__.get("_slot_table")
-    if cached is None or cached[0] != key:
-        slot = {n: i for i, n in enumerate(layer.lora_A._parameters)}
-        zero = len(slot)
-        cached = (key, torch.tensor([slot.get(n, zero) for n in order] + [zero]))
-        layer.__dict__["_slot_table"] = cached
-    return cached[1]
+            layer.__dict__["route"] = old
 
 
 def set_trainable(model: nn.Module, adapters: Sequence[str]) -> None:

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from .checkpoint import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError, _atomic_write
+from .files import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError, atomic_write
 
 PROMPT_KEY = "prompt_embeddings"  # PEFT's tensor name for both methods
 
@@ -222,8 +222,8 @@ class SoftPromptModel(nn.Module):
         out = Path(directory)
         out.mkdir(parents=True, exist_ok=True)
         tensor = self.prompt().detach().to("cpu").contiguous()
-        _atomic_write(out / WEIGHTS_NAME, save({PROMPT_KEY: tensor}, metadata={"format": "pt"}))
-        _atomic_write(out / CONFIG_NAME, (json.dumps(self.peft_config(), indent=2, sort_keys=True) + "\n").encode())
+        atomic_write(out / WEIGHTS_NAME, save({PROMPT_KEY: tensor}, metadata={"format": "pt"}))
+        atomic_write(out / CONFIG_NAME, (json.dumps(self.peft_config(), indent=2, sort_keys=True) + "\n").encode())
         return out / WEIGHTS_NAME
 
     @classmethod

@@ -1,0 +1,284 @@
+"""What every LoRA layer shares: a frozen base layer plus named low-rank adapters, run in parallel.
+
+For an input ``x`` the active adapter ``k`` adds a low-rank path beside the frozen layer::
+
+    y = base(x) + s_k · B_k A_k dropout(x),        s_k = alpha_k / r_k   (rsLoRA: alpha_k / √r_k)
+
+so the effective weight is ``W0 + ΔW_k`` with ``ΔW_k = s_k · B_k A_k`` of rank ``r_k``.
+``A_k ∈ R^{r×in}`` starts random and ``B_k ∈ R^{out×r}`` starts at zero, so a fresh adapter leaves the
+model's output unchanged (bitwise). Merging adds ``ΔW_k`` into ``W0`` (zero added latency);
+unmerging subtracts it again.
+
+Each layer kind (linear, embedding, conv2d; a variant such as DoRA is one more) is one subclass in
+its own file that defines, once, the shapes of its factors, ``ΔW`` from the factors
+(:meth:`LoraLayer.factor_delta`, used by merging, offline merging, combining), the single-adapter
+forward (:meth:`LoraLayer.adapter_delta`) and the per-row bank forward (:meth:`LoraLayer.bank_delta`,
+used by ``lorakit.route``). A kind registers itself with :func:`register_kind`; :func:`wrap_module`
+picks the class for a module.
+
+Each wrapper keeps the original module as ``base_layer`` (the same attribute name PEFT uses, so
+trained biases get PEFT's keys) and the factors in ``lora_A`` / ``lora_B`` parameter dicts keyed
+by adapter name. Only the active adapter runs: there is no loop over adapters in ``forward``.
+Adapter factors are float32 (float64 for a float64 base) whatever the base's dtype; the output
+keeps the base output's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..functional import Dropout
+from ..quantization import merge_into_4bit
+from ..targeting import is_linear4bit
+
+
+def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Adapters train in float32 (or float64 with a float64 base), never in half precision."""
+    return weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+def init_lora_a(weight: torch.Tensor, init: str, r: int) -> None:
+    """``"default"``: kaiming-uniform with a=√5 (nn.Linear's own init); ``"gaussian"``: N(0, 1/r)."""
+    if init == "gaussian":
+        nn.init.normal_(weight, mean=0.0, std=1.0 / r)
+    else:
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+
+
+def accumulate(out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``out + delta`` in ``out``'s dtype. In inference it adds in place (no second full-size
+    tensor); under autograd it stays out of place so the graph never sees a mutated tensor."""
+    if not torch.is_grad_enabled() and not out.requires_grad:
+        return out.add_(delta)
+    return out + delta.to(out.dtype)
+
+
+class LoraLayer(nn.Module):
+    """Common state of every LoRA wrapper. Subclasses define the kind-specific maths.
+
+    Attributes:
+        base_layer: the wrapped original module (frozen).
+        lora_A, lora_B: adapter factors by adapter name.
+        r, scaling: per-adapter rank and output scale ``s``.
+        active_adapter: the adapter that runs in ``forward`` (None: base only).
+        merged_adapters: adapters whose ΔW is currently added into the base weight.
+        adapters_disabled: when True the layer behaves exactly like ``base_layer``.
+        route: set by ``lorakit.route`` while a per-row route is active (None otherwise); it
+            decides how this layer runs, so ``forward`` hands the call to it.
+    """
+
+    #: kind name as stored in files and in the registry ("linear", "embedding", "conv2d")
+    kind: str = ""
+    #: the adapter variant this class implements (plain LoRA; DoRA registers its own classes)
+    variant: str = "lora"
+    #: names of the factors in PEFT's checkpoint keys
+    peft_keys: tuple[str, str] = ("lora_A.weight", "lora_B.weight")
+    #: ``ΔW`` is stored transposed relative to ``factor_delta`` (``[in, out]`` weights)
+    fan_in_fan_out: bool = False
+    #: marks the insides of this module as not targetable (``targeting.candidate_modules``)
+    lorakit_wrapper = True
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.scaling: dict[str, float] = {}
+        self.active_adapter: str | None = None
+        self.merged_adapters: list[str] = []
+        self.adapters_disabled = False
+        self.route: Any = None
+        base_layer.requires_grad_(False)
+
+    # ------------------------------------------------------------------ defined once per kind
+    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        raise NotImplementedError
+
+    @staticmethod
+    def factor_delta(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+        """``ΔW = s · B A`` in the factors' own layout (``[out, in]`` for linear factors)."""
+        raise NotImplementedError
+
+    @classmethod
+    def weight_delta(cls, A: torch.Tensor, B: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
+        """``ΔW`` in the layout of the base weight: ``factor_delta``, transposed when the weight
+        is stored ``[in, out]``."""
+        delta = cls.factor_delta(A, B, scaling)
+        return delta.T if fan_in_fan_out else delta
+
+    def adapter_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        """The adapter term ``s · B A dropout(x)`` of adapter ``name``."""
+        raise NotImplementedError
+
+    def bank_layout(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked ``A [S, R, ...]`` and ``B [S, out, R, ...]`` rearranged as ``bank_delta`` reads
+        them, so a gathered slice feeds the batched GEMM without another copy."""
+        return A, B
+
+    def bank_delta(
+        self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor, keep: torch.Tensor | None,
+        bags: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        """The adapter term when row ``b`` uses bank slot ``slots[b]`` (scale folded into ``B``;
+        input-dropout keep probability ``keep[b]`` in training, None without dropout; ``bags``
+        gives cached gather indices for a slot tensor and rank)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support per-row routing")
+
+    def reset_adapter(self, name: str, init: str) -> None:
+        init_lora_a(self.lora_A[name], init, self.r[name])
+        nn.init.zeros_(self.lora_B[name])
+
+    # ------------------------------------------------------------------ adapter bookkeeping
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """``ΔW`` of adapter ``name`` in the layout of ``base_layer.weight``, in the adapter's dtype."""
+        return self.weight_delta(self.lora_A[name], self.lora_B[name], self.scaling[name], self.fan_in_fan_out)
+
+    def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: str) -> None:
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        weight = self.base_layer.weight
+        kw = {"device": weight.device, "dtype": adapter_dtype(weight)}
+        shape_a, shape_b = self.factor_shapes(r)
+        self.lora_A[name] = nn.Parameter(torch.empty(shape_a, **kw))
+        self.lora_B[name] = nn.Parameter(torch.empty(shape_b, **kw))
+        self.lora_dropout[name] = Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.r[name], self.scaling[name] = r, scaling
+        with torch.no_grad():
+            self.reset_adapter(name, init)
+
+    def delete_adapter(self, name: str) -> None:
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is merged into the base weights; unmerge it before deleting it")
+        del self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        del self.r[name], self.scaling[name]
+        if self.active_adapter == name:
+            self.active_adapter = None
+
+    def dropout_p(self, name: str) -> float:
+        """The input-dropout probability of adapter ``name`` (0 without dropout)."""
+        module = self.lora_dropout[name]
+        return module.p if isinstance(module, nn.Dropout) else 0.0
+
+    # ------------------------------------------------------------------ merge / unmerge
+    def merge(self) -> None:
+        """``W0 ← W0 + ΔW`` for the active adapter, computed in float32 and rounded once."""
+        name = self.active_adapter
+        if name is None or name not in self.lora_A:
+            return
+        if name in self.merged_adapters:
+            raise RuntimeError(f"adapter {name!r} is already merged; merging twice would add ΔW twice")
+        self.add_to_base(self.delta_weight(name), sign=1.0)
+        self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """``W0 ← W0 − ΔW`` for every merged adapter (restores W0 up to rounding)."""
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            self.add_to_base(self.delta_weight(name), sign=-1.0)
+
+    @torch.no_grad()
+    def add_to_base(self, delta: torch.Tensor, sign: float) -> None:
+        """``W0 ← W0 + sign · delta``; a 4-bit base is re-quantized (with a warning)."""
+        if is_linear4bit(self.base_layer):
+            merge_into_4bit(self.base_layer, delta, sign)
+            return
+        weight = self.base_layer.weight
+        delta = delta.detach()
+        if weight.dtype in (torch.float32, torch.float64):
+            weight.add_(delta.to(weight.dtype), alpha=sign)
+        else:
+            weight.copy_(weight.float().add_(delta.float(), alpha=sign))
+
+    # ------------------------------------------------------------------ forward
+    def adapter_to_run(self) -> str | None:
+        """The adapter this forward adds (None: the base layer alone)."""
+        name = self.active_adapter
+        if name is None or self.adapters_disabled or name not in self.lora_A:
+            return None
+        if self.merged_adapters:
+            if self.training and torch.is_grad_enabled() and self.lora_A[name].requires_grad:
+                raise RuntimeError(
+                    f"adapter {name!r} is merged into the base weights and cannot be trained: call "
+                    "lorakit.unmerge(model) before training (or model.eval() / torch.no_grad() for inference)"
+                )
+            return None
+        return name
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.route is not None and not self.adapters_disabled:
+            return self.route.forward(self, x, *args, **kwargs)
+        return self.forward_with(self.adapter_to_run(), x, *args, **kwargs)
+
+    def forward_with(self, name: str | None, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The base layer plus adapter ``name`` (None: the base layer alone)."""
+        out = self.base_layer(x, *args, **kwargs)
+        return out if name is None else accumulate(out, self.adapter_delta(x, name))
+
+    def extra_repr(self) -> str:
+        adapters = ", ".join(f"{n}(r={self.r[n]}, s={self.scaling[n]:g})" for n in self.lora_A)
+        return f"adapters=[{adapters}], active={self.active_adapter!r}, merged={self.merged_adapters}"
+
+    def __getattr__(self, name: str) -> Any:
+        # Code written for the original layer (``layer.in_features``, ``lm_head.weight``) keeps working.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self._modules["base_layer"], name)
+
+
+# ---------------------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class LayerKind:
+    """A registered layer kind: the wrapper class, and which base modules it wraps."""
+
+    cls: type[LoraLayer]
+    accepts: Callable[[nn.Module], bool]
+    variant: str = "lora"
+
+
+_KINDS: list[LayerKind] = []
+
+
+def register_kind(cls: type[LoraLayer], accepts: Callable[[nn.Module], bool]) -> None:
+    """Make ``cls`` the wrapper of every module ``accepts`` says yes to, for adapters of
+    ``cls.variant``. Later registrations win, so a variant or a new base type is added without
+    editing the others."""
+    if not cls.kind:
+        raise ValueError(f"{cls.__name__} must set the class attribute 'kind'")
+    _KINDS.insert(0, LayerKind(cls, accepts, cls.variant))
+
+
+def layer_class(kind: str, variant: str = "lora") -> type[LoraLayer]:
+    """The wrapper class registered for ``kind`` (as stored in files) and ``variant``."""
+    for entry in _KINDS:
+        if entry.cls.kind == kind and entry.variant == variant:
+            return entry.cls
+    known = sorted({(e.cls.kind, e.variant) for e in _KINDS})
+    raise KeyError(f"no LoRA layer kind {kind!r} of variant {variant!r}; registered: {known}")
+
+
+def wrap_module(module: nn.Module, path: str, variant: str = "lora") -> LoraLayer:
+    """The LoRA wrapper for ``module``; ``TypeError`` naming the type when it has none."""
+    for entry in _KINDS:
+        if entry.variant == variant and entry.accepts(module):
+            return entry.cls(module)
+    supported = sorted({e.cls.__name__ for e in _KINDS if e.variant == variant})
+    raise TypeError(
+        f"module {path!r} is a {type(module).__module__}.{type(module).__qualname__}, which LoRA cannot wrap; "
+        "supported types: nn.Linear, nn.Embedding, nn.Conv2d, transformers Conv1D, bitsandbytes Linear4bit "
+        f"(wrappers registered for variant {variant!r}: {', '.join(supported) or 'none'})"
+    )

@@ -1,0 +1,67 @@
+"""LoRA on ``nn.Conv2d`` (groups 1, zero padding): A is a convolution with the base's kernel,
+stride, padding and dilation down to ``r`` channels, B a 1×1 convolution back up::
+
+    y = base(x) + s · conv1x1(conv(dropout(x), A), B)
+    ΔW[o, i, h, w] = s · Σ_k B[o, k] A[k, i, h, w]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..bank import routed_input_dropout
+from .base import LoraLayer, register_kind
+
+
+class LoraConv2d(LoraLayer):
+    """LoRA on a 2-D convolution; ``ΔW`` has the base kernel's shape ``[out, in, kh, kw]``."""
+
+    kind = "conv2d"
+
+    def __init__(self, base_layer: nn.Conv2d) -> None:
+        if base_layer.groups != 1:
+            raise TypeError(f"LoRA on Conv2d with groups={base_layer.groups} is not supported (only groups=1)")
+        if base_layer.padding_mode != "zeros":
+            raise TypeError(
+                f"LoRA on Conv2d with padding_mode={base_layer.padding_mode!r} is not supported (only 'zeros')"
+            )
+        super().__init__(base_layer)
+        self.in_channels, self.out_channels = base_layer.in_channels, base_layer.out_channels
+
+    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        kh, kw = self.base_layer.kernel_size
+        return (r, self.in_channels, kh, kw), (self.out_channels, r, 1, 1)
+
+    @staticmethod
+    def factor_delta(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+        return torch.einsum("or,rihw->oihw", B[:, :, 0, 0], A) * scaling
+
+    def adapter_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        base = self.base_layer
+        A, B = self.lora_A[name], self.lora_B[name]
+        h = self.lora_dropout[name](x).to(A.dtype)
+        t = F.conv2d(h, A, None, base.stride, base.padding, base.dilation) * self.scaling[name]
+        return F.conv2d(t, B)
+
+    def bank_delta(
+        self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor, keep: torch.Tensor | None,
+        bags: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        # banks: A [S, R, C, kh, kw], B [S, out, R, 1, 1]. Rows become groups of one grouped conv.
+        A, B = A.index_select(0, slots), B.index_select(0, slots)
+        base = self.base_layer
+        b, c = x.shape[0], x.shape[1]
+        h = x.to(A.dtype)
+        if keep is not None:
+            h = routed_input_dropout(h, keep)
+        t = F.conv2d(h.reshape(1, b * c, *x.shape[2:]), A.reshape(-1, *A.shape[2:]), None,
+                     base.stride, base.padding, base.dilation, groups=b)  # fmt: skip
+        t = t.reshape(b, A.shape[1], *t.shape[2:])  # [b, R, H', W']
+        return torch.einsum("brhw,bor->bohw", t, B[..., 0, 0])
+
+
+register_kind(LoraConv2d, lambda module: isinstance(module, nn.Conv2d))

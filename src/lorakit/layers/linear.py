@@ -1,0 +1,87 @@
+"""LoRA on ``nn.Linear`` (weight ``[out, in]``), Hugging Face ``Conv1D`` (weight ``[in, out]``) and
+4-bit linear layers (NF4 / bitsandbytes ``Linear4bit``)::
+
+    y = base(x) + s · (dropout(x) Aᵀ) Bᵀ,     A ∈ R^{r×in}, B ∈ R^{out×r}
+    ΔW = s · B A   ([out, in]; transposed for Conv1D, which stores [in, out])
+
+A route applies a bank of adapters to rows ``x_b`` by gathering (BGMV-style)::
+
+    t_b = x_b A[k_b]ᵀ   (shrink to rank R),    y_b = t_b B[k_b]   (expand; scale folded into B)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..bank import bank_delta_gathered, routed_input_dropout
+from ..functional import lora_linear
+from ..targeting import is_conv1d, is_linear4bit
+from .base import LoraLayer, register_kind
+
+
+class LoraLinear(LoraLayer):
+    """LoRA on a linear layer: ``y = base(x) + s · (dropout(x) Aᵀ) Bᵀ``; ``ΔW = s · B A``."""
+
+    kind = "linear"
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = is_conv1d(base_layer)
+        # The fused kernel (functional.lora_linear) computes the base layer itself, so it is used
+        # only for the exact types whose forward it reproduces; other types take the generic path.
+        self.fused = type(base_layer) is nn.Linear or self.fan_in_fan_out
+        w = base_layer.weight
+        # nn.Linear stores [out, in]; Conv1D stores [in, out]; a 4-bit Linear4bit stores packed codes.
+        if self.fan_in_fan_out:
+            self.in_features, self.out_features = w.shape[0], w.shape[1]
+        else:
+            self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+
+    def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        return (r, self.in_features), (self.out_features, r)
+
+    @staticmethod
+    def factor_delta(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+        return (B @ A) * scaling
+
+    def adapter_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        A, B = self.lora_A[name], self.lora_B[name]
+        h = self.lora_dropout[name](x)
+        # Scale the rank-r intermediate, the smallest tensor on the path.
+        return F.linear(F.linear(h.to(A.dtype), A) * self.scaling[name], B)
+
+    def forward_with(self, name: str | None, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        base = self.base_layer
+        if name is None:
+            return base(x, *args, **kwargs)
+        fused = self.fused and not args and not kwargs and not torch.is_autocast_enabled(x.device.type)
+        if fused and not base._forward_hooks and not base._forward_pre_hooks:
+            p = self.dropout_p(name) if self.training else 0.0
+            A, B = self.lora_A[name], self.lora_B[name]
+            return lora_linear(x, base.weight, base.bias, A, B, self.scaling[name], p, self.fan_in_fan_out)
+        return super().forward_with(name, x, *args, **kwargs)
+
+    def bank_layout(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return A, B.transpose(1, 2).contiguous()  # A [S, R, in], B [S, R, out]
+
+    def bank_delta(
+        self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor, keep: torch.Tensor | None,
+        bags: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        h = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)  # [b, tokens, in]
+        if keep is not None:
+            h = routed_input_dropout(h, keep)
+        indices = bags(slots, A.shape[1]) if bags is not None and h.shape[1] == 1 else None
+        return bank_delta_gathered(h, A, B, slots, indices).reshape(*x.shape[:-1], B.shape[2])
+
+
+def _is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module) or is_linear4bit(module)
+
+
+register_kind(LoraLinear, _is_linear)
