@@ -262,6 +262,11 @@ def register_kind(cls: type[LoraLayer], accepts: Callable[[nn.Module], bool]) ->
     _KINDS.insert(0, LayerKind(cls, accepts, cls.variant))
 
 
+def unregister_kind(cls: type[LoraLayer]) -> None:
+    """Remove every registration of ``cls`` (the built-in kinds stay unless named)."""
+    _KINDS[:] = [entry for entry in _KINDS if entry.cls is not cls]
+
+
 def layer_class(kind: str, variant: str = "lora") -> type[LoraLayer]:
     """The wrapper class registered for ``kind`` (as stored in files) and ``variant``."""
     for entry in _KINDS:
