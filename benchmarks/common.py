@@ -42,7 +42,7 @@ def build_model(name: str) -> nn.Module:
         )
         return LlamaForCausalLM(cfg)
     if name == "smollm2":  # the real pretrained SmolLM2-135M-Instruct (Llama, 30 layers, width 576)
-        from lorakit.pretrained import smollm2
+        from lorakit_experiments.pretrained import smollm2
 
         return smollm2()[0]
     raise ValueError(f"unknown model {name!r}; choose gpt2, llama or smollm2")
@@ -96,13 +96,51 @@ def current_rss_mb() -> float:
     return pages * resource.getpagesize() / 2**20
 
 
-def timed(fn, reps: int) -> list[float]:
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(1000 * (time.perf_counter() - t))
-    return out
+def timed(fn, reps: int, device: torch.device | str = "cpu") -> list[float]:
+    return [time_ms(fn, device) for _ in range(reps)]
+
+
+# ------------------------------------------------------------------------------ devices
+def device_arg(text: str) -> torch.device:
+    """``--device``: ``cpu`` or ``cuda[:N]``; asking for CUDA where there is none is an error."""
+    device = torch.device(text)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {text}: this machine (or this torch build) has no CUDA device")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {text}: the benchmarks run on cpu or cuda")
+    return device
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for the device's queued work (CUDA kernels run asynchronously); nothing on the CPU."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_ms(fn, device: torch.device | str = "cpu") -> float:
+    """Milliseconds ``fn()`` takes, the device's queue drained before and after it."""
+    synchronize(device)
+    t = time.perf_counter()
+    fn()
+    synchronize(device)
+    return 1000 * (time.perf_counter() - t)
+
+
+def peak_memory_mb(device: torch.device | str) -> float:
+    """Peak memory of this process on ``device``: the CUDA allocator's peak on a GPU (what the
+    tensors took, the caching allocator's slack excluded), the peak resident set on the CPU."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_rss_mb()
+
+
+def memory_label(device: torch.device | str) -> str:
+    return "peak CUDA MB" if torch.device(device).type == "cuda" else "peak RSS MB"
+
+
+def results_name(name: str, device: torch.device | str) -> str:
+    """Results of a GPU run go beside the CPU ones (``<name>_cuda``), never over them."""
+    return name if torch.device(device).type == "cpu" else f"{name}_{torch.device(device).type}"
 
 
 def rotated(names: list[str], i: int) -> list[str]:
@@ -115,8 +153,12 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def machine() -> dict:
+def machine(device: torch.device | str | None = None) -> dict:
+    """The machine a result comes from; ``device``: the one the benchmark ran on (None: the GPU if
+    there is one, as before)."""
     import os
+
+    on_cuda = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
 
     return {
         "platform": platform.platform(),
@@ -126,7 +168,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "python": sys.version.split()[0],
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "device": "cuda: " + torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+        "device": "cuda: " + torch.cuda.get_device_name(device) if on_cuda else "cpu",
     }
 
 

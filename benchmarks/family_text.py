@@ -37,9 +37,9 @@ def main() -> None:
     from tqdm import tqdm
 
     from lorakit import count_parameters, merge_and_unload
-    from lorakit.data.text import fixed_split, trec_questions
-    from lorakit.demos import chat_lm
-    from lorakit.demos.compare_text import QUESTION_INSTRUCTION, Settings, prepare
+    from lorakit_experiments.data.text import fixed_split, trec_questions
+    from lorakit_experiments.demos import chat_lm
+    from lorakit_experiments.demos.compare_text import QUESTION_INSTRUCTION, Settings, prepare
 
     settings = Settings()
     models: dict = {}

@@ -3,6 +3,10 @@ lorakit vs PEFT, all in one process with interleaved repetitions.
 
     .venv/bin/python benchmarks/inference.py                  # GPT-2 and Llama, batch 8×128
     .venv/bin/python benchmarks/inference.py --models gpt2 --reps 5
+    python benchmarks/inference.py --device cuda             # on a GPU: results/inference_cuda.{json,md}
+
+On CUDA every timed region is bracketed by ``torch.cuda.synchronize()`` (kernels run
+asynchronously), and adapter save / load include the copies between GPU and host.
 """
 
 from __future__ import annotations
@@ -11,13 +15,13 @@ import argparse
 import copy
 import sys
 import tempfile
-import time
+from functools import partial
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import apply_method, batch, build_model, machine, median, rotated, save
+from common import apply_method, batch, build_model, device_arg, machine, median, results_name, rotated, save, time_ms
 
 
 def _randomize_adapters(model: torch.nn.Module) -> None:
@@ -28,8 +32,7 @@ def _randomize_adapters(model: torch.nn.Module) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
-def _io_times(model_name: str, base: torch.nn.Module, reps: int) -> dict[str, dict[str, float]]:
-
+def _io_times(model_name: str, base: torch.nn.Module, reps: int, device: torch.device) -> dict[str, dict[str, float]]:
     import lorakit as lk
 
     ours = apply_method(copy.deepcopy(base), model_name, "lorakit")
@@ -37,30 +40,24 @@ def _io_times(model_name: str, base: torch.nn.Module, reps: int) -> dict[str, di
     out: dict[str, dict[str, list[float]]] = {"lorakit": {"save": [], "load": []}, "peft": {"save": [], "load": []}}
     with tempfile.TemporaryDirectory() as d:
         for i in range(reps):
-            t = time.perf_counter()
-            lk.save_adapter(ours, f"{d}/ours")
-            out["lorakit"]["save"].append(1000 * (time.perf_counter() - t))
-            t = time.perf_counter()
-            theirs.save_pretrained(f"{d}/theirs")
-            out["peft"]["save"].append(1000 * (time.perf_counter() - t))
-            t = time.perf_counter()
-            lk.load_adapter(ours, f"{d}/ours", name=f"x{i}", activate=False)
-            out["lorakit"]["load"].append(1000 * (time.perf_counter() - t))
-            t = time.perf_counter()
-            theirs.load_adapter(f"{d}/theirs", adapter_name=f"x{i}")
-            out["peft"]["load"].append(1000 * (time.perf_counter() - t))
+            out["lorakit"]["save"].append(time_ms(partial(lk.save_adapter, ours, f"{d}/ours"), device))
+            out["peft"]["save"].append(time_ms(partial(theirs.save_pretrained, f"{d}/theirs"), device))
+            load_ours = partial(lk.load_adapter, ours, f"{d}/ours", name=f"x{i}", activate=False)
+            out["lorakit"]["load"].append(time_ms(load_ours, device))
+            load_theirs = partial(theirs.load_adapter, f"{d}/theirs", adapter_name=f"x{i}")
+            out["peft"]["load"].append(time_ms(load_theirs, device))
             lk.delete_adapter(ours, f"x{i}")
             theirs.delete_adapter(f"x{i}")
     return {k: {op: median(v) for op, v in ops.items()} for k, ops in out.items()}
 
 
-def run_model(model_name: str, reps: int, warmup: int) -> dict:
+def run_model(model_name: str, reps: int, warmup: int, device: torch.device) -> dict:
     from tqdm import tqdm
 
     import lorakit as lk
 
-    base = build_model(model_name).eval()
-    ids = batch()
+    base = build_model(model_name).to(device).eval()
+    ids = batch().to(device)
     configs = {"base": base}
     unmerged = apply_method(copy.deepcopy(base), model_name, "lorakit").eval()
     _randomize_adapters(unmerged)
@@ -83,16 +80,15 @@ def run_model(model_name: str, reps: int, warmup: int) -> dict:
     with torch.no_grad():
         for i in tqdm(range(warmup + reps), desc=f"{model_name}: interleaved forwards", unit="round"):
             for n in rotated(names, i):
-                t = time.perf_counter()
-                configs[n](input_ids=ids)
+                ms = time_ms(partial(configs[n], input_ids=ids), device)
                 if i >= warmup:
-                    times[n].append(1000 * (time.perf_counter() - t))
+                    times[n].append(ms)
     base_ms = median(times["base"])
     return {
         "forward_ms": {n: median(v) for n, v in times.items()},
         "forward_x_base": {n: median(v) / base_ms for n, v in times.items()},
         "forward_ms_all": times,
-        "adapter_io_ms": _io_times(model_name, base, reps=5),
+        "adapter_io_ms": _io_times(model_name, base, reps=5, device=device),
     }
 
 
@@ -101,25 +97,28 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["gpt2", "llama"])
     ap.add_argument("--reps", type=int, default=12)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--device", type=device_arg, default="cpu", help="cpu (default) or cuda[:N]")
     args = ap.parse_args()
-    results = {m: run_model(m, args.reps, args.warmup) for m in args.models}
-    info = machine()
+    results = {m: run_model(m, args.reps, args.warmup, args.device) for m in args.models}
+    info = machine(args.device)
+    digits = 1 if args.device.type == "cpu" else 2
     rows, io_rows = [], []
     for m, r in results.items():
         for n, ms in r["forward_ms"].items():
-            rows.append(f"| {m} | {n} | {ms:.1f} | {r['forward_x_base'][n]:.3f} |")
+            rows.append(f"| {m} | {n} | {ms:.{digits}f} | {r['forward_x_base'][n]:.3f} |")
         for lib, ops in r["adapter_io_ms"].items():
             io_rows.append(f"| {m} | {lib} | {ops['save']:.1f} | {ops['load']:.1f} |")
+    where = f"{info['torch_threads']} threads" if args.device.type == "cpu" else f"torch {info['torch']}"
     md = (
         f"Inference: forward of batch 8×128 in eval mode under no_grad, LoRA r=8; median of {args.reps} "
-        f"interleaved repetitions in one process. {info['date']}, {info['device']}, "
-        f"{info['torch_threads']} threads.\n\n"
+        f"interleaved repetitions in one process. {info['date']}, {info['device']}, {where}.\n\n"
         "| model | configuration | forward ms | × base |\n|---|---|---:|---:|\n" + "\n".join(rows) + "\n\n"
         "Adapter save / load (median of 5, warm file cache):\n\n"
         "| model | library | save ms | load ms |\n|---|---|---:|---:|\n" + "\n".join(io_rows) + "\n"
     )
     print("\n" + md)
-    save("inference", {"machine": info, "settings": vars(args), "results": results}, md)
+    settings = {**vars(args), "device": str(args.device)}
+    save(results_name("inference", args.device), {"machine": info, "settings": settings, "results": results}, md)
 
 
 if __name__ == "__main__":

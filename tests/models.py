@@ -1,9 +1,49 @@
-"""Tiny Hugging Face models built from configs with random weights (nothing is downloaded)."""
+"""Small models for the library tests, built in code (nothing is downloaded): an MLP, tiny Hugging
+Face models from configs with random weights, and model/data factories for recipe tests."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from itertools import pairwise
+
 import torch
 from torch import nn
+
+
+class SeedMLP(nn.Module):
+    """A ReLU MLP whose linear layers are named ``fc1, fc2, ...``; by default 784→256→128→10
+    (235,146 parameters), the shape of the flipped-MNIST classifier."""
+
+    def __init__(self, sizes: Sequence[int] = (784, 256, 128, 10)) -> None:
+        super().__init__()
+        self.depth = len(sizes) - 1
+        for k, (n_in, n_out) in enumerate(pairwise(sizes), start=1):
+            setattr(self, f"fc{k}", nn.Linear(n_in, n_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for k in range(1, self.depth + 1):
+            x = getattr(self, f"fc{k}")(x)
+            if k < self.depth:
+                x = torch.relu(x)
+        return x
+
+
+def mlp_factory(hidden: int = 16, classes: int = 4) -> nn.Module:
+    """Recipe model factory (``factory = "tests.models:mlp_factory"``): 8 inputs → ``hidden`` → ``classes``."""
+    torch.manual_seed(0)
+    return SeedMLP((8, hidden, classes))
+
+
+def toy_data(n: int = 256, classes: int = 4, tokenizer=None):
+    """Recipe data factory: ``n`` random 8-dimensional points labelled by their largest coordinate
+    (of the first ``classes``); ``tokenizer`` is accepted (and unused) to check it is passed."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, 8, generator=g)
+    y = x[:, :classes].argmax(1)
+    return (lambda idx: (x[idx], y[idx])), n, (lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]))
+
+
+NOT_CALLABLE = 42
 
 
 def tiny_gpt2() -> nn.Module:

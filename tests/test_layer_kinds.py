@@ -8,7 +8,6 @@ import threading
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import lorakit as lk

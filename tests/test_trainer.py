@@ -113,9 +113,61 @@ def test_damaged_checkpoint_is_skipped(tmp_path):
     data = (newest / "adapter_model.safetensors").read_bytes()
     (newest / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])  # torn write
     fresh = _tiny(tmp_path, lambda m, b: m(b).pow(2).mean(), max_steps=6, save_every=2)
-    assert fresh.resume() == 4
+    with pytest.warns(UserWarning, match=r"skipping incomplete or damaged checkpoint .*step-00000006"):
+        assert fresh.resume() == 4
     assert (tmp_path / "metrics.jsonl").read_text().count("\n") >= 1
     assert (tmp_path / "loss_curve.png").exists()
+
+
+def test_resume_in_process_continues_bit_identically(tmp_path):
+    """A fresh model resuming from a checkpoint takes exactly the steps the uninterrupted run took
+    (dropout on: the RNG state comes back too), and the checkpoint loads with weights_only."""
+    from tests.helpers.train_worker import resume_check
+
+    run = resume_check(tmp_path, steps=8, cut=4, device="cpu")
+    assert run["resumed"] == run["whole"][4:]
+    for name, want in run["whole_params"].items():
+        assert torch.equal(run["resumed_params"][name], want), name
+    state = torch.load(tmp_path / "cut" / "checkpoints" / "step-00000004" / "trainer_state.pt",
+                       map_location="cpu", weights_only=True)  # fmt: skip
+    assert state["rng"].dtype == torch.uint8 and state["rng"].device.type == "cpu"
+    assert "cuda_rng" not in state and "scaler" not in state and state["step"] == 4
+
+
+def test_model_without_adapter_resumes_its_trainable_parameters(tmp_path):
+    def run(out: Path, seed: int):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        model[0].requires_grad_(False)  # a frozen body, a trained head
+        x = torch.randn(32, 4, generator=torch.Generator().manual_seed(3))
+        config = lk.TrainerConfig(out_dir=str(out), max_steps=4, batch_size=8, device="cpu", progress=False)
+        return model, lk.Trainer(model, lambda m, b: m(b).pow(2).mean(), lambda idx: x[idx], 32, config)
+
+    model, trainer = run(tmp_path, 0)
+    trainer.train()
+    assert (tmp_path / "checkpoints" / "step-00000004" / "trainable.safetensors").is_file()
+    other, fresh = run(tmp_path, 1)
+    assert fresh.resume() == 4
+    assert torch.equal(other[2].weight, model[2].weight) and torch.equal(other[2].bias, model[2].bias)
+    assert not torch.equal(other[0].weight, model[0].weight), "frozen weights are not part of the checkpoint"
+
+
+def test_batches_of_any_structure_reach_the_loss_on_the_model_device(tmp_path):
+    seen = []
+
+    def loss_fn(model, batch):
+        seen.append({k: v.device for k, v in batch.items()})
+        return model(batch["x"]).pow(2).mean()
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4))
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["0"]))
+    x = torch.randn(16, 4)
+    config = lk.TrainerConfig(out_dir=str(tmp_path), max_steps=2, batch_size=8, progress=False)
+    trainer = lk.Trainer(model, loss_fn, lambda idx: {"x": x[idx]}, 16, config)
+    assert trainer.device == torch.device("cpu")
+    trainer.train()
+    assert seen == [{"x": torch.device("cpu")}] * 2
 
 
 def test_config_errors():
@@ -123,6 +175,10 @@ def test_config_errors():
         lk.TrainerConfig(out_dir="x", max_steps=3, schedule="exp")
     with pytest.raises(ValueError, match="on_nonfinite"):
         lk.TrainerConfig(out_dir="x", max_steps=3, on_nonfinite="ignore")
+    with pytest.raises(ValueError, match="bf16 and fp16"):
+        lk.TrainerConfig(out_dir="x", max_steps=3, bf16=True, fp16=True)
+    with pytest.raises(ValueError, match="unknown optimizer"):
+        lk.TrainerConfig(out_dir="x", max_steps=3, optimizer="adam9bit")
 
 
 def test_fsdp2_shards_a_model_with_frozen_and_trainable_parameters(tmp_path):

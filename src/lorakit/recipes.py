@@ -2,15 +2,18 @@
 
     out_dir = "runs/my-adapter"
 
-    [model]                      # one of:
-    builtin = "seed-mlp"         #   the flipped-MNIST classifier; weights = "base_model.safetensors"
-    # hf_pretrained = "dir"      #   a local transformers model folder (config, weights, tokenizer)
-    # hf_config = "config.json"  #   a transformers architecture, random weights
+    [model]                          # one of:
+    factory = "mypkg.models:build"   #   "module:callable" -> nn.Module, or (nn.Module, tokenizer);
+    width = 256                      #   the section's other keys are its keyword arguments
+    # hf_pretrained = "dir"          #   a local transformers model folder (config, weights, tokenizer)
+    # hf_config = "config.json"      #   a transformers architecture, random weights
+    weights = "base.safetensors"     # optional: a safetensors state dict, loaded strictly
 
-    [data]                       # one of:
-    kind = "flipped-mnist"       #   or "mnist"; optional data_dir (IDX files), limit
-    # kind = "jsonl"             #   path = "train.jsonl", one {"text": "..."} per line, seq = 128
-    # kind = "text"              #   files = "corpus/*.txt", seq = 128
+    [data]                           # one of:
+    factory = "mypkg.data:build"     #   "module:callable" -> (collate, num_examples, loss_fn); the other
+    limit = 1024                     #   keys are keyword arguments, plus tokenizer= if it takes one
+    # kind = "jsonl"                 #   path = "train.jsonl", one {"text": "..."} per line, seq = 128
+    # kind = "text"                  #   files = "corpus/*.txt", seq = 128
 
     [lora]                       # LoraConfig fields
     r = 4
@@ -22,14 +25,22 @@
     batch_size = 128
     lr = 1e-2
 
-Every section rejects keys it does not know, naming them and the allowed ones. Text is tokenized
-with the model folder's tokenizer when there is one, else as bytes (ids 0–255).
+Every section rejects keys it does not know, naming them and the allowed ones; a factory rejects
+keyword arguments it does not take, naming the ones it does. The module of a factory is imported
+when the config is run (it must be importable: installed, or on ``sys.path``). ``collate(indices)``
+builds a batch from example indices and ``loss_fn(model, batch)`` returns the loss, as
+:class:`lorakit.Trainer` takes them. Text is tokenized with the model folder's tokenizer when
+there is one, else as bytes (ids 0–255).
 """
 
 from __future__ import annotations
 
 import glob
+import importlib
+import inspect
 import json
+import numbers
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,13 +48,15 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
+from .devices import init_distributed
+from .errors import InputError
 from .injection import inject
 from .trainer import Trainer, TrainerConfig
 
 SECTIONS = {"out_dir", "model", "data", "lora", "train"}
 
 
-class RecipeError(ValueError):
+class RecipeError(InputError):
     """The training config is wrong; the message says where."""
 
 
@@ -82,23 +95,71 @@ def _check_keys(section: str, table: dict[str, Any], allowed: set[str]) -> None:
         raise RecipeError(f"[{section}]: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
 
 
+def resolve_factory(section: str, ref: Any) -> Callable[..., Any]:
+    """The callable a ``"package.module:callable"`` string names (imported now)."""
+    where = f"[{section}] factory = {ref!r}"
+    module_name, _, attr = ref.partition(":") if isinstance(ref, str) else ("", "", "")
+    if not module_name or not attr:
+        raise RecipeError(f"{where}: expected a string 'package.module:callable'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except ImportError as err:
+        raise RecipeError(f"{where}: cannot import {module_name!r} ({err})") from None
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise RecipeError(f"{where}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise RecipeError(f"{where}: {attr!r} is not callable (type {type(obj).__name__})")
+    return obj
+
+
+def call_factory(section: str, ref: str, factory: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    """``factory(**kwargs)``, after checking that it takes those keyword arguments."""
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # some builtins have none: let the call decide
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(**kwargs)
+        except TypeError as err:
+            accepted = [name for name, p in signature.parameters.items()
+                        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]  # fmt: skip
+            raise RecipeError(
+                f"[{section}] factory {ref!r} cannot be called with the keyword arguments {sorted(kwargs)}: {err}; "
+                f"it accepts: {', '.join(accepted) or 'none'}"
+            ) from None
+    return factory(**kwargs)
+
+
 def build_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
     """The base model and its tokenizer (None for byte-level text or classification)."""
-    _check_keys("model", spec, {"builtin", "weights", "hf_pretrained", "hf_config"})
-    if spec.get("builtin"):
-        if spec["builtin"] != "seed-mlp":
-            raise RecipeError(f"[model] builtin = {spec['builtin']!r}; known: 'seed-mlp'")
+    weights = Path(spec["weights"]) if spec.get("weights") else None
+    if weights is not None and not weights.is_file():
+        raise RecipeError(f"[model] weights = {str(weights)!r}: no such file")
+    model, tokenizer = _base_model(spec)
+    if weights is not None:
         from safetensors.torch import load_file
 
-        from .demos.flipped_mnist import SeedMLP
-
-        model = SeedMLP()
-        if spec.get("weights"):
-            weights = Path(spec["weights"])
-            if not weights.is_file():
-                raise RecipeError(f"[model] weights = {str(weights)!r}: no such file")
+        try:
             model.load_state_dict(load_file(str(weights)))
-        return model, None
+        except RuntimeError as err:  # missing or unexpected keys, wrong shapes
+            raise RecipeError(f"[model] weights = {str(weights)!r} do not fit the model: {err}") from None
+    return model, tokenizer
+
+
+def _base_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
+    if "factory" in spec:
+        ref = spec["factory"]
+        kwargs = {k: v for k, v in spec.items() if k not in ("factory", "weights")}
+        built = call_factory("model", ref, resolve_factory("model", ref), kwargs)
+        model, tokenizer = built if isinstance(built, tuple) and len(built) == 2 else (built, None)
+        if not isinstance(model, nn.Module):
+            raise RecipeError(f"[model] factory {ref!r} returned {type(built).__name__}; "
+                              "expected an nn.Module or (nn.Module, tokenizer)")  # fmt: skip
+        return model, tokenizer
+    _check_keys("model", spec, {"factory", "weights", "hf_pretrained", "hf_config"})
     if spec.get("hf_pretrained"):
         folder = Path(spec["hf_pretrained"])
         if not (folder / "config.json").is_file():
@@ -119,7 +180,7 @@ def build_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
 
         return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path.parent if path.name == "config.json"
                                                                            else path)), None  # fmt: skip
-    raise RecipeError("[model] needs one of builtin, hf_pretrained, hf_config")
+    raise RecipeError("[model] needs one of factory, hf_pretrained, hf_config")
 
 
 def _texts_from_jsonl(path: Path) -> list[str]:
@@ -140,19 +201,32 @@ def _texts_from_jsonl(path: Path) -> list[str]:
     return texts
 
 
+def _factory_data(spec: dict[str, Any], tokenizer: Any):
+    ref = spec["factory"]
+    factory = resolve_factory("data", ref)
+    kwargs = {k: v for k, v in spec.items() if k != "factory"}
+    try:
+        takes_tokenizer = "tokenizer" in inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        takes_tokenizer = False
+    if takes_tokenizer:
+        if "tokenizer" in kwargs:
+            raise RecipeError("[data]: 'tokenizer' is not a key: the model's tokenizer is passed to the factory")
+        kwargs["tokenizer"] = tokenizer
+    built = call_factory("data", ref, factory, kwargs)
+    if not (isinstance(built, tuple) and len(built) == 3 and callable(built[0]) and callable(built[2])
+            and isinstance(built[1], numbers.Integral) and built[1] > 0):  # fmt: skip
+        raise RecipeError(f"[data] factory {ref!r} returned {type(built).__name__}; expected "
+                          "(collate, num_examples, loss_fn) with a positive num_examples")  # fmt: skip
+    collate, n, loss_fn = built
+    return collate, int(n), loss_fn
+
+
 def build_data(spec: dict[str, Any], tokenizer: Any):
     """``(collate, num_examples, loss_fn)`` for the data section."""
+    if "factory" in spec:
+        return _factory_data(spec, tokenizer)
     kind = spec.get("kind")
-    if kind in ("mnist", "flipped-mnist"):
-        _check_keys("data", spec, {"kind", "data_dir", "limit", "seed"})
-        from .data.mnist import flipped_mnist, load_mnist
-
-        data = load_mnist(spec.get("data_dir"))
-        if kind == "flipped-mnist":
-            data = flipped_mnist(data, seed=int(spec.get("seed", 0)))
-        n = int(spec.get("limit") or len(data.train))
-        x, y = torch.from_numpy(data.train.x[:n]), torch.from_numpy(data.train.y[:n])
-        return (lambda idx: (x[idx], y[idx])), n, (lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]))
     if kind in ("jsonl", "text"):
         _check_keys("data", spec, {"kind", "path", "files", "seq"})
         if kind == "jsonl":
@@ -178,22 +252,17 @@ def build_data(spec: dict[str, Any], tokenizer: Any):
             return m(input_ids=b, labels=b).loss
 
         return (lambda idx: chunks[idx]), n, loss_fn
-    raise RecipeError(f"[data] kind = {kind!r}; known: mnist, flipped-mnist, jsonl, text")
-
-
-def _init_distributed() -> None:
-    """Under ``torchrun`` (WORLD_SIZE > 1) join the process group: gloo on CPU, NCCL on GPUs."""
-    import os
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
+    raise RecipeError(f"[data] kind = {kind!r}; known: jsonl, text (or name a factory = 'module:callable')")
 
 
 def run(path: str | Path, resume: bool = False) -> dict[str, Any]:
     """Train the adapter a config describes; the final adapter goes to ``<out_dir>/adapter``."""
     cfg = read_config(path)
-    _init_distributed()
+    train = dict(cfg["train"])
+    _check_keys("train", train, set(TrainerConfig.__dataclass_fields__) - {"out_dir"})
+    # Under torchrun this joins the process group with the device's backend (NCCL for CUDA,
+    # gloo otherwise); the model and every batch then live on this process's device.
+    device = init_distributed(train.pop("device", None))
     model, tokenizer = build_model(dict(cfg["model"]))
     collate, n, loss_fn = build_data(dict(cfg["data"]), tokenizer)
     try:
@@ -201,10 +270,7 @@ def run(path: str | Path, resume: bool = False) -> dict[str, Any]:
     except (ValueError, TypeError) as err:
         raise RecipeError(f"[lora]: {err}") from None
     inject(model, lora)
-    train = dict(cfg["train"])
-    allowed = set(TrainerConfig.__dataclass_fields__) - {"out_dir"}
-    _check_keys("train", train, allowed)
-    trainer = Trainer(model, loss_fn, collate, n, TrainerConfig(out_dir=cfg["out_dir"], **train))
+    trainer = Trainer(model, loss_fn, collate, n, TrainerConfig(out_dir=cfg["out_dir"], device=device, **train))
     result = trainer.train(resume=resume)
     from .checkpoint import save_adapter
 
@@ -213,6 +279,5 @@ def run(path: str | Path, resume: bool = False) -> dict[str, Any]:
         save_adapter(model, adapter_dir)
     result["adapter"] = str(adapter_dir)
     result["examples"] = n
-    if trainer.rank == 0:
-        print(f"trained {result['step']} steps on {n:,} examples; adapter written to {adapter_dir}")
+    result["rank"] = trainer.rank
     return result

@@ -207,7 +207,7 @@ def route(model: nn.Module, adapters: Routing) -> Iterator[nn.Module]:
         trains = any(p.requires_grad for p in layer.lora_A.values())
         routes.append(LayerRoute(
             slots=shared[key], bank=None if trains else inference_bank(layer), trains=trains,
-            has_dropout=any(layer.dropout_p(n) > 0 for n in layer.lora_A.keys()), shared=shared,
+            has_dropout=any(layer.dropout_p(n) > 0 for n in layer.lora_A), shared=shared,
         ))  # fmt: skip
     # Plain attribute writes through __dict__ (nn.Module.__setattr__ is slow); restored on exit.
     previous = [layer.__dict__["route"] for layer in layers]

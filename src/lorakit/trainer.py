@@ -1,26 +1,35 @@
 """A small trainer for adapters on any ``nn.Module`` with a loss, that survives being killed.
 
-What it does each optimizer step: ``grad_accum`` micro-batches (bf16 autocast optional), the
+What it does each optimizer step: ``grad_accum`` micro-batches moved to the training device
+(``move_to``) under autocast (bf16 on any device, fp16 with a gradient scaler on CUDA), the
 adapter gradients averaged across processes when ``torch.distributed`` is initialised (one
-flattened all-reduce: frozen weights never join it), clipping, a non-finite check (stop with an
-error naming the step, or skip the step), AdamW, the learning-rate schedule (linear warmup, then
-cosine / linear / constant).
+flattened all-reduce on the gradients' own device: frozen weights never join it), clipping, a
+non-finite check (stop with an error naming the step, or skip the step), the optimizer (AdamW by
+default; see ``lorakit.optim``), the learning-rate schedule (linear warmup, then cosine / linear /
+constant).
+
+The device is ``TrainerConfig.device``, to which the model is moved when the trainer is built, or,
+when None, wherever the model's first parameter lives. Under ``torchrun`` call
+``lorakit.devices.init_distributed()`` first: it joins the process group (NCCL on CUDA, gloo
+otherwise) and returns this process's device.
 
 Data order is a pure function of ``(seed, epoch)``; with a world of ``W`` processes each global
 batch of ``W · batch_size`` examples is split by rank, so two processes with batch ``b`` see the
 same examples per step as one process with batch ``2b``.
 
 Checkpoints (every ``save_every`` steps and at the end) hold the adapter in PEFT's format (or,
-for a model without an adapter, its trainable parameters), the optimizer and scheduler state, the
-RNG state and the step. Each is written into a temporary
-folder, its files fsynced and listed with their SHA-256 in ``COMPLETE``, then renamed into place;
-``resume`` takes the newest checkpoint whose manifest verifies and skips any other.
+for a model without an adapter, its trainable parameters), the optimizer, scheduler and gradient
+scaler state, the RNG states (CPU, and the CUDA device's) and the step, sealed atomically (see
+``lorakit.train_state``); ``resume`` takes the newest checkpoint whose manifest verifies and skips
+any other with a warning. Progress: a tqdm bar when stderr is a terminal, else a line through
+``logging`` (logger ``lorakit.trainer``, level INFO) every ``log_every`` steps.
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -32,14 +41,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from . import train_state
 from .checkpoint import load_adapter_tensors, save_adapter
+from .devices import autocast_settings, move_to, resolve_device, world
+from .errors import InputError
 from .injection import adapter_configs
+from .optim import check_optimizer_name, make_optimizer
 
-MANIFEST = "COMPLETE"
-TRAINABLE = "trainable.safetensors"
+logger = logging.getLogger(__name__)
+
+MANIFEST = train_state.MANIFEST
+TRAINABLE = train_state.TRAINABLE
 
 
 class TrainingError(RuntimeError):
@@ -57,7 +71,10 @@ class TrainerConfig:
     warmup_steps: int = 0
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
     max_grad_norm: float | None = 1.0
-    bf16: bool = False
+    bf16: bool = False  # bf16 autocast (any device)
+    fp16: bool = False  # fp16 autocast with a GradScaler (CUDA only)
+    device: str | torch.device | None = None  # None: where the model is; else the model is moved there
+    optimizer: str = "adamw"  # adamw | sgd | adamw8bit | paged_adamw8bit | paged_adamw32bit (lorakit.optim)
     save_every: int | None = None
     keep_last: int = 3
     eval_every: int | None = None
@@ -70,40 +87,45 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.keep_last < 1:
-            raise ValueError("TrainerConfig: max_steps, batch_size, grad_accum and keep_last must be >= 1")
+            raise InputError("TrainerConfig: max_steps, batch_size, grad_accum and keep_last must be >= 1")
+        if self.log_every < 1:
+            raise InputError(f"TrainerConfig.log_every must be >= 1, got {self.log_every}")
         if self.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"TrainerConfig.schedule must be cosine, linear or constant, got {self.schedule!r}")
+            raise InputError(f"TrainerConfig.schedule must be cosine, linear or constant, got {self.schedule!r}")
         if self.on_nonfinite not in ("raise", "skip"):
-            raise ValueError(f"TrainerConfig.on_nonfinite must be raise or skip, got {self.on_nonfinite!r}")
+            raise InputError(f"TrainerConfig.on_nonfinite must be raise or skip, got {self.on_nonfinite!r}")
+        if self.bf16 and self.fp16:
+            raise InputError("TrainerConfig: bf16 and fp16 exclude each other; set at most one")
+        check_optimizer_name(self.optimizer)
+        if self.device is not None:
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as err:
+                raise InputError(f"TrainerConfig.device {self.device!r} is not a device: {err}") from None
 
 
-def _world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
+OptimizerFactory = Callable[[list[nn.Parameter], TrainerConfig], torch.optim.Optimizer]
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def config_optimizer(params: list[nn.Parameter], config: TrainerConfig) -> torch.optim.Optimizer:
+    """The default ``optimizer_factory``: ``config.optimizer`` with ``config.lr`` and ``weight_decay``."""
+    return make_optimizer(params, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _stderr_is_terminal() -> bool:
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        return bool(sys.stderr is not None and sys.stderr.isatty())
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
 
 
 class Trainer:
     """Train the trainable parameters of ``model`` (what ``inject`` left trainable).
 
     ``loss_fn(model, batch) -> loss`` computes a scalar loss from a batch, and ``collate(indices)``
-    builds the batch for a list of example indices of a dataset of ``num_examples`` examples.
+    builds the batch for a list of example indices of a dataset of ``num_examples`` examples; the
+    batch is moved to the training device before ``loss_fn`` sees it. ``optimizer_factory(params,
+    config)`` builds the optimizer instead of ``config.optimizer`` (any ``torch.optim.Optimizer``).
     """
 
     def __init__(
@@ -114,15 +136,21 @@ class Trainer:
         num_examples: int,
         config: TrainerConfig,
         eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+        optimizer_factory: OptimizerFactory | None = None,
     ) -> None:
         self.model, self.loss_fn, self.collate, self.config, self.eval_fn = model, loss_fn, collate, config, eval_fn
         self.num_examples = num_examples
-        self.rank, self.world = _world()
+        self.rank, self.world = world()
+        self.device = resolve_device(config.device, model)
+        if config.device is not None:
+            model.to(self.device)
+        self.amp, self.amp_dtype = autocast_settings(self.device.type, config.bf16, config.fp16)
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
             raise TrainingError("the model has no trainable parameters: inject an adapter first")
-        self.optimizer = torch.optim.AdamW(self.params, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = (optimizer_factory or config_optimizer)(self.params, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.scaler = torch.amp.GradScaler("cuda") if config.fp16 else None
         self.step = 0
         self.out = Path(config.out_dir)
         self.ckpt_dir = self.out / "checkpoints"
@@ -156,33 +184,52 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _all_reduce_grads(self) -> None:
+        """Average the trainable gradients over the processes: one flattened all-reduce, on the
+        device the gradients live on (NCCL needs CUDA tensors there, gloo takes either)."""
         if self.world == 1:
             return
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch._utils._flatten_dense_tensors(grads)
+        flat = torch.cat([g.reshape(-1) for g in grads])
         torch.distributed.all_reduce(flat)
         flat /= self.world
-        for p, g in zip(self.params, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
-            p.grad = g
+        offset = 0
+        for p, g in zip(self.params, grads, strict=True):
+            p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype)
+            offset += g.numel()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
     def train_step(self) -> float | None:
-        """One optimizer step; returns the mean loss, or None when a non-finite step was skipped."""
+        """One optimizer step; returns the mean loss, or None when a non-finite step was skipped.
+
+        With fp16, gradients that overflow are the gradient scaler's business (as in any fp16
+        training): the update is skipped, the scale lowered, and the step still counts."""
         c = self.config
         self.model.train()
         total = 0.0
         for micro in range(c.grad_accum):
-            batch = self.collate(self.micro_batch_indices(self.step, micro))
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=c.bf16):
+            batch = move_to(self.collate(self.micro_batch_indices(self.step, micro)), self.device)
+            with self._autocast():
                 loss = self.loss_fn(self.model, batch)
             if not torch.isfinite(loss):
                 return self._nonfinite(f"loss is {loss.item()}")
-            (loss / c.grad_accum).backward()
+            scaled = loss / c.grad_accum
+            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total += loss.item() / c.grad_accum
         self._all_reduce_grads()
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm else float("inf"))
-        if not torch.isfinite(norm):
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the update when the gradients overflowed
+            self.scaler.update()
+        elif not torch.isfinite(norm):
             return self._nonfinite(f"gradient norm is {norm.item()}")
-        self.optimizer.step()
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -216,64 +263,49 @@ class Trainer:
         if self.config.adapter in adapter_configs(self.model):
             save_adapter(self.model, tmp, name=self.config.adapter)
         else:  # no adapter (full fine-tuning, a head): keep what trains
-            named = {n: p.detach().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
-            save_file(named, str(tmp / TRAINABLE))
-        state = {
+            train_state.save_trainable(self.model, tmp)
+        state: dict[str, Any] = {
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
-            "rng": torch.get_rng_state(),
+            **train_state.rng_state(self.device),
             "step": self.step,
         }
-        torch.save(state, tmp / "trainer_state.pt")
-        (tmp / "trainer.json").write_text(json.dumps({"step": self.step, "config": asdict(self.config)}, indent=2))
-        _test_pause("LORAKIT_TEST_PAUSE_IN_SAVE")
-        files = sorted(p.name for p in tmp.iterdir())
-        for name in files:
-            with open(tmp / name, "rb") as f:
-                os.fsync(f.fileno())
-        manifest = {name: _sha256(tmp / name) for name in files}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
-        with open(tmp / MANIFEST, "rb") as f:
-            os.fsync(f.fileno())
-        os.rename(tmp, final)
-        _fsync_dir(self.ckpt_dir)
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        torch.save(state, tmp / train_state.STATE)
+        meta = {"step": self.step, "config": asdict(self.config)}
+        (tmp / "trainer.json").write_text(json.dumps(meta, indent=2, default=str))
+        train_state.pause_for_tests("LORAKIT_TEST_PAUSE_IN_SAVE")
+        train_state.seal(tmp, final)
         for old in self.complete_checkpoints()[self.config.keep_last :]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
     def complete_checkpoints(self) -> list[Path]:
-        """Checkpoint folders whose manifest verifies, newest first; anything else is skipped."""
-        if not self.ckpt_dir.is_dir():
-            return []
-        good = []
-        for path in sorted(self.ckpt_dir.glob("step-*"), reverse=True):
-            if _verify(path):
-                good.append(path)
-            else:
-                print(f"lorakit: skipping incomplete or damaged checkpoint {path}", file=sys.stderr)
-        return good
+        """Checkpoint folders whose manifest verifies, newest first; any other is skipped with a
+        ``UserWarning``."""
+        return train_state.complete_checkpoints(self.ckpt_dir)
 
     def resume(self) -> int:
-        """Load the newest complete checkpoint; returns its step (0 when there is none)."""
+        """Load the newest complete checkpoint onto the training device; returns its step (0 when
+        there is none)."""
         checkpoints = self.complete_checkpoints()
         if not checkpoints:
             return 0
         path = checkpoints[0]
         if (path / TRAINABLE).is_file():
-            saved = load_file(str(path / TRAINABLE))
-            params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
-            if set(saved) != set(params):
-                raise TrainingError(f"{path}: holds {sorted(saved)}, the model trains {sorted(params)}")
-            with torch.no_grad():
-                for n, p in params.items():
-                    p.copy_(saved[n])
-            tensors = len(saved)
+            try:
+                tensors = train_state.load_trainable(self.model, path, self.device)
+            except ValueError as err:
+                raise TrainingError(str(err)) from None
         else:
             tensors = load_adapter_tensors(self.model, path, name=self.config.adapter)
-        state = torch.load(path / "trainer_state.pt", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        state = train_state.load_state(path)
+        self.optimizer.load_state_dict(state["optimizer"])  # moves the state to the parameters' device
         self.scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+        train_state.restore_rng(state, self.device)
         self.step = int(state["step"])
         assert tensors > 0
         return self.step
@@ -286,7 +318,8 @@ class Trainer:
             self.resume()
         log = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None  # noqa: SIM115
         bar = None
-        if c.progress and self.rank == 0:
+        show = c.progress and self.rank == 0
+        if show and _stderr_is_terminal():
             from tqdm.auto import tqdm
 
             bar = tqdm(total=c.max_steps, initial=self.step, desc=c.desc, unit="step", leave=False)
@@ -302,14 +335,21 @@ class Trainer:
                 evaluated = bool(c.eval_every and self.eval_fn and self.step % c.eval_every == 0)
                 if evaluated:
                     record.update(self.eval_fn(self.model))
-                if log is not None and (self.step % c.log_every == 0 or self.step == c.max_steps or evaluated):
+                periodic = self.step % c.log_every == 0 or self.step == c.max_steps or evaluated
+                if log is not None and periodic:
                     log.write(json.dumps(record) + "\n")
                     log.flush()
+                rate = (self.step - start_step) * c.batch_size * self.world * c.grad_accum
+                rate /= max(time.perf_counter() - start, 1e-9)
+                loss_text = f"{loss:.4f}" if loss is not None else "skip"
                 if bar is not None:
                     bar.update(1)
-                    rate = (self.step - start_step) * c.batch_size * self.world * c.grad_accum
-                    bar.set_postfix(loss=f"{loss:.4f}" if loss is not None else "skip",
-                                    ex_per_s=f"{rate / max(time.perf_counter() - start, 1e-9):.0f}")  # fmt: skip
+                    bar.set_postfix(loss=loss_text, ex_per_s=f"{rate:.0f}")
+                elif show and periodic:
+                    extra = "".join(f" {k} {v:.4g}" for k, v in record.items() if k not in ("step", "loss", "lr")
+                                    and isinstance(v, (int, float)))  # fmt: skip
+                    logger.info("%s: step %d/%d loss %s lr %.3g %.0f examples/s%s", c.desc, self.step,
+                                c.max_steps, loss_text, record["lr"], rate, extra)  # fmt: skip
                 if c.save_every and self.step % c.save_every == 0:
                     self.save_checkpoint()
             self.save_checkpoint()
@@ -322,7 +362,7 @@ class Trainer:
                 log.close()
         if self.rank == 0 and self.losses:
             try:
-                from .plots import loss_curves
+                from .loss_plot import loss_curves
 
                 loss_curves(
                     {"train": self.losses}, self.out / "loss_curve.png", smooth=max(1, min(25, len(self.losses) // 4))
@@ -334,22 +374,3 @@ class Trainer:
             "seconds": time.perf_counter() - start,
             "last_loss": self.losses[-1] if self.losses else None,
         }
-
-
-def _verify(path: Path) -> bool:
-    manifest = path / MANIFEST
-    try:
-        listed = json.loads(manifest.read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    present = {p.name for p in path.iterdir()} - {MANIFEST}
-    if set(listed) != present:
-        return False
-    return all(_sha256(path / name) == digest for name, digest in listed.items())
-
-
-def _test_pause(variable: str) -> None:
-    """Tests set this to widen the window in which a kill lands mid-checkpoint."""
-    seconds = float(os.environ.get(variable, "0") or 0)
-    if seconds > 0:
-        time.sleep(seconds)

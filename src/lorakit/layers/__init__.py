@@ -4,7 +4,16 @@ Importing this package registers the built-in kinds (linear, embedding, conv2d);
 more file that subclasses a kind and calls ``register_kind`` with its variant name.
 """
 
-from .base import LayerKind, LoraLayer, accumulate, adapter_dtype, layer_class, register_kind, unregister_kind, wrap_module
+from .base import (
+    LayerKind,
+    LoraLayer,
+    accumulate,
+    adapter_dtype,
+    layer_class,
+    register_kind,
+    unregister_kind,
+    wrap_module,
+)
 from .conv import LoraConv2d
 from .embedding import LoraEmbedding
 from .linear import LoraLinear

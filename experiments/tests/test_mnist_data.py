@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lorakit.data.mnist import (
+from lorakit_experiments.data.mnist import (
     MNIST,
     DataError,
     Split,
@@ -140,3 +140,25 @@ def test_flip_is_deterministic_and_touches_30_percent():
     img = data.train.x[idx[0]].reshape(28, 28)
     np.testing.assert_array_equal(a.train.x[idx[0]].reshape(28, 28), img[:, ::-1])
     assert data.train.x is not a.train.x  # the clean data is left alone
+
+
+def test_data_errors_are_lorakit_input_errors():
+    from lorakit.errors import InputError
+
+    assert issubclass(DataError, InputError)
+
+
+def test_limit_train_keeps_valid_and_test():
+    from lorakit_experiments.data.mnist import limit_train
+
+    data = _toy()
+    cut = limit_train(data, 7)
+    assert len(cut.train) == 7 and cut.valid is data.valid and cut.test is data.test
+    assert limit_train(data, None) is data
+
+
+def test_recipe_data_rejects_an_unknown_kind():
+    from lorakit_experiments.data.mnist import recipe_data
+
+    with pytest.raises(DataError, match="kind = 'fashion'; known: 'mnist', 'flipped-mnist'"):
+        recipe_data(kind="fashion")

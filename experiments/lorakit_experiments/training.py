@@ -46,7 +46,7 @@ def fit_classifier(
     shuffled batches, optional cosine schedule, no clipping), checking validation accuracy after
     every epoch. Checkpoints, ``metrics.jsonl`` and ``loss_curve.png`` go to ``out_dir`` (a
     temporary folder when None)."""
-    from .trainer import Trainer, TrainerConfig
+    from lorakit import Trainer, TrainerConfig
 
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)
     if epochs < 1 or batch_size < 1:

@@ -78,7 +78,7 @@ def train(
 ) -> TrainStats:
     """Train what ``model`` leaves trainable through :class:`lorakit.Trainer` (AdamW, 10% warmup,
     cosine decay, clipping at 1.0); the final checkpoint is written to ``out_dir/checkpoints``."""
-    from ..trainer import Trainer, TrainerConfig
+    from lorakit import Trainer, TrainerConfig
 
     config = TrainerConfig(
         out_dir=out_dir, max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 10),
@@ -126,7 +126,7 @@ def generate(
 
     from tqdm.auto import tqdm
 
-    from ..routing import route
+    from lorakit import route
 
     model.eval()
     order = sorted(range(len(prompts)), key=lambda k: len(prompts[k])) if sort_by_length else list(range(len(prompts)))

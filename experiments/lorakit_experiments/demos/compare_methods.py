@@ -14,13 +14,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import LoraConfig
-from ..data.mnist import flipped_mnist, load_mnist
-from ..family import BottleneckConfig, SelectiveConfig, inject_bottleneck, select_trainable
-from ..injection import count_parameters, inject
-from ..merging import merge
+from lorakit import LoraConfig, count_parameters, inject, merge
+from lorakit.family import BottleneckConfig, SelectiveConfig, inject_bottleneck, select_trainable
+
+from ..data.mnist import flipped_mnist, limit_train, load_mnist
+from ..models import SeedMLP
 from ..training import accuracy, fit_classifier
-from .flipped_mnist import SeedMLP, _limit
 
 
 def _latency_ms(model: torch.nn.Module, x: torch.Tensor, reps: int = 7) -> float:
@@ -39,7 +38,7 @@ def run(out: str, epochs: int = 8, finetune_epochs: int = 5, limit: int | None =
         progress: bool = True, log=print) -> dict:  # fmt: skip
     outp = Path(out)
     outp.mkdir(parents=True, exist_ok=True)
-    clean = _limit(load_mnist(data_dir), limit)
+    clean = limit_train(load_mnist(data_dir), limit)
     flipped = flipped_mnist(clean, seed=0)
     torch.manual_seed(0)
     base = SeedMLP()

@@ -1,4 +1,7 @@
-"""PNG figures for experiment results (matplotlib, headless Agg backend)."""
+"""PNG figures for experiment results (matplotlib, headless Agg backend).
+
+``loss_curves`` is the library's own figure (:func:`lorakit.loss_plot.loss_curves`), reused here.
+"""
 
 from __future__ import annotations
 
@@ -7,27 +10,22 @@ from pathlib import Path
 
 import numpy as np
 
+from lorakit.loss_plot import loss_curves, pyplot
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+__all__ = ["confusion_matrices", "loss_curves", "loss_panel", "optional_pyplot", "save_figure"]
 
 
 def optional_pyplot():
     """matplotlib's pyplot (Agg), or None when matplotlib is not installed (figures are optional)."""
     try:
-        return _pyplot()
+        return pyplot()
     except ImportError:
         return None
 
 
 def save_figure(fig, path: str | Path) -> str:
     """Lay out, write as a 120-dpi PNG, close; returns the path."""
-    plt = _pyplot()
+    plt = pyplot()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -47,7 +45,7 @@ def loss_panel(ax, curves: dict[str, list[float]], ylabel: str = "training loss"
 def confusion_matrices(panels: Sequence[tuple[str, np.ndarray]], path: str | Path) -> Path:
     """Side-by-side confusion matrices (rows: true class, columns: predicted), counts annotated
     off the diagonal where they are large enough to read."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 5), squeeze=False)
     for ax, (title, m) in zip(axes[0], panels, strict=True):
         ax.imshow(np.log1p(m), cmap="Blues")
@@ -68,25 +66,3 @@ def confusion_matrices(panels: Sequence[tuple[str, np.ndarray]], path: str | Pat
     plt.close(fig)
     return out
 
-
-def loss_curves(
-    curves: dict[str, Sequence[float]], path: str | Path, smooth: int = 25, ylabel: str = "training loss"
-) -> Path:
-    """Training loss per step (moving average over ``smooth`` steps), one line per run."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for label, losses in curves.items():
-        y = np.asarray(losses, dtype=float)
-        if len(y) >= smooth > 1:
-            y = np.convolve(y, np.ones(smooth) / smooth, mode="valid")
-        ax.plot(np.arange(len(y)), y, label=label, linewidth=1.3)
-    ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"{ylabel} (moving average of {smooth})")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    out = Path(path)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out

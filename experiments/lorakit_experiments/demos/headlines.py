@@ -16,9 +16,9 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..config import LoraConfig
+from lorakit import LoraConfig, count_parameters, inject
+
 from ..data.text import bbc_articles, fixed_split, lead
-from ..injection import count_parameters, inject
 from ..pretrained import smollm2
 from . import chat_lm
 from .measure import PeakMemory, folder_bytes, write_results

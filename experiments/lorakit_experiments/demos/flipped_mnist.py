@@ -23,26 +23,12 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from .. import checkpoint
-from ..config import LoraConfig
-from ..data.mnist import MNIST, Split, flipped_mnist, load_mnist
-from ..injection import count_parameters, inject
-from ..merging import merge, unmerge
+from lorakit import LoraConfig, count_parameters, inject, merge, save_adapter, unmerge
+
+from ..data.mnist import MNIST, flipped_mnist, limit_train, load_mnist
+from ..models import SeedMLP
 from ..training import FitResult, accuracy, confusion_matrix, fit_classifier, predict
 from .measure import write_results
-
-
-class SeedMLP(nn.Module):
-    """The seed's classifier: three ``nn.Linear`` with ReLU, 784→256→128→10."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(784, 256)
-        self.fc2 = nn.Linear(256, 128)
-        self.fc3 = nn.Linear(128, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc3(torch.relu(self.fc2(torch.relu(self.fc1(x)))))
 
 
 @dataclass
@@ -61,22 +47,14 @@ class Settings:
     progress: bool = True
 
 
-def _limit(data: MNIST, n: int | None) -> MNIST:
-    if not n:
-        return data
-    cut = Split(data.train.x[:n], data.train.y[:n])
-    return MNIST(cut, data.valid, data.test, data.source, data.details)
-
-
 def _qlora(base: nn.Module, cfg: LoraConfig, flipped: MNIST, clean: MNIST, settings: Settings, valid) -> dict | None:
     """LoRA on an NF4 copy of the base (None when bitsandbytes is not installed)."""
     try:
-        from ..quantization import _bnb as require_bitsandbytes
-        from ..quantization import quantize, quantized_size
-
-        require_bitsandbytes()
+        import bitsandbytes  # noqa: F401  (lorakit's 4-bit layers need it)
     except ImportError:
         return None
+    from lorakit import quantize, quantized_size
+
     model = quantize(copy.deepcopy(base), skip=())
     size = quantized_size(model)
     base4_clean = accuracy(model, clean.test.x, clean.test.y)
@@ -112,7 +90,7 @@ def run(settings: Settings, log=print) -> dict:
     torch.manual_seed(settings.seed)
     t0 = time.perf_counter()
 
-    clean = _limit(load_mnist(settings.data_dir), settings.limit)
+    clean = limit_train(load_mnist(settings.data_dir), settings.limit)
     flipped = flipped_mnist(clean, seed=settings.seed)
     log(f"data: {clean.describe()}; F-MNIST: 30% of digits 2 and 3 mirrored in every split (seed {settings.seed})")
     valid_clean = (clean.valid.x, clean.valid.y)
@@ -167,7 +145,7 @@ def run(settings: Settings, log=print) -> dict:
     pred_merged = predict(lora_model, flipped.test.x)
     unmerge(lora_model)
     adapter_dir = out / "adapter"
-    adapter_file = checkpoint.save_adapter(lora_model, adapter_dir)
+    adapter_file = save_adapter(lora_model, adapter_dir)
     full_file = out / "full_finetune.safetensors"
     save_file({k: v.contiguous() for k, v in full.state_dict().items()}, str(full_file))
     base_file = out / "base_model.safetensors"
@@ -200,7 +178,7 @@ def run(settings: Settings, log=print) -> dict:
             )
         )
     except ImportError:
-        log("matplotlib is not installed: no figures (pip install 'lorakit[demo]')")
+        log("matplotlib is not installed: no figures (pip install matplotlib)")
 
     def fit_summary(fit: FitResult) -> dict:
         return {

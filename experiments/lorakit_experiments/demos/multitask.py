@@ -16,11 +16,19 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..checkpoint import adapter_state, load_adapter, save_adapter
-from ..combine import combine_adapters
-from ..config import LoraConfig
+from lorakit import (
+    LoraConfig,
+    combine_adapters,
+    delete_adapter,
+    disable_adapters,
+    inject,
+    load_adapter,
+    save_adapter,
+    set_adapter,
+)
+from lorakit.checkpoint import adapter_state
+
 from ..data.text import TREC_CLASSES, bbc_articles, fixed_split, lead, trec_questions
-from ..injection import delete_adapter, disable_adapters, inject, set_adapter
 from ..pretrained import smollm2
 from . import chat_lm
 from .headlines import INSTRUCTION as HEADLINE_INSTRUCTION

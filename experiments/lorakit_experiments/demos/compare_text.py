@@ -20,13 +20,12 @@ from pathlib import Path
 
 import torch
 
-from ..config import LoraConfig
+from lorakit import LoraConfig, count_parameters, inject, merge_and_unload
+from lorakit.family import BottleneckConfig, inject_bottleneck
+from lorakit.soft_prompts import PrefixTuningConfig, PromptTuningConfig, SoftPromptModel
+
 from ..data.text import fixed_split, trec_questions
-from ..family import BottleneckConfig, inject_bottleneck
-from ..injection import count_parameters, inject
-from ..merging import merge_and_unload
 from ..pretrained import smollm2
-from ..soft_prompts import PrefixTuningConfig, PromptTuningConfig, SoftPromptModel
 from . import chat_lm
 from .headlines import LLAMA_PROJECTIONS
 from .measure import write_results

@@ -4,7 +4,7 @@ The same recipe as ``demo sentiment`` (LoRA on every query and value projection,
 ``modules_to_save``) at each rank, against the frozen-encoder head and full fine-tuning; then the
 SVD view: the singular values of full fine-tuning's ``ΔW = W_ft − W0`` of the query/value
 matrices next to LoRA's ``s·B A`` at the largest rank, with effective ranks (90% / 99% energy).
-Results go through :func:`lorakit.sweep.format_table` and the same plots as the MNIST sweep.
+Results go through :func:`lorakit_experiments.sweep.format_table` and the same plots as the MNIST sweep.
 """
 
 from __future__ import annotations
@@ -17,11 +17,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from lorakit import count_parameters, lora_layers
+
 from .data.text import fixed_split, review_snippets
 from .demos.measure import write_results
 from .demos.sentiment import LR, Settings, pad, predict, prepare, tokenize, train
-from .injection import count_parameters, lora_layers
-from .sweep import SweepSettings, _alpha, _plots, _spectrum, format_table, summarize_ranks
+from .sweep import SweepSettings, alpha_for_rank, format_table, plot_sweep, spectrum, summarize_ranks
 
 # Two layers' query and value matrices are enough to see the shape of the spectra.
 SPECTRUM_LAYERS = tuple(f"encoder.encoder.layer.{k}.attention.self.{m}" for k in (0, 5) for m in ("query", "value"))
@@ -74,16 +75,16 @@ def sweep_sentiment(settings: SweepSettings, epochs: int = 1, train_limit: int |
     rows, spectra = [], {}
     for r in settings.ranks:
         for seed in settings.seeds:
-            alpha, rs = _alpha(settings, r)
+            alpha, rs = alpha_for_rank(settings, r)
             model, acc, seconds, loss = fit("lora", rank=r, alpha=alpha, rslora=rs, seed=seed)
             rows.append({"rank": r, "seed": seed, "trainable": count_parameters(model).trainable, "valid_loss": loss,
                          "test_accuracy": acc, "seconds": round(seconds, 1)})  # fmt: skip
             if seed == settings.seeds[0]:
                 layers = dict(lora_layers(model))
-                spectra[r] = {_short(p): _spectrum(layers[p].delta_weight("default").detach()) for p in SPECTRUM_LAYERS}
+                spectra[r] = {_short(p): spectrum(layers[p].delta_weight("default").detach()) for p in SPECTRUM_LAYERS}
     base_encoder = copy.deepcopy(head.encoder)
     full, full_acc, _, _ = fit("full")
-    full_spectra = {_short(p): _spectrum(full.get_submodule(p).weight.detach()
+    full_spectra = {_short(p): spectrum(full.get_submodule(p).weight.detach()
                                          - base_encoder.get_submodule(p.removeprefix("encoder.")).weight.detach())
                     for p in SPECTRUM_LAYERS}  # fmt: skip
 
@@ -96,7 +97,7 @@ def sweep_sentiment(settings: SweepSettings, epochs: int = 1, train_limit: int |
         "full_finetune_test_accuracy": full_acc, "base_flipped_test_accuracy": head_acc,
         "lora_spectra": {str(r): s for r, s in spectra.items()}, "full_finetune_spectra": full_spectra,
     }  # fmt: skip
-    results["figures"] = _plots(results, out)
+    results["figures"] = plot_sweep(results, out)
     results["total_seconds"] = round(time.perf_counter() - t0, 1)
     write_results(out, results)
     log(format_table(results))

