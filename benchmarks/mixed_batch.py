@@ -86,7 +86,7 @@ def main() -> None:
     import lorakit as lk
 
     base, ours, theirs = build(device=device)
-    banks = [lk.bank.inference_bank(layer) for _, layer in lk.injection.lora_layers(ours)]
+    banks = [lk.routing.inference_bank(layer) for _, layer in lk.lora_layers(ours)]
     results = {}
     for length in args.lengths:
         ids = torch.randint(0, 8192, (BATCH, length), generator=torch.Generator().manual_seed(length)).to(device)

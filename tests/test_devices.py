@@ -245,3 +245,10 @@ def test_no_progress_is_silent(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="lorakit.trainer"):
         _tiny_trainer(tmp_path, progress=False, log_every=1).train()
     assert not [r for r in caplog.records if r.name == "lorakit.trainer"]
+
+
+def test_init_distributed_names_a_bad_device():
+    from lorakit.devices import init_distributed
+
+    with pytest.raises(lk.InputError, match="'banana' is not a device"):
+        init_distributed("banana")

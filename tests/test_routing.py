@@ -175,3 +175,24 @@ def test_gathered_bank_equals_a_loop_over_rows(tokens):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
     unused = sorted(set(range(n_slots)) - set(slots.tolist()))
     assert unused and all(torch.count_nonzero(gr[unused]) == 0 for gr in grads)  # unused slots: no gradient
+
+
+def test_a_route_refuses_what_would_silently_change_its_rows():
+    torch.manual_seed(0)
+    model = SeedMLP().eval()
+    lk.inject(model, lk.LoraConfig(r=2, alpha=2.0, target_modules=["fc1", "fc2"]), name="a")
+    lk.add_adapter(model, lk.LoraConfig(r=2, alpha=2.0, target_modules=["fc1"]), name="b")
+    randomize_adapters(model)
+    x = torch.randn(2, 784)
+    with torch.no_grad(), lk.route(model, ["a", "b"]):
+        before = model(x)
+        with pytest.raises(RuntimeError, match="inside lorakit.route"):
+            lk.merge(model)  # the routed rows would add ΔW on top of the merged weight
+        with pytest.raises(RuntimeError, match="inside lorakit.route"):
+            lk.delete_adapter(model, "b")  # its bank would keep running
+        assert torch.equal(model(x), before) and not lk.is_merged(model)
+    assert sorted(lk.adapter_configs(model)) == ["a", "b"]
+    with pytest.raises(ValueError, match="1-D integer tensor"):
+        lk.route(model, torch.tensor([True, False])).__enter__()
+    with pytest.raises(TypeError, match="one adapter name per row"):
+        lk.route(model, "a").__enter__()

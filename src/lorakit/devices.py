@@ -126,7 +126,10 @@ def init_distributed(device: DeviceLike | None = None) -> torch.device:
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise InputError(f"device {device!r} is not a device torch knows ('cpu', 'cuda', 'cuda:1'...): {err}") from None
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     dev = resolve_device(dev)

@@ -244,6 +244,8 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     configs = adapter_configs(model)
     if name not in configs:
         raise KeyError(f"no adapter named {name!r}; the model holds {sorted(configs) or 'no adapters'}")
+    if any(isinstance(m, LoraLayer) and m.route is not None for m in _wrappers(model)):
+        raise RuntimeError(f"cannot delete adapter {name!r} inside lorakit.route; leave the route first")
     for path, module in list(model.named_modules()):
         if isinstance(module, LoraLayer) and name in module.lora_A:
             module.delete_adapter(name)

@@ -27,6 +27,8 @@ def merge(model: nn.Module) -> nn.Module:
         raise ValueError("the model holds no LoRA layers: nothing to merge")
     if active_adapter(model) is None:
         raise ValueError("no adapter is active: call lorakit.set_adapter(model, name) first")
+    if any(layer.route is not None for layer in layers):
+        raise RuntimeError("cannot merge inside lorakit.route (routed rows would add ΔW a second time)")
     if any(layer.adapters_disabled for layer in layers):
         raise RuntimeError("adapters are disabled (inside lorakit.disable_adapters): merge outside that block")
     merged = [layer.merged_adapters for layer in layers if layer.merged_adapters]

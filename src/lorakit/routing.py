@@ -151,7 +151,7 @@ class LayerRoute:
 def _row_names(model: nn.Module, adapters: Routing) -> tuple[list[str], list[str | None]]:
     order = list(adapter_configs(model))
     if isinstance(adapters, torch.Tensor):
-        if adapters.dim() != 1 or adapters.dtype.is_floating_point:
+        if adapters.dim() != 1 or adapters.dtype.is_floating_point or adapters.dtype == torch.bool:
             raise ValueError(
                 f"a routing tensor must be a 1-D integer tensor, got {tuple(adapters.shape)} {adapters.dtype}"
             )
@@ -159,6 +159,8 @@ def _row_names(model: nn.Module, adapters: Routing) -> tuple[list[str], list[str
         if bad:
             raise ValueError(f"routing indices {bad} are out of range: the model holds {len(order)} adapters {order}")
         names: list[str | None] = [order[i] if i >= 0 else None for i in adapters.tolist()]
+    elif isinstance(adapters, str):
+        raise TypeError(f"route takes one adapter name per row (a list), got the string {adapters!r}")
     else:
         names = list(adapters)
         unknown = sorted({n for n in names if n is not None and n not in order})

@@ -159,6 +159,8 @@ class LoraLayer(nn.Module):
             self.reset_adapter(name, init)
 
     def delete_adapter(self, name: str) -> None:
+        if self.route is not None:
+            raise RuntimeError(f"cannot delete adapter {name!r} inside lorakit.route; leave the route first")
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is merged into the base weights; unmerge it before deleting it")
         del self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
@@ -177,6 +179,8 @@ class LoraLayer(nn.Module):
         name = self.active_adapter
         if name is None or name not in self.lora_A:
             return
+        if self.route is not None:
+            raise RuntimeError("cannot merge inside lorakit.route (routed rows would add ΔW a second time)")
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is already merged; merging twice would add ΔW twice")
         self.add_to_base(self.delta_weight(name), sign=1.0)
