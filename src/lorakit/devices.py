@@ -19,6 +19,14 @@ from .errors import InputError
 DeviceLike = str | torch.device | int
 
 
+def parse_device(device: DeviceLike) -> torch.device:
+    """``torch.device(device)``, or an ``InputError`` that names the value."""
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise InputError(f"device {device!r} is not a device torch knows ('cpu', 'cuda', 'cuda:1'...): {err}") from None
+
+
 def resolve_device(device: DeviceLike | None, model: nn.Module | None = None) -> torch.device:
     """The device training runs on: ``device`` itself (checked to exist), or, when it is None, the
     device of the model's first parameter (CPU for a model without parameters).
@@ -29,10 +37,7 @@ def resolve_device(device: DeviceLike | None, model: nn.Module | None = None) ->
     if device is None:
         first = next(iter(model.parameters()), None) if model is not None else None
         return first.device if first is not None else torch.device("cpu")
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise InputError(f"device {device!r} is not a device torch knows ('cpu', 'cuda', 'cuda:1'...): {err}") from None
+    dev = parse_device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             build = (
@@ -126,10 +131,7 @@ def init_distributed(device: DeviceLike | None = None) -> torch.device:
     """
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError) as err:
-        raise InputError(f"device {device!r} is not a device torch knows ('cpu', 'cuda', 'cuda:1'...): {err}") from None
+    dev = parse_device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     dev = resolve_device(dev)

@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from operator import attrgetter
 from typing import Any
 
@@ -47,6 +47,19 @@ _SLOT_TABLES: weakref.WeakKeyDictionary[LoraLayer, tuple[tuple, torch.Tensor]] =
 
 
 # ---------------------------------------------------------------------------------------- banks
+def _cached(store: weakref.WeakKeyDictionary, layer: LoraLayer, key: tuple, build: Callable[[], Any]) -> Any:
+    """``store[layer]``'s value while it was built for ``key``, else ``build()`` (without autograd),
+    stored. The lock guards the dictionary only; two threads may build the same value once each."""
+    with _LOCK:
+        cached = store.get(layer)
+    if cached is None or cached[0] != key:
+        with torch.no_grad():
+            cached = (key, build())
+        with _LOCK:
+            store[layer] = cached
+    return cached[1]
+
+
 def stack_bank(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``layer``'s adapters stacked (differentiably) into ``(A_bank, B_bank, dropout_p)`` in the
     layer's bank layout."""
@@ -66,29 +79,19 @@ def inference_bank(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor, torch.
     # map() with C-level getters: this check runs for every layer each time a route is entered.
     key = (tuple(layer.lora_A.keys()), tuple(map(id, params)), tuple(map(_VERSION, params)),
            tuple(layer.scaling.values()))  # fmt: skip
-    with _LOCK:
-        cached = _BANKS.get(layer)
-    if cached is None or cached[0] != key:
-        with torch.no_grad():
-            cached = (key, stack_bank(layer))
-        with _LOCK:
-            _BANKS[layer] = cached
-    return cached[1]
+    return _cached(_BANKS, layer, key, lambda: stack_bank(layer))
 
 
 def _slot_table(layer: LoraLayer, order: list[str]) -> torch.Tensor:
     """Model adapter position → this layer's bank slot (the zero slot for adapters the layer
     lacks, and for position ``len(order)`` = no adapter)."""
-    key = (tuple(order), tuple(layer.lora_A.keys()))
-    with _LOCK:
-        cached = _SLOT_TABLES.get(layer)
-    if cached is None or cached[0] != key:
-        slot = {n: i for i, n in enumerate(layer.lora_A.keys())}
-        zero = len(slot)
-        cached = (key, torch.tensor([slot.get(n, zero) for n in order] + [zero]))
-        with _LOCK:
-            _SLOT_TABLES[layer] = cached
-    return cached[1]
+    names = tuple(layer.lora_A.keys())
+
+    def build() -> torch.Tensor:
+        slot = {n: i for i, n in enumerate(names)}
+        return torch.tensor([slot.get(n, len(names)) for n in order] + [len(names)])
+
+    return _cached(_SLOT_TABLES, layer, (tuple(order), names), build)
 
 
 # ---------------------------------------------------------------------------------------- one layer

@@ -45,7 +45,7 @@ from torch import nn
 
 from . import train_state
 from .checkpoint import load_adapter_tensors, save_adapter
-from .devices import autocast_settings, move_to, resolve_device, world
+from .devices import autocast_settings, move_to, parse_device, resolve_device, world
 from .errors import InputError
 from .injection import adapter_configs
 from .optim import check_optimizer_name, make_optimizer
@@ -98,10 +98,7 @@ class TrainerConfig:
             raise InputError("TrainerConfig: bf16 and fp16 exclude each other; set at most one")
         check_optimizer_name(self.optimizer)
         if self.device is not None:
-            try:
-                torch.device(self.device)
-            except (RuntimeError, TypeError) as err:
-                raise InputError(f"TrainerConfig.device {self.device!r} is not a device: {err}") from None
+            parse_device(self.device)
 
 
 OptimizerFactory = Callable[[list[nn.Parameter], TrainerConfig], torch.optim.Optimizer]
