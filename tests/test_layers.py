@@ -9,6 +9,7 @@ import lorakit as lk
 from lorakit.layers import LoraConv2d, LoraEmbedding, LoraLinear
 
 from .conftest import randomize_adapters
+from .tolerance import assert_close
 
 
 def _single(module: nn.Module, r: int = 3, alpha: float = 6.0, **kw) -> nn.Module:
@@ -27,7 +28,7 @@ def test_linear_matches_formula():
     x = torch.randn(4, 2, 7)
     A, B = layer.lora_A["default"], layer.lora_B["default"]
     want = F.linear(x, layer.base_layer.weight, layer.base_layer.bias) + 2.0 * (x @ A.T @ B.T)
-    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-6)
+    assert_close(layer(x), want, reduction=7, depth=3)
 
 
 def test_embedding_matches_formula_and_padding_idx():
@@ -39,7 +40,7 @@ def test_embedding_matches_formula_and_padding_idx():
     ids = torch.tensor([[0, 2, 5], [10, 2, 1]])
     A, B = layer.lora_A["default"], layer.lora_B["default"]
     want = layer.base_layer.weight[ids] + 2.0 * (A.T[ids] @ B.T)
-    torch.testing.assert_close(layer(ids), want)
+    assert_close(layer(ids), want, reduction=2, depth=2)
     layer(ids).sum().backward()
     assert torch.all(A.grad[:, 2] == 0), "padding_idx row must get no gradient, as in the base embedding"
 
@@ -55,7 +56,7 @@ def test_conv2d_matches_merged_weight(stride, padding, dilation):
     x = torch.randn(2, 3, 9, 9)
     w = layer.base_layer.weight + layer.delta_weight("default")
     want = F.conv2d(x, w, layer.base_layer.bias, stride, padding, dilation)
-    torch.testing.assert_close(layer(x), want, rtol=1e-5, atol=1e-5)
+    assert_close(layer(x), want, reduction=3 * 3 * 3, depth=2)
 
 
 def test_conv2d_groups_unsupported_is_clear():
@@ -86,7 +87,7 @@ def test_half_precision_base_keeps_fp32_adapters(dtype):
     want = layer.base_layer(x).float() + layer.scaling["default"] * (
         x.float() @ layer.lora_A["default"].T @ layer.lora_B["default"].T
     )
-    torch.testing.assert_close(y.float(), want, rtol=2e-2, atol=2e-2)
+    assert_close(y.float(), want, reduction=8, depth=3, dtype=dtype)
     y.float().sum().backward()
     assert layer.lora_A["default"].grad.dtype == torch.float32
     assert layer.base_layer.weight.grad is None
@@ -118,6 +119,27 @@ def test_dropout_only_on_adapter_path_and_only_in_training():
         assert torch.equal(root.layer(x), root.layer.base_layer(x))
 
 
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.7])
+def test_dropout_drops_the_configured_fraction_of_adapter_inputs(p):
+    """With A = B = I and x = 1 the adapter's output is dropout(x) itself: count its zeros."""
+    n = 64
+    root = _single(nn.Linear(n, n), r=n, alpha=n, dropout=p)
+    layer = root.layer
+    with torch.no_grad():
+        layer.lora_A["default"].copy_(torch.eye(n))
+        layer.lora_B["default"].copy_(torch.eye(n))
+    torch.manual_seed(0)
+    x = torch.ones(1024, n)
+    with torch.no_grad():
+        delta = layer(x) - layer.base_layer(x)
+    q = lk.functional.quantize_dropout(p)  # the rate the fast mask draws (p to 1/2^16)
+    samples = delta.numel()
+    dropped = (delta.abs() < 0.5).float().mean().item()
+    assert abs(dropped - p) < 5 * (p * (1 - p) / samples) ** 0.5 + abs(q - p)
+    kept = delta[delta.abs() >= 0.5]
+    assert_close(kept, torch.full_like(kept, 1 / (1 - q)), reduction=n, depth=2)  # inverted scaling
+
+
 def test_wrapper_forwards_attributes_of_the_base():
     root = _single(nn.Linear(7, 5))
     assert root.layer.in_features == 7 and root.layer.out_features == 5
@@ -133,7 +155,7 @@ def test_bf16_autocast_training_step():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = root.layer(x)
     assert y.dtype == torch.bfloat16
-    torch.testing.assert_close(y.float(), root.layer(x), rtol=3e-2, atol=3e-2)
+    assert_close(y.float(), root.layer(x), reduction=16, depth=3, dtype=torch.bfloat16)
     y.float().sum().backward()
     assert root.layer.lora_A["default"].grad is not None and root.layer.lora_A["default"].grad.dtype == torch.float32
 

@@ -14,6 +14,7 @@ import lorakit as lk
 
 from .conftest import SeedMLP
 from .models import logits, tiny_gpt2, tiny_llama, tiny_llama_classifier, token_batch
+from .tolerance import assert_close
 
 peft = pytest.importorskip("peft")
 
@@ -110,6 +111,12 @@ def _run(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return logits(model, x) if x.dtype == torch.long else model(x).detach()
 
 
+def _same(got: torch.Tensor, want: torch.Tensor, x: torch.Tensor) -> None:
+    """Equal up to summation order: the MLP cases reduce over 784 inputs in 3 layers; the tiny
+    transformers over at most 4·hidden = 128 in 2 blocks of attention, MLP and a head."""
+    assert_close(got, want, reduction=128 if x.dtype == torch.long else 784, depth=10)
+
+
 def _randomize(model: nn.Module) -> None:
     g = torch.Generator().manual_seed(123)
     with torch.no_grad():
@@ -130,7 +137,7 @@ def test_lorakit_to_peft(case: Case, tmp_path):
     lk.save_adapter(ours, tmp_path)
 
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
-    torch.testing.assert_close(_run(theirs, x), want, rtol=1e-5, atol=1e-5)
+    _same(_run(theirs, x), want, x)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
@@ -146,7 +153,7 @@ def test_peft_to_lorakit(case: Case, tmp_path):
     ours = copy.deepcopy(base)
     lk.load_adapter(ours, tmp_path)
     ours.eval()
-    torch.testing.assert_close(_run(ours, x), want, rtol=1e-5, atol=1e-5)
+    _same(_run(ours, x), want, x)
     # same set of adapted modules, and the same trainable parameter count
     peft_paths = {
         n.removeprefix("base_model.model.")
@@ -167,4 +174,4 @@ def test_peft_named_adapter_subfolder(tmp_path):
     ids = token_batch()
     ours = copy.deepcopy(base)
     lk.load_adapter(ours, tmp_path / "x", name="x")
-    torch.testing.assert_close(logits(ours, ids), logits(theirs, ids), rtol=1e-5, atol=1e-5)
+    _same(logits(ours, ids), logits(theirs, ids), ids)

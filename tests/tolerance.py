@@ -8,9 +8,11 @@ evaluations can therefore differ by about ``2·√k·u·S``, where ``S`` bounds 
 values of the terms: for ``y = x @ W`` that is ``max |x| · max |W| · k``, or more simply the size of
 the largest output times a safety factor when nothing cancels.
 
-``close_tol`` returns that bound with a safety factor large enough for every kernel family we
-have seen (x8 on the √k model, never below a few ulps of the output), and ``assert_close`` uses
-it. Keep ``rtol=0, atol=0`` (bitwise) only for promises that are bitwise: a fresh adapter equals
+Half-precision types (bfloat16, float16) accumulate in float32 on every CPU and GPU kernel we
+use, so their sums add float32 error, and what dominates is rounding each stored intermediate to
+the half type: about one ulp of the value per chained step. ``close_tol`` returns the sum of both
+terms, with a safety factor of 8 on the √k model (large enough for every kernel family we have
+seen) and 2 ulps per stored step, and ``assert_close`` uses it. Keep ``rtol=0, atol=0`` (bitwise) only for promises that are bitwise: a fresh adapter equals
 the base, save → load round trips, resume == uninterrupted.
 """
 
@@ -28,7 +30,9 @@ def close_tol(dtype: torch.dtype, reduction: int, magnitude: float, *, depth: in
     made of ``depth`` chained reductions of at most ``reduction`` terms each, whose terms have
     absolute sums of about ``magnitude``."""
     eps = torch.finfo(dtype).eps
-    return SAFETY * depth * eps * (math.sqrt(max(reduction, 1)) + 2.0) * max(float(magnitude), 1e-30)
+    accumulate = min(eps, torch.finfo(torch.float32).eps)  # half types sum in float32
+    per_step = SAFETY * accumulate * (math.sqrt(max(reduction, 1)) + 2.0) + 2.0 * eps
+    return depth * per_step * max(float(magnitude), 1e-30)
 
 
 def assert_close(
