@@ -102,8 +102,9 @@ class SentenceClassifier(nn.Module):
         return self.head((hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0))
 
 
-def minilm_classifier(num_labels: int, seed: int = 0):
-    """``(SentenceClassifier, tokenizer)`` on pretrained all-MiniLM-L6-v2 with a fresh head."""
+def minilm_classifier(num_labels: int, seed: int | None = 0):
+    """``(SentenceClassifier, tokenizer)`` on pretrained all-MiniLM-L6-v2 with a fresh head, drawn
+    from ``seed`` without touching the caller's global RNG (``seed=None``: from the global RNG)."""
     from transformers import AutoModel, AutoTokenizer
 
     path = minilm_dir()
@@ -112,5 +113,8 @@ def minilm_classifier(num_labels: int, seed: int = 0):
     # dropped: mean pooling replaces it. Same encoder as ``add_pooling_layer=False``.
     encoder = AutoModel.from_pretrained(path, local_files_only=True)
     encoder.pooler = None
-    torch.manual_seed(seed)
-    return SentenceClassifier(encoder, num_labels), tokenizer
+    if seed is None:
+        return SentenceClassifier(encoder, num_labels), tokenizer
+    with torch.random.fork_rng(devices=[]):  # a library-style call leaves the global RNG as it was
+        torch.manual_seed(seed)
+        return SentenceClassifier(encoder, num_labels), tokenizer

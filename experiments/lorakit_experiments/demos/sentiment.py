@@ -79,7 +79,8 @@ def predict(model: nn.Module, rows: list[list[int]], pad_id: int, batch: int = 2
 
 def prepare(method: str, settings: Settings) -> tuple[nn.Module, object]:
     """The classifier set up for ``method``: what is trainable is all that differs."""
-    model, tokenizer = minilm_classifier(num_labels=2, seed=settings.seed)
+    torch.manual_seed(settings.seed)  # the demo owns its process: the head, then LoRA's A, from one seed
+    model, tokenizer = minilm_classifier(num_labels=2, seed=None)
     if method == "head":
         model.encoder.requires_grad_(False)
     elif method == "lora":
