@@ -94,5 +94,5 @@ def test_selective_numbered_layers():
         select_trainable(model, SelectiveConfig(mode="layers", layers=[7, 0]))
     with pytest.raises(ValueError, match="layer indices"):
         SelectiveConfig(mode="layers", layers=["h.0"])
-    with pytest.raises(ValueError, match="required with mode='layers'"):
+    with pytest.raises(ValueError, match=r"layers = None with mode='layers'; allowed: layer indices.*\(required\)"):
         SelectiveConfig(mode="layers")

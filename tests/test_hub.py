@@ -17,6 +17,7 @@ import lorakit as lk
 
 from .conftest import randomize_adapters
 from .models import logits, tiny_llama, token_batch
+from .tolerance import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -142,3 +143,84 @@ def test_push_to_hub_uploads_the_hub_folder(tmp_path, monkeypatch):
     assert seen["repo"] == ("alice/x", {"private": True, "exist_ok": True})
     assert seen["files"] == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     assert "base_model: tiny" in seen["card"]
+
+
+# ---------------------------------------------------------------------------------------- PEFT interop
+def test_saved_config_names_base_model_and_task_so_auto_peft_model_loads_it(tmp_path):
+    """A model loaded from a folder records it as base_model_name_or_path, and a *ForCausalLM its
+    task type, so that peft.AutoPeftModelForCausalLM rebuilds base + adapter from the adapter alone."""
+    import json
+
+    from peft import AutoPeftModelForCausalLM
+    from transformers import LlamaForCausalLM
+
+    tiny_llama().save_pretrained(tmp_path / "base")
+    model = LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(model)
+    lk.save_adapter(model, tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(tmp_path / "base") and saved["task_type"] == "CAUSAL_LM"
+    theirs = AutoPeftModelForCausalLM.from_pretrained(str(tmp_path / "adapter")).eval()
+    ids = token_batch()
+    want = logits(model, ids)
+    assert not torch.equal(want, logits(LlamaForCausalLM.from_pretrained(tmp_path / "base").eval(), ids))
+    assert_close(logits(theirs, ids), want, reduction=32, depth=4)
+
+
+def test_task_types_follow_transformers_model_classes(tmp_path):
+    import json
+
+    from .conftest import SeedMLP
+    from .models import tiny_bert, tiny_gpt2, tiny_llama_classifier
+
+    cases = [
+        (tiny_llama(), ["q_proj"], "CAUSAL_LM"),
+        (tiny_gpt2(), ["c_attn"], "CAUSAL_LM"),
+        (tiny_llama_classifier(), ["q_proj"], "SEQ_CLS"),
+        (tiny_bert(), ["query"], "SEQ_CLS"),
+        (tiny_llama().model, ["q_proj"], "FEATURE_EXTRACTION"),  # a bare LlamaModel
+        (tiny_gpt2().transformer, ["c_attn"], "FEATURE_EXTRACTION"),  # a bare GPT2Model
+        (SeedMLP(), ["fc1"], None),
+    ]
+    for i, (model, targets, task) in enumerate(cases):
+        lk.inject(model, lk.LoraConfig(r=2, target_modules=targets))
+        lk.save_adapter(model, tmp_path / str(i))
+        saved = json.loads((tmp_path / str(i) / "adapter_config.json").read_text())
+        assert (saved["task_type"], saved["base_model_name_or_path"]) == (task, None), type(model).__name__
+    lk.save_for_hub(model, tmp_path / "hub", base_model="me/base")  # the hub's base model is the config's too
+    assert json.loads((tmp_path / "hub" / "adapter_config.json").read_text())["base_model_name_or_path"] == "me/base"
+
+
+@pytest.mark.parametrize(
+    "targets", [["embed_tokens", "lm_head", "q_proj"], ["q_proj"]], ids=["adapted-embeddings", "plain-embeddings"]
+)
+def test_peft_save_embedding_layers_load_into_the_base_layers(tmp_path, targets):
+    """PEFT saves full embedding and head weights beside the adapter (``save_embedding_layers``, for
+    resized or trained vocabularies): ``<path>.base_layer.weight`` when the layer is adapted, else
+    ``<path>.weight``. PEFT loads them into the base layers; so does lorakit."""
+    import copy
+
+    import peft
+    from safetensors.torch import load_file
+
+    base = tiny_llama()
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name or "embed_tokens" in name or "lm_head" in name:  # factors and the full weights
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    theirs.save_pretrained(tmp_path, save_embedding_layers=True)
+    keys = {k for k in load_file(tmp_path / "adapter_model.safetensors") if "lora_" not in k}
+    adapted = "lm_head" in targets
+    layer = ".base_layer" if adapted else ""
+    assert keys == {f"base_model.model.lm_head{layer}.weight", f"base_model.model.model.embed_tokens{layer}.weight"}
+    ours = copy.deepcopy(base)
+    lk.load_adapter(ours, tmp_path)
+    ids = token_batch()
+    assert_close(logits(ours, ids), logits(theirs.eval(), ids), reduction=48, depth=4)
+    for path in ("lm_head", "model.embed_tokens"):  # the saved full weights went into the base layers, bitwise
+        mine, peft_layer = ours.get_submodule(path), theirs.base_model.model.get_submodule(path)
+        mine, peft_layer = getattr(mine, "base_layer", mine), getattr(peft_layer, "base_layer", peft_layer)
+        assert torch.equal(mine.weight, peft_layer.weight), path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -13,6 +14,7 @@ from lorakit.cli import main
 
 from .conftest import SeedMLP, randomize_adapters
 from .models import tiny_gpt2, token_batch
+from .tolerance import assert_close
 
 
 def test_inspect_reports_ranks_bytes_and_norms(tmp_path, capsys):
@@ -62,3 +64,86 @@ def test_merge_reports_every_mismatch(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "fc1.weight: base shape (256, 700)" in err and "no fc2.weight in the base file" in err
     assert not (tmp_path / "m.safetensors").exists()
+
+
+def _folder_with(tmp_path, edit=None, **config_changes):
+    """A saved adapter (fc1, fc2 at r=2) whose tensors ``edit`` changes and whose config gets
+    ``config_changes``; written as PEFT writes it (no lorakit metadata), so only the edit is wrong."""
+    torch.manual_seed(0)
+    model = SeedMLP()
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["fc1", "fc2"]))
+    randomize_adapters(model)
+    folder = tmp_path / "adapter"
+    lk.save_adapter(model, folder)
+    tensors = load_file(folder / "adapter_model.safetensors")
+    if edit is not None:
+        edit(tensors)
+    save_file(tensors, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**cfg, **config_changes}))
+    save_file({f"fc{i}.weight": torch.zeros(o, n) for i, (n, o) in enumerate([(784, 256), (256, 128), (128, 10)], 1)}
+              | {"fc9.weight": torch.zeros(3, 3)}, str(tmp_path / "base.safetensors"))  # fmt: skip
+    return folder
+
+
+A1, B1 = "base_model.model.fc1.lora_A.weight", "base_model.model.fc1.lora_B.weight"
+FC9 = {"base_model.model.fc9.lora_A.weight": torch.ones(2, 3), "base_model.model.fc9.lora_B.weight": torch.ones(3, 2)}
+OFFLINE_CASES = {  # (edit of the tensors, config changes, message fragment)
+    "nan": (lambda t: t[A1].__setitem__((0, 0), float("nan")), {}, f"NaN or infinite values in {A1}"),
+    "int": (lambda t: t.__setitem__(A1, t[A1].to(torch.int32)), {}, f"{A1} (I32)"),
+    "b-without-a": (lambda t: t.pop(A1), {}, f"{B1} has no matching {A1}"),
+    "unknown-lora-key": (
+        lambda t: t.__setitem__("base_model.model.fc1.lora_magnitude_vector", torch.ones(256)),
+        {},
+        "base_model.model.fc1.lora_magnitude_vector: not a LoRA factor key lorakit knows",
+    ),
+    "rank-differs-from-config": (
+        None, {"r": 3}, "fc1: the factors have rank 2 ((2, 784), (256, 2)) but the config gives r=3"
+    ),
+    "untargeted-module": (
+        lambda t: t.update(FC9), {}, "factors for modules the config's target_modules do not select: ['fc9']"
+    ),
+    "bool-as-string": (None, {"use_rslora": "false"}, "'use_rslora' must be true or false, got 'false'"),
+}
+
+
+@pytest.mark.parametrize("case", list(OFFLINE_CASES))
+@pytest.mark.parametrize("command", ["inspect", "merge"])
+def test_inspect_and_merge_refuse_what_load_refuses(tmp_path, capsys, case, command):
+    from lorakit.offline import inspect_adapter, merge_files
+
+    edit, changes, fragment = OFFLINE_CASES[case]
+    folder = _folder_with(tmp_path, edit, **changes)
+    with pytest.raises(lk.AdapterLoadError) as err:
+        if command == "inspect":
+            inspect_adapter(folder)
+        else:
+            merge_files(tmp_path / "base.safetensors", folder, tmp_path / "merged.safetensors")
+    assert type(err.value) is lk.AdapterLoadError and fragment in str(err.value)
+    assert not (tmp_path / "merged.safetensors").exists()
+    args = ["inspect", str(folder)] if command == "inspect" else [
+        "merge", "--base", str(tmp_path / "base.safetensors"), "--adapter", str(folder), "--out", str(tmp_path / "m")
+    ]  # fmt: skip
+    assert main(args) == 2 and fragment in capsys.readouterr().err
+
+
+def test_merge_applies_delta_on_top_of_saved_full_weights(tmp_path):
+    """A saved full weight (PEFT's save_embedding_layers: ``<path>.base_layer.weight``) replaces the
+    base weight, and the adapted module's ΔW goes on top of it, as loading does."""
+    from lorakit.offline import merge_files
+
+    torch.manual_seed(0)
+    model = SeedMLP()
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["fc1"]))
+    randomize_adapters(model)
+    lk.save_adapter(model, tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    full = torch.randn(256, 784, generator=torch.Generator().manual_seed(3))
+    tensors["base_model.model.fc1.base_layer.weight"] = full
+    save_file(tensors, str(weights), metadata={"format": "pt"})
+    save_file({"fc1.weight": torch.zeros(256, 784)}, str(tmp_path / "base.safetensors"))
+    merge_files(tmp_path / "base.safetensors", tmp_path / "adapter", tmp_path / "merged.safetensors")
+    merged = load_file(tmp_path / "merged.safetensors")["fc1.weight"]
+    delta = model.fc1.delta_weight("default").detach()
+    assert_close(merged, full + delta, reduction=2)

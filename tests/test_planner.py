@@ -10,6 +10,7 @@ import torch
 import lorakit as lk
 from lorakit import planner
 from lorakit.cli import main
+from lorakit.errors import InputError
 
 from .models import tiny_bert, tiny_gpt2, tiny_llama
 
@@ -76,11 +77,11 @@ def test_predicted_state_bytes_match_a_real_training_step():
 
 
 def test_errors_and_cli(capsys):
-    with pytest.raises(ValueError, match="dtype must be one of"):
+    with pytest.raises(InputError, match="dtype = 'fp8'; allowed: fp32, fp16, bf16"):
         lk.estimate_memory(7e9, dtype="fp8")
-    with pytest.raises(ValueError, match="needs the architecture"):
+    with pytest.raises(InputError, match="method 'lora' needs config"):
         lk.estimate_memory(7e9, method="lora")
-    with pytest.raises(ValueError, match="model_type 'mamba'"):
+    with pytest.raises(InputError, match="model_type = 'mamba' is not known"):
         lk.architecture({"model_type": "mamba"})
     assert main(["memory", "--seed-table"]) == 0
     out = capsys.readouterr().out

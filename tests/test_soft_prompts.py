@@ -138,7 +138,7 @@ def test_text_init_merge_refusal_and_bad_files(tmp_path):
     with pytest.raises(AdapterLoadError, match=r"shape \(5, 32\).*needs \(5, 16\)"):
         SoftPromptModel.load(tiny_gpt2().__class__(tiny_gpt2().config.__class__(
             n_layer=2, n_embd=16, n_head=2, vocab_size=101, n_positions=32)), tmp_path)  # fmt: skip
-    with pytest.raises(ValueError, match="needs init_text"):
+    with pytest.raises(ValueError, match="init_text = None with init='text'; allowed: a non-empty string"):
         PromptTuningConfig(init="text")
 
 

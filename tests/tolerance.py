@@ -12,8 +12,9 @@ Half-precision types (bfloat16, float16) accumulate in float32 on every CPU and 
 use, so their sums add float32 error, and what dominates is rounding each stored intermediate to
 the half type: about one ulp of the value per chained step. ``close_tol`` returns the sum of both
 terms, with a safety factor of 8 on the √k model (large enough for every kernel family we have
-seen) and 2 ulps per stored step, and ``assert_close`` uses it. Keep ``rtol=0, atol=0`` (bitwise) only for promises that are bitwise: a fresh adapter equals
-the base, save → load round trips, resume == uninterrupted.
+seen) and 2 ulps per stored step, and ``assert_close`` uses it. Keep ``rtol=0, atol=0``
+(bitwise) only for promises that are bitwise: a fresh adapter equals the base, save → load round
+trips, resume == uninterrupted.
 """
 
 from __future__ import annotations

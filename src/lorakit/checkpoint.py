@@ -9,35 +9,54 @@ A directory holds ``adapter_config.json`` (``LoraConfig.to_peft_dict``) and
 * ``modules_to_save``: ``base_model.model.<path>.<param>`` (the module's own names),
 * trained biases: ``base_model.model.<path>.base_layer.bias`` for adapted layers, else ``<path>.bias``.
 
-Only safetensors files are read (never a pickle), every tensor is checked against the model
-before anything is copied, and writes go to a temporary file that is renamed into place.
+Only safetensors files are read (never a pickle); the config's ranks are checked against the
+stored shapes, and every key against the model, before anything is allocated or copied; a failed
+load leaves the model as it was. A save replaces both files together (``files.write_folder``) and
+records ``base_model_name_or_path`` and PEFT's ``task_type`` so that ``AutoPeftModel*`` loads it.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
 import torch
-from safetensors.torch import save
 from torch import nn
 
-from .config import ALL_LINEAR, LoraConfig
+from .atomic import recover_folder, write_folder
+from .config import ALL_LINEAR, PREFIX, LoraConfig
 from .files import (
     CONFIG_NAME,
-    PREFIX,
     WEIGHTS_NAME,
     AdapterLoadError,
-    atomic_write,
+    adapter_files,
+    read_adapter,
     read_config,
     read_tensors,
-    resolve_adapter,
 )
-from .injection import adapter_configs, add_adapter, delete_adapter, find_targets, lora_layers, set_adapter
-from .layers import LoraLinear, ModulesToSave
-from .targeting import candidate_modules, name_matches, output_head
+from .injection import (
+    CONFIGS_ATTR,
+    adapter_configs,
+    add_adapter,
+    delete_adapter,
+    find_targets,
+    lora_layers,
+    set_adapter,
+)
+from .layers import LoraLayer, LoraLinear, ModulesToSave, wrap_module
+from .targeting import candidate_modules, is_suffix, name_matches, output_head
+
+_REPO_ID = re.compile(r"^(hf://)?[A-Za-z0-9][\w.-]*/[\w.-]+$")
+#: transformers' auto-model tables → PEFT's task type, most specific first
+_TASKS = (
+    ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "CAUSAL_LM"),
+    ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "SEQ_2_SEQ_LM"),
+    ("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "SEQ_CLS"),
+    ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "TOKEN_CLS"),
+    ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "QUESTION_ANS"),
+    ("MODEL_MAPPING_NAMES", "FEATURE_EXTRACTION"),
+)
 
 __all__ = [
     "CONFIG_NAME",
@@ -45,11 +64,13 @@ __all__ = [
     "WEIGHTS_NAME",
     "AdapterLoadError",
     "adapter_state",
+    "adapter_state_files",
     "embedding_state",
     "load_adapter",
     "load_adapter_tensors",
     "read_config",
     "read_tensors",
+    "resolve_adapter",
     "save_adapter",
 ]
 
@@ -89,22 +110,41 @@ def embedding_state(model: nn.Module) -> dict[str, torch.Tensor]:
     (``save_embedding_layers``, for resized vocabularies); loading them reproduces PEFT's model.
     """
     head = output_head(model)
+    heads = {id(head), id(getattr(head, "base_layer", None))} if head is not None else set()
     state: dict[str, torch.Tensor] = {}
-    for path, module in model.named_modules():
-        if isinstance(module, nn.Embedding) or (head is not None and module is head):
+    for path, module in model.named_modules():  # an adapted one: its base layer, ``<path>.base_layer``
+        if (isinstance(module, nn.Embedding) or id(module) in heads) and not isinstance(module, LoraLayer):
             state[f"{PREFIX}{path}.weight"] = module.weight
     return state
 
 
 # ---------------------------------------------------------------------------------------- saving
-def _config_for_saving(model: nn.Module, config: LoraConfig, name: str) -> LoraConfig:
+def _task_type(model: nn.Module) -> str | None:
+    """PEFT's task type for a transformers model class (``LlamaForCausalLM`` → ``CAUSAL_LM``, a bare
+    ``LlamaModel`` → ``FEATURE_EXTRACTION``); None for other models."""
+    if not type(model).__module__.startswith("transformers."):
+        return None
+    from transformers.models.auto import modeling_auto
+
+    for table, task in _TASKS:
+        names = getattr(modeling_auto, table, {}).values()
+        if any(type(model).__name__ in ((n,) if isinstance(n, str) else n) for n in names):
+            return task
+    return None
+
+
+def _config_for_saving(model: nn.Module, config: LoraConfig, name: str, base_model: str | None) -> LoraConfig:
     """``all-linear`` is resolved to explicit names so that PEFT (which accepts ``all-linear`` only
     on transformers models) rebuilds exactly the same set of adapted modules, and
     ``fan_in_fan_out`` is set when the adapted matrices are stored ``[in, out]`` (GPT-2's Conv1D),
-    as PEFT records it."""
+    as PEFT records it. ``base_model_name_or_path`` (``base_model``, else the config's, else the
+    transformers model's ``name_or_path``) and ``task_type`` are filled in when known."""
     adapted = {p: layer for p, layer in lora_layers(model) if name in layer.lora_A}
     if any(isinstance(layer, LoraLinear) and layer.fan_in_fan_out for layer in adapted.values()):
         config = config.replace(fan_in_fan_out=True)
+    origin = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(model, "name_or_path", None)
+    origin = base_model or config.base_model_name_or_path or (origin if isinstance(origin, str) else None) or None
+    config = config.replace(base_model_name_or_path=origin, task_type=config.task_type or _task_type(model))
     if config.target_modules != ALL_LINEAR:
         return config
     leaves = sorted({p.rsplit(".", 1)[-1] for p in adapted})
@@ -115,22 +155,25 @@ def _config_for_saving(model: nn.Module, config: LoraConfig, name: str) -> LoraC
     return probe.replace(target_modules="|".join(re.escape(p) for p in adapted))
 
 
+def adapter_state_files(model: nn.Module, name: str = "default", base_model: str | None = None) -> dict[str, bytes]:
+    """The bytes of ``adapter_config.json`` and ``adapter_model.safetensors`` for adapter ``name``
+    (the weights record the config's SHA-256), for ``files.write_folder``."""
+    state = adapter_state(model, name)
+    config = _config_for_saving(model, adapter_configs(model)[name], name, base_model)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+    return adapter_files(config.to_peft_dict(), tensors)
+
+
 def save_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str = "default") -> Path:
     """Write adapter ``name`` to ``directory`` in PEFT's format; returns the weights file path.
 
-    Only the adapter's own tensors are written (for the seed MLP at r=4: 6,248 numbers).
-    Each file is written to a temporary name and renamed, so a crash never leaves half a file.
+    Only the adapter's own tensors are written (for the seed MLP at r=4: 6,248 numbers). Both
+    files are replaced together (a kill at any moment leaves the old pair or the new one); other
+    files in ``directory`` stay. A full disk raises ``OSError`` "no space left on device" naming
+    the folder, whose previous adapter is then unchanged.
     """
-    state = adapter_state(model, name)
-    config = _config_for_saving(model, adapter_configs(model)[name], name)
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    weights = out / WEIGHTS_NAME
-    atomic_write(weights, save(tensors, metadata={"format": "pt"}))
-    text = json.dumps(config.to_peft_dict(), indent=2, sort_keys=True) + "\n"
-    atomic_write(out / CONFIG_NAME, text.encode())
-    return weights
+    write_folder(directory, adapter_state_files(model, name))
+    return Path(directory) / WEIGHTS_NAME
 
 
 # ---------------------------------------------------------------------------------------- loading
@@ -149,33 +192,99 @@ def load_adapter(
     ``huggingface_hub``'s cache; ``revision`` and ``subfolder`` pick the commit and folder).
 
     On a plain model this injects from the stored config; on a model that already holds
-    adapters it adds one more. Every tensor is checked first; missing keys, unexpected keys and
-    shape mismatches raise one ``AdapterLoadError`` listing each of them, and the model is then
-    left as it was.
+    adapters it adds one more. Both files are checked before anything is allocated (ranks against
+    the stored shapes, dtypes, finite values, factor keys against the modules the config adapts in
+    this model); then every tensor's shape: missing keys, unexpected keys and shape mismatches
+    raise one ``AdapterLoadError`` listing each of them. On any error the model is left as it was.
+    Full embedding / output-head weights saved beside the adapter (PEFT's ``save_embedding_layers``)
+    are copied into the model's base layers, as PEFT does.
     """
     directory = resolve_adapter(directory, revision=revision, subfolder=subfolder)
-    config = read_config(directory)
-    tensors = read_tensors(directory)
-    if name in adapter_configs(model):
+    config, tensors = read_adapter(directory)
+    if name in model.__dict__.get(CONFIGS_ATTR, {}):
         raise AdapterLoadError(
             f"the model already holds an adapter named {name!r}; pick another name or delete it first"
         )
     try:
-        find_targets(model, config)
+        targets = find_targets(model, config)
     except ValueError as err:
         raise AdapterLoadError(f"{directory}: the adapter does not fit this model: {err}") from None
+    _check_before_allocating(model, config, targets, tensors, directory)
     grad_flags = {id(p): p.requires_grad for p in model.parameters()}
-    add_adapter(model, config, name)
     try:
+        add_adapter(model, config, name)
         _copy_tensors(model, name, tensors, directory)
-    except AdapterLoadError:
-        delete_adapter(model, name)  # leave the model exactly as it was
+    except BaseException as err:
+        if name in adapter_configs(model):
+            delete_adapter(model, name)  # leave the model exactly as it was
         for p in model.parameters():
             p.requires_grad_(grad_flags.get(id(p), p.requires_grad))
+        if isinstance(err, (ValueError, TypeError)) and not isinstance(err, AdapterLoadError):
+            raise AdapterLoadError(f"{directory}: the adapter does not fit this model: {err}") from None
         raise
     if activate:
         set_adapter(model, name)
     return model
+
+
+def _check_before_allocating(
+    model: nn.Module, config: LoraConfig, targets: list[str], tensors: dict[str, torch.Tensor], directory: Path
+) -> None:
+    """Everything ``add_adapter`` would allocate, checked on shapes first (a 3 KB config saying
+    r=1e6 must not allocate gigabytes): weights on the meta device (which would load as a silent
+    no-op), ``modules_to_save`` names, and every factor key and shape against the modules the config
+    adapts in this model. One ``AdapterLoadError`` lists every problem."""
+    head = f"{directory}: adapter tensors do not match the model:"
+    saved = [p for name in config.modules_to_save or [] for p, _ in candidate_modules(model) if is_suffix(name, p)]
+    meta = [
+        f"{path}.{n}"
+        for path in (*targets, *saved)
+        for n, t in (*model.get_submodule(path).named_parameters(), *model.get_submodule(path).named_buffers())
+        if t.is_meta
+    ]
+    if meta:
+        raise AdapterLoadError(
+            f"{head} the adapted modules' weights are on the meta device ({', '.join(sorted(meta)[:3])}, ...): the "
+            "model is not materialized (e.g. built under init_empty_weights); load its weights first"
+        )
+    lines = [
+        f"  modules_to_save: {name!r} matches no module of the model"
+        for name in config.modules_to_save or []
+        if not any(is_suffix(name, p) for p, _ in candidate_modules(model))
+    ]
+    expected: dict[str, tuple[tuple[int, ...], int]] = {}
+    for path in targets:
+        module = model.get_submodule(path)
+        layer = module if isinstance(module, LoraLayer) else _wrapper_or_none(module, path, config)
+        if layer is not None:
+            r = config.rank_for(path)
+            for key, shape in zip(layer.peft_keys, layer.factor_shapes(r), strict=True):
+                expected[f"{PREFIX}{path}.{key}"] = (tuple(shape), r)
+    stored = {k for k in tensors if ".lora_" in k}
+    lines += [f"  missing key {k} (expected shape {expected[k][0]})" for k in sorted(set(expected) - stored)]
+    lines += [
+        f"  unexpected key {k} (shape {tuple(tensors[k].shape)}): no module of this model that the config adapts"
+        for k in sorted(stored - set(expected))
+    ]
+    for k in sorted(set(expected) & stored):
+        (shape, r), got = expected[k], tuple(tensors[k].shape)
+        if shape != got:
+            lines.append(f"  shape mismatch for {k}: model expects {shape}, file has {got} (the config gives r={r})")
+    if lines:
+        raise AdapterLoadError("\n".join([head, *lines]))
+
+
+def _wrapper_or_none(module: nn.Module, path: str, config: LoraConfig) -> LoraLayer | None:
+    """A throwaway wrapper of ``module``, to ask it the factor shapes (wrapping freezes the base
+    layer: its flags are put back)."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    try:
+        return wrap_module(module, path, config.variant)
+    except TypeError:
+        return None  # add_adapter names the unsupported type
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor], directory: object) -> None:
@@ -185,7 +294,8 @@ def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
     expected.update(optional)
     unexpected = sorted(set(tensors) - set(expected))
     mismatched = sorted(k for k in set(expected) & set(tensors) if tuple(expected[k].shape) != tuple(tensors[k].shape))
-    if missing or unexpected or mismatched:
+    meta = sorted(k for k in set(expected) & set(tensors) if expected[k].is_meta)
+    if missing or unexpected or mismatched or meta:
         lines = [f"{directory}: adapter tensors do not match the model:"]
         lines += [f"  missing key {k} (expected shape {tuple(expected[k].shape)})" for k in missing]
         lines += [f"  unexpected key {k} (shape {tuple(tensors[k].shape)})" for k in unexpected]
@@ -193,6 +303,7 @@ def _copy_tensors(model: nn.Module, name: str, tensors: dict[str, torch.Tensor],
             f"  shape mismatch for {k}: model expects {tuple(expected[k].shape)}, file has {tuple(tensors[k].shape)}"
             for k in mismatched
         ]
+        lines += [f"  {k}: the model's tensor is on the meta device (not materialized)" for k in meta]
         raise AdapterLoadError("\n".join(lines))
     with torch.no_grad():
         for key, target in expected.items():
@@ -204,6 +315,45 @@ def load_adapter_tensors(model: nn.Module, directory: str | os.PathLike[str], na
     checks as ``load_adapter``); returns how many tensors were loaded. Used to resume training."""
     if name not in adapter_configs(model):
         raise AdapterLoadError(f"the model holds no adapter named {name!r} to load into")
-    tensors = read_tensors(directory)
+    paired = (Path(directory) / CONFIG_NAME).exists()  # then the config must be the one saved with the weights
+    tensors = read_adapter(directory)[1] if paired else read_tensors(directory)
     _copy_tensors(model, name, tensors, directory)
     return len(tensors)
+
+
+def resolve_adapter(
+    source: str | os.PathLike[str], *, revision: str | None = None, subfolder: str | None = None
+) -> Path:
+    """The local folder of an adapter given as a folder or as a hub id (``owner/name`` or
+    ``hf://owner/name``). Hub ids go through ``huggingface_hub.snapshot_download`` (imported only
+    here), which reads the local cache first and only that when ``HF_HUB_OFFLINE=1``."""
+    path = Path(source)
+    if not path.is_dir():
+        recover_folder(path)  # a save killed between its two renames left the folder aside
+    if path.is_dir():
+        return path / subfolder if subfolder else path
+    text = str(source)
+    if not _REPO_ID.match(text):
+        raise AdapterLoadError(
+            f"{text}: no such adapter folder (no {CONFIG_NAME} here), and not a hub id of the form 'owner/name'"
+        )
+    repo_id = text.removeprefix("hf://")
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError:
+        raise AdapterLoadError(f"{text}: no such folder; loading from the hub needs huggingface_hub") from None
+    try:
+        folder = snapshot_download(
+            repo_id, revision=revision, allow_patterns=[prefix + CONFIG_NAME, prefix + WEIGHTS_NAME]
+        )
+    except LocalEntryNotFoundError as err:
+        raise AdapterLoadError(
+            f"{repo_id}: not a local folder and not in the Hugging Face cache "
+            f"({'offline mode is on' if os.environ.get('HF_HUB_OFFLINE') else 'and the hub was not reachable'}): {err}"
+        ) from None
+    except (HfHubHTTPError, OSError) as err:
+        raise AdapterLoadError(f"{repo_id}: could not fetch the adapter from the hub: {err}") from None
+    return Path(folder) / prefix if prefix else Path(folder)
+

@@ -5,19 +5,29 @@ packages add commands through the ``lorakit.commands`` entry-point group: each e
 callable that takes the arguments after its verb (``list[str]``) and returns an exit code. They are
 listed by ``lorakit --help`` from the package metadata alone and imported only when their verb runs.
 
-Errors print one readable line and a hint, not a traceback (``--debug`` shows the traceback).
-Exit codes: 0 success, 1 a run failed, 2 bad usage or bad input.
+Errors print one line naming the problem and a hint line, not a traceback (``--debug`` shows the
+traceback). Exit codes: 0 success; 2 bad usage or bad input (an ``InputError``, a bad option value,
+a file that is missing, a folder, unreadable, not UTF-8 or not JSON: the line names the path);
+1 a run that failed, or an unexpected error (the hint asks to report it as a bug). Every path is
+checked before any work; ``merge`` never writes over its inputs, nor over an existing file that is
+not safetensors unless ``--force``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib.metadata import EntryPoint
+from pathlib import Path
+from typing import NoReturn
 
 from .errors import InputError
+from .planner import BYTES, METHODS
 
 COMMANDS = ("train", "inspect", "merge", "memory")
 PLUGIN_GROUP = "lorakit.commands"
@@ -72,10 +82,77 @@ def _load_plugin(verb: str, ep: EntryPoint | None, known: Sequence[str]) -> Call
     return command
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line naming the problem (and where to look), exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\nhint: {self.prog} --help lists the options\n")
+
+
+def _count(text: str) -> int:
+    """A command-line count (``8``, ``7e9``, ``7_000_000``): a whole number >= 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value.is_integer() and value >= 1):
+        raise argparse.ArgumentTypeError(f"{text!r} is not allowed: give a whole number >= 1 (e.g. 8 or 7e9)")
+    return int(text) if text.strip().lstrip("+").isdigit() else int(value)
+
+
+def _existing(text: str, what: str, folder: bool, kind: str = "") -> Path:
+    """The path of an input (``what``: how the command names it), which must exist and be a folder
+    (``folder``) or a file (``kind`` names it in messages)."""
+    kind = kind or ("folder" if folder else "file")
+    if not text.strip():
+        raise InputError(f"{what} is an empty string; allowed: the path of an existing {kind}")
+    path = Path(text)
+    if not path.exists():
+        raise InputError(f"{what} {text}: no such {kind}")
+    if path.is_dir() != folder:
+        raise InputError(f"{what} {text}: is a {'file' if folder else 'folder'}; allowed: a {kind}")
+    return path
+
+
+def _output_file(text: str, what: str, inputs: Sequence[Path], force: bool) -> Path:
+    """Where a command writes one safetensors file: refused when it is one of the ``inputs``, a
+    folder, under a file, or an existing file of another kind (unless ``force``)."""
+    if not text.strip():
+        raise InputError(f"{what} is an empty string; allowed: the path of a .safetensors file to write")
+    path = Path(text)
+    for source in inputs:
+        if path.exists() and source.exists() and os.path.samefile(path, source):
+            raise InputError(f"{what} {text} is the input {source}; allowed: a different path (inputs stay unchanged)")
+    if path.is_dir():
+        raise InputError(f"{what} {text}: is a folder; allowed: a file path such as {path / 'merged.safetensors'}")
+    parent = next((q for q in path.absolute().parents if q.exists()), None)
+    if parent is not None and not parent.is_dir():
+        raise InputError(f"{what} {text}: {parent} is a file, not a folder; allowed: a path under a folder")
+    if path.exists() and not force and not _is_safetensors(path):
+        raise InputError(f"{what} {text} exists and is not a safetensors file; allowed: a new path, or --force "
+                         "to replace it")  # fmt: skip
+    return path
+
+
+def _is_safetensors(path: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt"):
+            return True
+    except Exception:  # any reason it cannot be opened as safetensors
+        return False
+
+
 def _train(args: argparse.Namespace) -> int:
     from .recipes import run
 
-    result = run(args.config, resume=args.resume)
+    path = _existing(args.config, "train CONFIG", folder=False, kind="config file")
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise InputError(f"train CONFIG {path}: not UTF-8 text (byte {err.start}); allowed: TOML or YAML") from None
+    result = run(path, resume=args.resume, overwrite=args.overwrite)
     if result.get("rank", 0) == 0:
         print(f"trained {result['step']} steps on {result['examples']:,} examples; "
               f"adapter written to {result['adapter']}")  # fmt: skip
@@ -83,11 +160,9 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    import json
-
     from .offline import inspect_adapter
 
-    info = inspect_adapter(args.adapter)
+    info = inspect_adapter(_existing(args.adapter, "inspect ADAPTER", folder=True))
     if args.json:
         print(json.dumps(info, indent=2))
         return 0
@@ -107,15 +182,32 @@ def _inspect(args: argparse.Namespace) -> int:
 def _merge(args: argparse.Namespace) -> int:
     from .offline import merge_files
 
-    result = merge_files(args.base, args.adapter, args.out)
-    print(f"wrote {result['out']}: {result['tensors']} tensors, {len(result['updated'])} changed by the adapter")
+    base = _existing(args.base, "merge --base", folder=False)
+    adapter = _existing(args.adapter, "merge --adapter", folder=True)
+    inputs = [base, *(p for p in adapter.iterdir() if p.is_file())]
+    out = _output_file(args.out, "merge --out", inputs, args.force)
+    replaced = out.exists()
+    result = merge_files(base, adapter, out)
+    print(f"{'replaced' if replaced else 'wrote'} {result['out']}: {result['tensors']} tensors, "
+          f"{len(result['updated'])} changed by the adapter")  # fmt: skip
     return 0
 
 
 def _memory(args: argparse.Namespace) -> int:
     from . import planner
 
+    options = {"--params": args.params, "--config": args.config, "--method": args.method, "--dtype": args.dtype,
+               "--rank": args.rank, "--targets": args.targets, "--batch": args.batch, "--seq": args.seq}  # fmt: skip
+    given = [flag for flag, value in options.items() if value is not None]
+    rank, dtype, method = args.rank or 8, args.dtype or "fp32", args.method or "all"
     if args.seed_table:
+        extra = [f for f in given if f != "--rank"]
+        if extra:
+            raise InputError(f"memory --seed-table prints a fixed table; {', '.join(extra)} cannot go with it "
+                             "(allowed: --rank)")  # fmt: skip
+        rows = [planner.estimate_memory(config=planner.LLAMA_3_1_8B, method="full")]
+        rows.append(planner.estimate_memory(config=planner.LLAMA_3_1_8B, method="lora", dtype="bf16", r=rank))
+        rows.append(planner.estimate_memory(config=planner.LLAMA_3_1_8B, method="qlora", r=rank))
         print("LLaMA weights (GB = 1e9 bytes), the seed's table:\n")
         print("| model | fp32 | fp16 | int8 | int4 |\n|---|---:|---:|---:|---:|")
         for name, gbs in planner.seed_table():
@@ -127,34 +219,34 @@ def _memory(args: argparse.Namespace) -> int:
             f"whose gradients and two AdamW moments take {arch.per_layer:,} × 4 B × 3 = "
             f"{arch.per_layer * 12 / 1e9:.2f} GB, {arch.layers} layers of them.\n"
         )
-        rows = [planner.estimate_memory(config=planner.LLAMA_3_1_8B, method="full")]
-        rows.append(planner.estimate_memory(config=planner.LLAMA_3_1_8B, method="lora", dtype="bf16", r=args.rank))
-        rows.append(planner.estimate_memory(config=planner.LLAMA_3_1_8B, method="qlora", r=args.rank))
-        print(
-            planner.format_report(
-                rows, f"Llama-3.1-8B: full fine-tuning (fp32) vs LoRA (bf16 base) vs QLoRA, r={args.rank}"
-            )
-        )
+        title = f"Llama-3.1-8B: full fine-tuning (fp32) vs LoRA (bf16 base) vs QLoRA, r={rank}"
+        print(planner.format_report(rows, title))
         return 0
-    if args.params is None and args.config is None:
-        raise ValueError("give --params N, --config config.json, or --seed-table")
-    params = float(args.params) if args.params is not None else None
-    targets = args.targets or "all-linear"
     if args.config is None:
-        print("| dtype | weights GB |\n|---|---:|")
-        for d in planner.BYTES:
-            print(f"| {d} | {params * planner.BYTES[d] / 1e9:.3f} |")
-        print()
-        print(planner.format_report([planner.estimate_memory(params, method="full", dtype=args.dtype)],
-                                    f"{params:,.0f} parameters"))  # fmt: skip
+        if args.params is None:
+            raise InputError("memory needs --params N, --config config.json or --seed-table; none was given")
+        shaped = [f for f in ("--rank", "--targets", "--batch", "--seq") if f in given]
+        if shaped or method in ("lora", "qlora"):
+            what = ", ".join(shaped) if shaped else f"--method {method}"
+            raise InputError(f"{what} needs --config (a transformers config.json: the layers' shapes); "
+                             "with --params alone, allowed: --method all, weights or full and --dtype")  # fmt: skip
+        methods = ["weights", "full"] if method == "all" else [method]
+        rows = [planner.estimate_memory(args.params, method=m, dtype=dtype) for m in methods]
+        if method == "all":
+            print("| dtype | weights GB |\n|---|---:|")
+            for d in planner.BYTES:
+                print(f"| {d} | {args.params * planner.BYTES[d] / 1e9:.3f} |")
+            print()
+        print(planner.format_report(rows, f"{args.params:,} parameters"))
         return 0
-    methods = ["weights", "full", "lora", "qlora"] if args.method == "all" else [args.method]
-    rows = [planner.estimate_memory(params, args.config, method=m, dtype=args.dtype, r=args.rank, targets=targets,
+    targets = args.targets or "all-linear"
+    methods = list(planner.METHODS) if method == "all" else [method]
+    rows = [planner.estimate_memory(args.params, args.config, method=m, dtype=dtype, r=rank, targets=targets,
                                     batch=args.batch, seq=args.seq) for m in methods]  # fmt: skip
     arch = planner.architecture(args.config)
     title = (
         f"{args.config}: {arch.model_type}, {arch.total:,} parameters, {arch.layers} layers of "
-        f"{arch.per_layer:,}; r={args.rank}, targets={targets}"
+        f"{arch.per_layer:,}; r={rank}, targets={targets}"
     )
     print(planner.format_report(rows, title))
     return 0
@@ -163,7 +255,7 @@ def _memory(args: argparse.Namespace) -> int:
 def build_parser(plugins: dict[str, EntryPoint] | None = None) -> argparse.ArgumentParser:
     """The parser of the library's commands; ``plugins`` (name → entry point) are listed in the help
     only: a plugin parses its own arguments."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="lorakit", description="Parameter-efficient fine-tuning of PyTorch models, built around LoRA."
     )
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
@@ -177,6 +269,7 @@ def build_parser(plugins: dict[str, EntryPoint] | None = None) -> argparse.Argum
     )
     tr.add_argument("config", help="a .toml (or .yaml) file")
     tr.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
+    tr.add_argument("--overwrite", action="store_true", help="delete an earlier run in out_dir and start afresh")
     tr.set_defaults(func=_train)
 
     ins = sub.add_parser("inspect", help="show an adapter folder: config, ranks, parameters, bytes, ΔW norms")
@@ -188,6 +281,7 @@ def build_parser(plugins: dict[str, EntryPoint] | None = None) -> argparse.Argum
     mer.add_argument("--base", required=True, help="the base model's weights, a safetensors state dict")
     mer.add_argument("--adapter", required=True, help="an adapter folder (lorakit or PEFT)")
     mer.add_argument("--out", required=True, help="where to write the merged safetensors file")
+    mer.add_argument("--force", action="store_true", help="replace --out even if it is not a safetensors file")
     mer.set_defaults(func=_merge)
 
     mem = sub.add_parser(
@@ -195,14 +289,14 @@ def build_parser(plugins: dict[str, EntryPoint] | None = None) -> argparse.Argum
         help="plan memory: weights, full fine-tuning, LoRA, QLoRA",
         description="Memory needed to hold or train a model, from a parameter count or a transformers config.json.",
     )
-    mem.add_argument("--params", help="parameter count, e.g. 7e9")
+    mem.add_argument("--params", type=_count, help="parameter count, e.g. 7e9")
     mem.add_argument("--config", help="a transformers config.json (llama, mistral, qwen2, gpt2, bert)")
-    mem.add_argument("--method", default="all", choices=["all", "weights", "full", "lora", "qlora"])
-    mem.add_argument("--dtype", default="fp32", help="weight dtype: fp32 fp16 bf16 int8 int4 nf4 nf4-dq")
-    mem.add_argument("--rank", type=int, default=8, help="LoRA rank (default: %(default)s)")
+    mem.add_argument("--method", choices=["all", *METHODS], help="what to plan (default: all)")
+    mem.add_argument("--dtype", choices=list(BYTES), help="weight dtype (default: fp32)")
+    mem.add_argument("--rank", type=_count, help="LoRA rank (default: 8)")
     mem.add_argument("--targets", nargs="+", help="LoRA target modules (default: all-linear)")
-    mem.add_argument("--batch", type=int, help="batch size, for an activation estimate")
-    mem.add_argument("--seq", type=int, help="sequence length, for an activation estimate")
+    mem.add_argument("--batch", type=_count, help="batch size, for an activation estimate (with --seq)")
+    mem.add_argument("--seq", type=_count, help="sequence length, for an activation estimate (with --batch)")
     mem.add_argument("--seed-table", action="store_true", help="the seed's LLaMA table and Llama-3.1-8B arithmetic")
     mem.set_defaults(func=_memory)
 
@@ -249,13 +343,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as err:
         if args.debug:
             raise
-        kind = "error" if isinstance(err, (ValueError, KeyError, TypeError, OSError)) else "failed"
-        print(f"lorakit: {kind}: {err}", file=sys.stderr)
-        hint = getattr(err, "hint", None)  # an error may carry its own hint (PluginError does)
-        if not isinstance(hint, str):
-            hint = "check the input files and options" if isinstance(err, InputError) else None
-        print(f"hint: {hint + '; ' if hint else ''}run again with --debug for the full traceback", file=sys.stderr)
-        return 2 if kind == "error" else 1
+        code, message, hint = describe_error(err)
+        print(f"lorakit: {'error' if code == 2 else 'failed'}: {message}", file=sys.stderr)
+        print(f"hint: {hint}", file=sys.stderr)
+        return code
+
+
+def describe_error(err: Exception) -> tuple[int, str, str]:
+    """Exit code, message and hint for an error a command raised: 2 for bad input (an
+    ``InputError``, any ``ValueError``, a file that is missing, a folder, unreadable, not UTF-8 or
+    not JSON, named by its path), 1 for anything else (a failed run, or a bug)."""
+    own = getattr(err, "hint", None)  # an error may carry its own hint (PluginError does)
+    hint = f"{own}; " if isinstance(own, str) else ""
+    debug = "run again with --debug for the full traceback"
+    if isinstance(err, OSError):
+        paths = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+        return 2, f"{paths}: {err.strerror or err}" if paths else str(err), f"{hint or 'check the paths; '}{debug}"
+    if isinstance(err, ValueError):  # InputError, and the decoding errors of a file that is not JSON or text
+        if isinstance(err, json.JSONDecodeError):
+            message = f"input is not valid JSON: {err.msg} (line {err.lineno} column {err.colno})"
+        elif isinstance(err, UnicodeDecodeError):
+            message = f"input is not UTF-8 text: {err.reason} at byte {err.start}"
+        else:
+            message = str(err) or type(err).__name__
+        return 2, message, f"{hint or 'check the input files and options; '}{debug}"
+    if type(err).__module__.startswith("lorakit"):  # the library's own failures (TrainingError)
+        return 1, str(err), f"{hint}{debug}"
+    bug = "unless the message names a problem with your input, this is a bug: please report it"
+    return 1, f"{type(err).__name__}: {err}", f"{hint}{debug}; {bug}"
 
 
 if __name__ == "__main__":  # pragma: no cover

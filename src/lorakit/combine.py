@@ -18,6 +18,7 @@ The report gives, per layer, ``‖ΔW_new − ΔW*‖_F / ‖ΔW*‖_F``.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Sequence
 
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
+from .errors import InputError
 from .injection import adapter_configs, add_adapter, lora_layers
 from .layers import LoraLayer
 
@@ -72,6 +74,19 @@ def _dare(deltas: list[torch.Tensor], density: float, generator: torch.Generator
     return out
 
 
+def _weights(weights: Sequence[float], count: int) -> list[float]:
+    """One finite number per source (a tensor or array is read as its numbers)."""
+    if hasattr(weights, "tolist") and not isinstance(weights, (list, tuple)):  # a tensor or a numpy array
+        weights = weights.tolist()
+    if isinstance(weights, (str, bytes)) or not isinstance(weights, Sequence) or len(weights) != count:
+        shown = len(weights) if isinstance(weights, Sequence) and not isinstance(weights, str) else repr(weights)
+        raise InputError(f"weights: {shown} given for {count} sources; allowed: one finite number per source")
+    for i, w in enumerate(weights):
+        if isinstance(w, bool) or not isinstance(w, numbers.Real) or not math.isfinite(w):
+            raise InputError(f"weights[{i}] = {w!r}; allowed: a finite number (negative subtracts the adapter)")
+    return [float(w) for w in weights]
+
+
 def combine_adapters(
     model: nn.Module,
     sources: Sequence[str],
@@ -79,21 +94,47 @@ def combine_adapters(
     name: str,
     method: str = "svd",
     rank: int | None = None,
-    density: float = 0.5,
+    density: float | None = None,
     seed: int = 0,
 ) -> dict[str, float]:
     """Add adapter ``name`` combining ``sources`` with ``weights``; returns the relative
-    reconstruction error of ``Σ w_k ΔW_k`` per layer (0 for ``cat``)."""
+    reconstruction error of ``Σ w_k ΔW_k`` per layer (0 for ``cat``).
+
+    ``weights`` are finite numbers (negative ones subtract an adapter); ``rank`` (svd, ties, dare;
+    default: the largest source rank) and ``density`` (ties, dare; default 0.5) apply only to the
+    methods that use them. A source absent from a layer adds nothing there: the new adapter adapts
+    the union of the sources' layers. Every argument is checked before the model changes.
+    """
     configs = adapter_configs(model)
+    if isinstance(sources, str) or not isinstance(sources, Sequence) or not sources:
+        raise InputError(f"sources = {sources!r}; allowed: a non-empty list of adapter names among {sorted(configs)}")
+    if any(not isinstance(s, str) for s in sources):
+        raise InputError(f"sources = {list(sources)!r}; allowed: adapter names (strings) among {sorted(configs)}")
     missing = [s for s in sources if s not in configs]
     if missing:
-        raise KeyError(f"unknown adapters {missing}; the model holds {sorted(configs)}")
+        raise InputError(f"sources: unknown adapters {missing}; the model holds {sorted(configs) or 'no adapters'}")
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if len(weights) != len(sources) or not sources:
-        raise ValueError(f"give one weight per source adapter: {len(sources)} sources, {len(weights)} weights")
-    if not 0 < density <= 1:
-        raise ValueError(f"density must be in (0, 1], got {density}")
+        raise InputError(f"method = {method!r}; allowed: {', '.join(METHODS)}")
+    weights = _weights(weights, len(sources))
+    if not isinstance(name, str) or not name or "." in name:
+        raise InputError(f"name = {name!r}; allowed: a non-empty string without '.'")
+    if name in configs:
+        raise InputError(f"name = {name!r} is taken; allowed: a name other than {sorted(configs)}")
+    if rank is not None:
+        if method in ("cat", "linear"):
+            raise InputError(f"rank = {rank!r} with method {method!r}; allowed: None (cat's rank is the sum of the "
+                             "sources' ranks, linear's their common rank)")  # fmt: skip
+        if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
+            raise InputError(f"rank = {rank!r}; allowed: None (the largest source rank) or a whole number >= 1")
+    if density is not None:
+        if method not in ("ties", "dare"):
+            raise InputError(f"density = {density!r} with method {method!r}; allowed: None (only ties and dare "
+                             "use density)")  # fmt: skip
+        if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0 < density <= 1:
+            raise InputError(f"density = {density!r}; allowed: a number in (0, 1]")
+    density = 0.5 if density is None else float(density)
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise InputError(f"seed = {seed!r}; allowed: an integer")
     generator = torch.Generator().manual_seed(seed)
 
     plans: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}  # path -> (A, B, target ΔW)
@@ -108,7 +149,7 @@ def combine_adapters(
         plans[path] = (A, B, target)
 
     if not plans:
-        raise ValueError(f"adapters {list(sources)} adapt no layer of this model")
+        raise InputError(f"sources {list(sources)} adapt no layer of this model")
     ranks = {p: int(a.shape[0]) for p, (a, _, _) in plans.items()}
     base_rank = max(ranks.values())
     pattern = "|".join(re.escape(p) for p in plans)
@@ -147,7 +188,8 @@ def _factors(layer, present, deltas, target, method, rank, density, generator):
     if method == "linear":
         rs = {layer.r[s] for s, _ in present}
         if len(rs) != 1:
-            raise ValueError(f"method='linear' needs equal ranks; layer has ranks {sorted(rs)} (use 'cat' or 'svd')")
+            raise InputError(f"method='linear' needs equal ranks; layer has ranks {sorted(rs)}; allowed for unequal "
+                             "ranks: cat, svd, ties, dare")  # fmt: skip
         A = sum(math.sqrt(abs(w) * layer.scaling[s]) * layer.lora_A[s].detach() for s, w in present)
         B = sum(math.copysign(math.sqrt(abs(w) * layer.scaling[s]), w) * layer.lora_B[s].detach() for s, w in present)
         return A.reshape(A.shape[0], -1), B.reshape(B.shape[0], -1)

@@ -11,12 +11,27 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import reprlib
 from dataclasses import dataclass, field
 from typing import Any
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 INIT_CHOICES = ("default", "gaussian")
 ALL_LINEAR = "all-linear"
+#: PEFT's prefix of every tensor key (``base_model.model.<module path>.lora_A.weight``)
+PREFIX = "base_model.model."
+#: the (A, B) key suffixes of LoRA factors: linear and conv layers, embeddings
+FACTOR_SUFFIXES = ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B"))
+#: PEFT's task types (``peft.TaskType``): the model class ``AutoPeftModel`` builds for an adapter
+TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "QUESTION_ANS", "FEATURE_EXTRACTION")
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict = 3, 60, 60, 6, 4
+
+
+def short_repr(value: Any) -> str:
+    """``repr`` cut to a readable length and depth (a 10,000-deep list prints as ``[[[...]]]``)."""
+    return _SHORT.repr(value)
 
 
 @dataclass
@@ -67,13 +82,19 @@ class LoraConfig:
         _check_rank("r", self.r)
         _check_alpha("alpha", self.alpha)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
-            raise ValueError(f"LoraConfig.dropout must be a number in [0, 1), got {self.dropout!r}")
+            raise ValueError(f"LoraConfig.dropout must be a number in [0, 1), got {short_repr(self.dropout)}")
         if not 0.0 <= float(self.dropout) < 1.0:
-            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+            raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {short_repr(self.dropout)}")
+        for flag in ("use_rslora", "fan_in_fan_out"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"LoraConfig.{flag} must be True or False, got {short_repr(getattr(self, flag))}")
+        for text in ("base_model_name_or_path", "task_type"):
+            if getattr(self, text) is not None and not isinstance(getattr(self, text), str):
+                raise ValueError(f"LoraConfig.{text} must be a string or None, got {short_repr(getattr(self, text))}")
         if self.bias not in BIAS_CHOICES:
-            raise ValueError(f"LoraConfig.bias must be one of {BIAS_CHOICES}, got {self.bias!r}")
+            raise ValueError(f"LoraConfig.bias must be one of {BIAS_CHOICES}, got {short_repr(self.bias)}")
         if self.init not in INIT_CHOICES:
-            raise ValueError(f"LoraConfig.init must be one of {INIT_CHOICES}, got {self.init!r}")
+            raise ValueError(f"LoraConfig.init must be one of {INIT_CHOICES}, got {short_repr(self.init)}")
         if self.target_modules is None:
             raise ValueError(
                 "LoraConfig.target_modules is required: a list of module names (e.g. ['q_proj', 'v_proj']), "
@@ -83,11 +104,19 @@ class LoraConfig:
         if self.exclude_modules is not None:
             self.exclude_modules = _check_names("exclude_modules", self.exclude_modules, allow_empty=True)
         if self.modules_to_save is not None:
-            if isinstance(self.modules_to_save, str) or not all(isinstance(m, str) and m for m in self.modules_to_save):
+            if not isinstance(self.modules_to_save, (list, tuple)) or not all(
+                isinstance(m, str) and m for m in self.modules_to_save
+            ):
                 raise ValueError(
-                    f"LoraConfig.modules_to_save must be a list of module names, got {self.modules_to_save!r}"
+                    f"LoraConfig.modules_to_save must be a list of module names, got {short_repr(self.modules_to_save)}"
                 )
             self.modules_to_save = list(self.modules_to_save)
+        for what in ("rank_pattern", "alpha_pattern"):
+            pattern = getattr(self, what)
+            if not isinstance(pattern, dict) or not all(isinstance(k, str) and k for k in pattern):
+                raise ValueError(
+                    f"LoraConfig.{what} must be a dict {{module regex: value}}, got {short_repr(pattern)}"
+                )
         for key, value in self.rank_pattern.items():
             _check_regex(f"rank_pattern key {key!r}", key)
             _check_rank(f"rank_pattern[{key!r}]", value)
@@ -95,17 +124,20 @@ class LoraConfig:
             _check_regex(f"alpha_pattern key {key!r}", key)
             _check_alpha(f"alpha_pattern[{key!r}]", value)
         if self.layers_to_transform is not None:
-            layers = (
-                [self.layers_to_transform]
-                if isinstance(self.layers_to_transform, int)
-                else list(self.layers_to_transform)
-            )
-            if not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
+            layers = self.layers_to_transform
+            layers = [layers] if isinstance(layers, int) else layers if isinstance(layers, (list, tuple)) else None
+            if layers is None or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in layers):
                 raise ValueError(
                     "LoraConfig.layers_to_transform must be a non-negative int or a list of them, "
-                    f"got {self.layers_to_transform!r}"
+                    f"got {short_repr(self.layers_to_transform)}"
                 )
-            self.layers_to_transform = layers
+            self.layers_to_transform = list(layers)
+        if self.layers_pattern is not None and not (
+            isinstance(self.layers_pattern, str)
+            or (isinstance(self.layers_pattern, list) and all(isinstance(n, str) for n in self.layers_pattern))
+        ):
+            got = short_repr(self.layers_pattern)
+            raise ValueError(f"LoraConfig.layers_pattern must be a string or a list of strings, got {got}")
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("LoraConfig.layers_pattern only makes sense together with layers_to_transform")
 
@@ -166,51 +198,64 @@ class LoraConfig:
     def from_peft_dict(cls, data: dict[str, Any]) -> LoraConfig:
         """Read an ``adapter_config.json`` written by PEFT or by lorakit.
 
-        Options that change the adapter's maths and that lorakit does not implement (DoRA, LoRA
-        bias vectors, layer replication, ...) raise ``ValueError`` rather than load silently wrong.
+        Every value must have the type PEFT writes (``"false"`` is not a boolean, ``"8"`` or ``8.5``
+        not a rank): a wrong type is a ``ValueError`` naming the key and the allowed type, never a
+        guess. Options that change the adapter's maths and that lorakit does not implement (DoRA,
+        LoRA bias vectors, layer replication, ...) raise ``ValueError`` rather than load silently wrong.
         """
         if not isinstance(data, dict):
-            raise ValueError(f"adapter config must be a JSON object, got {type(data).__name__}")
+            raise ValueError(f"adapter config must be a JSON object {{...}}, got a {_json_type(data)}")
         peft_type = data.get("peft_type", "LORA")
-        if str(peft_type).upper() != "LORA":
-            raise ValueError(f"adapter config has peft_type={peft_type!r}; lorakit reads only 'LORA' adapters")
-        unsupported = {
-            "use_dora": False,
-            "lora_bias": False,
-            "layer_replication": None,
-            "target_parameters": None,
-            "trainable_token_indices": None,
-            "use_qalora": False,
-        }
-        for key, neutral in unsupported.items():
-            if data.get(key, neutral) not in (neutral, None, False, [], {}):
+        if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
+            hint = (
+                " (prompt and prefix tuning load with lorakit.soft_prompts)"
+                if peft_type in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING")
+                else ""
+            )
+            raise ValueError(
+                f"adapter config has peft_type={short_repr(peft_type)}; lorakit reads only 'LORA' adapters{hint}"
+            )
+        for key in ("use_dora", "lora_bias", "use_qalora", "use_rslora", "fan_in_fan_out"):
+            _peft_value(data, key, False, (bool,), "true or false")
+        for key in ("layer_replication", "target_parameters", "trainable_token_indices", "use_dora", "lora_bias",
+                    "use_qalora"):  # fmt: skip
+            if data.get(key) not in (None, False, [], {}):
                 raise ValueError(
-                    f"adapter config sets {key}={data[key]!r}, which lorakit does not support; "
+                    f"adapter config sets {key}={short_repr(data[key])}, which lorakit does not support; "
                     "only plain LoRA adapters can be loaded"
                 )
-        init = data.get("init_lora_weights", True)
+        init = _peft_value(data, "init_lora_weights", True, (bool, str), "true, false or an init name")
         # Any other PEFT init (False, "pissa", ...) only matters before training; weights are loaded.
         init_name = "gaussian" if init == "gaussian" else "default"
+        names, opt_names = (list, str), (list, str, type(None))
+        alpha_key = "lora_alpha" if "lora_alpha" in data or "alpha" not in data else "alpha"
         target = data.get("target_modules")
-        if isinstance(target, (set, tuple)):
-            target = list(target)
+        if target is None:
+            raise ValueError(
+                "adapter config has no target_modules (PEFT's per-architecture default); lorakit needs the "
+                "module names listed in target_modules"
+            )
         return cls(
-            r=int(data.get("r", 8)),
-            alpha=float(data.get("lora_alpha", data.get("alpha", 8))),
-            dropout=float(data.get("lora_dropout", 0.0) or 0.0),
-            target_modules=target,
-            exclude_modules=data.get("exclude_modules"),
-            bias=data.get("bias", "none"),
-            use_rslora=bool(data.get("use_rslora", False)),
+            r=_peft_value(data, "r", 8, (int,), "an integer >= 1"),
+            alpha=_peft_value(data, alpha_key, 8, (int, float), "a number > 0"),
+            dropout=_peft_value(data, "lora_dropout", 0.0, (int, float), "a number in [0, 1)"),
+            target_modules=_peft_value(data, "target_modules", None, names, "a list of module names or a regex"),
+            exclude_modules=_peft_value(data, "exclude_modules", None, opt_names, "a list of names, a regex or null"),
+            bias=_peft_value(data, "bias", "none", (str,), f"one of {BIAS_CHOICES}"),
+            use_rslora=data.get("use_rslora", False),
             init=init_name,
-            fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
-            modules_to_save=data.get("modules_to_save"),
-            rank_pattern={k: int(v) for k, v in (data.get("rank_pattern") or {}).items()},
-            alpha_pattern={k: float(v) for k, v in (data.get("alpha_pattern") or {}).items()},
-            layers_to_transform=data.get("layers_to_transform"),
-            layers_pattern=data.get("layers_pattern"),
-            base_model_name_or_path=data.get("base_model_name_or_path"),
-            task_type=data.get("task_type"),
+            fan_in_fan_out=data.get("fan_in_fan_out", False),
+            modules_to_save=_peft_value(data, "modules_to_save", None, (list, type(None)), "a list of names or null"),
+            rank_pattern=_peft_value(data, "rank_pattern", {}, (dict, type(None)), "an object {regex: rank}") or {},
+            alpha_pattern=_peft_value(data, "alpha_pattern", {}, (dict, type(None)), "an object {regex: alpha}") or {},
+            layers_to_transform=_peft_value(
+                data, "layers_to_transform", None, (int, list, type(None)), "an integer, a list of them or null"
+            ),
+            layers_pattern=_peft_value(data, "layers_pattern", None, opt_names, "a string, a list of them or null"),
+            base_model_name_or_path=_peft_value(
+                data, "base_model_name_or_path", None, (str, type(None)), "a string or null"
+            ),
+            task_type=_peft_value(data, "task_type", None, (str, type(None)), f"null or one of {TASK_TYPES}"),
         )
 
     @classmethod
@@ -227,14 +272,29 @@ class LoraConfig:
         return dataclasses.replace(self, **changes)
 
 
+def _json_type(value: Any) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _peft_value(data: dict[str, Any], key: str, default: Any, types: tuple[type, ...], allowed: str) -> Any:
+    """``data[key]`` (``default`` when absent) if it has one of ``types`` (a JSON boolean is no
+    number); otherwise a ``ValueError`` naming the key and what is allowed."""
+    value = data.get(key, default)
+    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+        got = f"{short_repr(value)} ({_json_type(value)})"
+        raise ValueError(f"adapter config key {key!r} must be {allowed}, got {got}")
+    return value
+
+
 def _check_rank(what: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"LoraConfig.{what} must be an integer >= 1, got {value!r}")
+        raise ValueError(f"LoraConfig.{what} must be an integer >= 1, got {short_repr(value)}")
 
 
 def _check_alpha(what: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"LoraConfig.{what} must be a finite number > 0, got {value!r}")
+        raise ValueError(f"LoraConfig.{what} must be a finite number > 0, got {short_repr(value)}")
 
 
 def _check_regex(what: str, pattern: str) -> None:
@@ -250,14 +310,14 @@ def _check_names(what: str, value: Any, *, allow_empty: bool) -> list[str] | str
             return ALL_LINEAR
         _check_regex(what, value)
         return value
-    try:
-        names = list(value)
-    except TypeError:
-        raise ValueError(
-            f"LoraConfig.{what} must be a list of module names, a regex string or {ALL_LINEAR!r}, got {value!r}"
-        ) from None
+    if not isinstance(value, (list, tuple, set, frozenset)):
+        allowed = f"a list of module names, a regex string or {ALL_LINEAR!r}"
+        raise ValueError(f"LoraConfig.{what} must be {allowed}, got {short_repr(value)}")
+    names = list(value)
+    if isinstance(value, (set, frozenset)) and all(isinstance(n, str) for n in names):
+        names.sort()
     if not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"LoraConfig.{what} must hold non-empty strings, got {names!r}")
+        raise ValueError(f"LoraConfig.{what} must hold non-empty strings, got {short_repr(names)}")
     if not names and not allow_empty:
         raise ValueError(f"LoraConfig.{what} is empty: name at least one module")
     return names
@@ -268,3 +328,34 @@ def _pattern_key(patterns: dict[str, Any], module_path: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", module_path):
             return key
     return None
+
+
+def factor_pairs(config: LoraConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[str, str]]:
+    """Module path → (A key, B key) of every LoRA factor pair among stored tensor ``shapes`` (PEFT
+    keys). Raises one ``ValueError`` listing every unknown or unpaired factor key and every pair
+    whose rank is not the one ``config`` gives its module: checked on shapes, nothing allocated."""
+    pairs: dict[str, tuple[str, str]] = {}
+    problems = []
+    for key in sorted(k for k in shapes if ".lora_" in k):
+        found = [(a, b, key.endswith(a)) for a, b in FACTOR_SUFFIXES if key.endswith((a, b))]
+        if not found:
+            known = ", ".join(s for pair in FACTOR_SUFFIXES for s in pair)
+            problems.append(f"{key}: not a LoRA factor key lorakit knows ({known})")
+            continue
+        a, b, is_a = found[0]
+        stem = key[: -len(a if is_a else b)]
+        partner = stem + (b if is_a else a)
+        if partner not in shapes:
+            problems.append(f"{key} has no matching {partner}")
+        elif is_a:
+            pairs[stem.removeprefix(PREFIX)] = (key, partner)
+    for path, (key_a, key_b) in pairs.items():
+        sa, sb = shapes[key_a], shapes[key_b]
+        if len(sa) not in (2, 4) or len(sb) != len(sa) or sa[0] != sb[1]:
+            problems.append(f"{path}: {key_a} {sa} and {key_b} {sb} do not form a LoRA pair")
+        elif sa[0] != config.rank_for(path):
+            rank = config.rank_for(path)
+            problems.append(f"{path}: the factors have rank {sa[0]} ({sa}, {sb}) but the config gives r={rank}")
+    if problems:
+        raise ValueError("\n  " + "\n  ".join(problems))
+    return pairs

@@ -1,76 +1,150 @@
-"""Adapter folders as files, without a model: their names, atomic writes, safe reads, and
-finding a folder given as a path or as a Hugging Face Hub id.
+"""Adapter folders as files, without a model: names, atomic writes, safe reads.
 
-An adapter folder (PEFT's layout) holds ``adapter_config.json`` and ``adapter_model.safetensors``.
-Only safetensors are ever read (never a pickle); every write goes to a temporary file in the same
-folder, is fsynced, then renamed into place, so a crash never leaves half a file.
+A folder (PEFT's layout) holds ``adapter_config.json`` and ``adapter_model.safetensors``. A save
+writes both into a hidden sibling folder, fsyncs them and swaps the folder in at once (Linux
+``renameat2(RENAME_EXCHANGE)``; elsewhere old aside then new in, a kill between rolled back by the
+next save or load), other files hard-linked across: readers see the old pair or the new one. The
+weights record a digest of the config (``config_digest``); a pair that disagrees (a torn save) is
+refused. The writing itself is ``lorakit.atomic``'s.
+Reads take only safetensors (never a pickle), check the header before reading any data, and
+refuse NaN or infinite values.
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
+import logging
 import os
-import re
-import tempfile
+import stat
+import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
+from .atomic import recover_folder
 from .config import LoraConfig
 from .errors import InputError
 
+logger = logging.getLogger(__name__)
+
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
-#: PEFT's prefix of every tensor key (``base_model.model.<module path>.lora_A.weight``)
-PREFIX = "base_model.model."
+#: the weights' ``__metadata__`` key holding the SHA-256 of the config saved with them
+CONFIG_SHA_KEY = "lorakit.config_sha256"
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+MAX_CONFIG_BYTES = 16 << 20
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 
-_REPO_ID = re.compile(r"^(hf://)?[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class AdapterLoadError(InputError):
     """An adapter checkpoint cannot be loaded into this model; the message says exactly why."""
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a fsynced temporary file and a rename."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+#: config keys that describe the adapter without changing what it computes: editing them by hand
+#: (e.g. pointing base_model_name_or_path at a local copy) must not break the tie below
+DESCRIPTIVE_KEYS = frozenset({"base_model_name_or_path", "revision", "task_type", "inference_mode"})
+
+
+def config_digest(peft_config: dict) -> str:
+    """SHA-256 of the config's canonical JSON, less its descriptive keys: layout and whitespace
+    do not count, a changed value does."""
+    kept = {k: v for k, v in peft_config.items() if k not in DESCRIPTIVE_KEYS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def adapter_files(peft_config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, bytes]:
+    """The two files of an adapter folder, tied together: the weights record the config's digest."""
+    config = (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode()
+    metadata = {"format": "pt", CONFIG_SHA_KEY: config_digest(peft_config)}
+    return {WEIGHTS_NAME: save(tensors, metadata=metadata), CONFIG_NAME: config}
+
+
+# ---------------------------------------------------------------------------------------- reading
+def _regular_file(path: Path, what: str) -> bool:
+    """True for a regular file (or a symlink to one: the Hugging Face cache), False when absent."""
+    if not os.path.lexists(path):
+        return False
+    if not path.exists():
+        raise AdapterLoadError(f"{path}: the {what} is a broken symbolic link (to {os.readlink(path)})")
+    if not stat.S_ISREG(path.stat().st_mode):
+        kind = "a folder" if path.is_dir() else "not a regular file (a device, pipe or socket)"
+        raise AdapterLoadError(f"{path}: the {what} is {kind}")
+    return True
+
+
+def _config_bytes(directory: str | os.PathLike[str]) -> bytes:
+    path = Path(directory) / CONFIG_NAME
+    if not _regular_file(path, "config"):
+        raise AdapterLoadError(f"{path}: no {CONFIG_NAME} here; is {directory} an adapter directory?")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise AdapterLoadError(f"{path}: {size:,} bytes, too large for an adapter config (limit {MAX_CONFIG_BYTES:,})")
+    return path.read_bytes()
+
+
+def _parse_config(path: Path, data: bytes) -> LoraConfig:
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+        parsed = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise AdapterLoadError(f"{path}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise AdapterLoadError(f"{path}: JSON nested too deeply to be an adapter config") from None
+    try:
+        return LoraConfig.from_peft_dict(parsed)
+    except (ValueError, RecursionError) as err:
+        raise AdapterLoadError(f"{path}: {err}") from None
 
 
 def read_config(directory: str | os.PathLike[str]) -> LoraConfig:
     """The ``LoraConfig`` stored in an adapter directory (PEFT's or ours)."""
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise AdapterLoadError(f"{path}: no {CONFIG_NAME} here; is {directory} an adapter directory?")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AdapterLoadError(f"{path}: not valid JSON ({err})") from None
-    try:
-        return LoraConfig.from_peft_dict(data)
-    except ValueError as err:
-        raise AdapterLoadError(f"{path}: {err}") from None
+    return _parse_config(Path(directory) / CONFIG_NAME, _config_bytes(directory))
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    if len(found := dict(pairs)) < len(pairs):
+        raise ValueError(f"the header lists {sorted(k for k in found if [p[0] for p in pairs].count(k) > 1)} twice")
+    return found
+
+
+def _header(path: Path) -> dict[str, dict]:
+    """The safetensors header (tensor name → dtype, shape, offsets), refusing duplicate names."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError("shorter than the 8-byte header length")
+        (length,) = struct.unpack("<Q", head)
+        if not 0 < length <= min(MAX_HEADER_BYTES, path.stat().st_size - 8):
+            raise ValueError(f"header length {length:,} does not fit the file")
+        try:
+            header = json.loads(f.read(length), object_pairs_hook=_no_duplicates)
+        except RecursionError:
+            raise ValueError("header JSON nested too deeply") from None
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    header.pop("__metadata__", None)
+    return header
 
 
 def read_tensors(
-    directory: str | os.PathLike[str], device: torch.device | str = "cpu", name: str = WEIGHTS_NAME
+    directory: str | os.PathLike[str],
+    device: torch.device | str = "cpu",
+    name: str = WEIGHTS_NAME,
+    *,
+    check: Callable[[dict[str, tuple[int, ...]], dict[str, str]], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """The tensors of an adapter directory, on ``device``; only safetensors, never a pickle."""
+    """The tensors of an adapter directory, on ``device``; only safetensors, never a pickle.
+
+    The header is checked before any data is read: every tensor must be floating point (F16, BF16,
+    F32, F64), and ``check(shapes, metadata)``, when given, may raise on the shapes; then every value
+    must be finite."""
     directory = Path(directory)
     path = directory / name
-    if not path.is_file():
+    if not _regular_file(path, "weights file"):
         pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
         if pickles:
             raise AdapterLoadError(
@@ -80,44 +154,50 @@ def read_tensors(
             )
         raise AdapterLoadError(f"{directory}: no {name} here")
     try:
-        return load_file(str(path), device=str(device))
-    except (SafetensorError, OSError, ValueError) as err:
+        header = _header(path)  # duplicate names (safetensors keeps the last one silently)
+        with safe_open(str(path), framework="pt", device=str(device)) as f:
+            metadata = f.metadata() or {}
+            keys = list(f.keys())
+            bad = [f"{k} ({header[k].get('dtype')})" for k in keys if header[k].get("dtype") not in FLOAT_DTYPES]
+            if bad:
+                raise AdapterLoadError(
+                    f"{path}: tensors must be floating point ({', '.join(FLOAT_DTYPES)}); not: {', '.join(sorted(bad))}"
+                )
+            if check is not None:
+                check({k: tuple(header[k]["shape"]) for k in keys}, metadata)
+            tensors = {k: f.get_tensor(k) for k in keys}
+    except AdapterLoadError:
+        raise
+    except (SafetensorError, OSError, ValueError, struct.error, KeyError, TypeError) as err:
         size = path.stat().st_size
-        raise AdapterLoadError(
-            f"{path}: not a readable safetensors file ({size} bytes; truncated or corrupted?): {err}"
-        ) from None
+        why = f"{size} bytes; truncated or corrupted?"
+        raise AdapterLoadError(f"{path}: not a readable safetensors file ({why}): {err}") from None
+    nonfinite = sorted(k for k, t in tensors.items() if not bool(torch.isfinite(t).all()))
+    if nonfinite:
+        raise AdapterLoadError(f"{path}: NaN or infinite values in {', '.join(nonfinite)}")
+    return tensors
 
 
-def resolve_adapter(
-    source: str | os.PathLike[str], *, revision: str | None = None, subfolder: str | None = None
-) -> Path:
-    """The local folder of an adapter given as a folder or as a hub id (``owner/name`` or
-    ``hf://owner/name``). Hub ids go through ``huggingface_hub.snapshot_download`` (imported only
-    here), which reads the local cache first and only that when ``HF_HUB_OFFLINE=1``."""
-    path = Path(source)
-    if path.is_dir():
-        return path / subfolder if subfolder else path
-    text = str(source)
-    if not _REPO_ID.match(text):
-        raise AdapterLoadError(
-            f"{text}: no such adapter folder (no {CONFIG_NAME} here), and not a hub id of the form 'owner/name'"
-        )
-    repo_id = text.removeprefix("hf://")
-    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-    except ImportError:
-        raise AdapterLoadError(f"{text}: no such folder; loading from the hub needs huggingface_hub") from None
-    try:
-        folder = snapshot_download(
-            repo_id, revision=revision, allow_patterns=[prefix + CONFIG_NAME, prefix + WEIGHTS_NAME]
-        )
-    except LocalEntryNotFoundError as err:
-        raise AdapterLoadError(
-            f"{repo_id}: not a local folder and not in the Hugging Face cache "
-            f"({'offline mode is on' if os.environ.get('HF_HUB_OFFLINE') else 'and the hub was not reachable'}): {err}"
-        ) from None
-    except (HfHubHTTPError, OSError) as err:
-        raise AdapterLoadError(f"{repo_id}: could not fetch the adapter from the hub: {err}") from None
-    return Path(folder) / prefix if prefix else Path(folder)
+def read_adapter(
+    directory: str | os.PathLike[str], device: torch.device | str = "cpu"
+) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """The config and the tensors of an adapter folder, both checked: the config parses, the
+    weights' header (dtypes; the config is the one saved with the weights) before any data is read,
+    then the values (finite). ``config.factor_pairs`` checks the factors against the config."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        recover_folder(directory)  # a save killed between its two renames
+    raw = _config_bytes(directory)
+    config = _parse_config(directory / CONFIG_NAME, raw)
+
+    def check(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]) -> None:
+        recorded = metadata.get(CONFIG_SHA_KEY)
+        if recorded is not None and recorded != config_digest(json.loads(raw)):
+            raise AdapterLoadError(
+                f"{directory}: torn save: {WEIGHTS_NAME} was saved with a different {CONFIG_NAME} "
+                f"(one whose values other than {', '.join(sorted(DESCRIPTIVE_KEYS))} differ), so weights "
+                f"and config come from different saves; save the adapter again (or undo a hand edit of "
+                f"{CONFIG_NAME})"
+            )
+
+    return config, read_tensors(directory, device, check=check)

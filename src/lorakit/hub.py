@@ -15,8 +15,8 @@ from pathlib import Path
 
 from torch import nn
 
-from .checkpoint import save_adapter
-from .files import atomic_write
+from .atomic import write_folder
+from .checkpoint import adapter_state_files
 from .injection import adapter_configs, count_parameters
 
 
@@ -66,12 +66,12 @@ def save_for_hub(
     metrics: dict[str, float] | None = None,
     description: str | None = None,
 ) -> Path:
-    """Write what :func:`push_to_hub` uploads (adapter files + ``README.md``) to ``directory``."""
-    out = Path(directory)
-    save_adapter(model, out, name=name)
+    """Write what :func:`push_to_hub` uploads (adapter files + ``README.md``) to ``directory``, all
+    three replaced together; ``base_model`` is also the config's ``base_model_name_or_path``."""
     card = model_card(model, name=name, base_model=base_model, metrics=metrics, description=description)
-    atomic_write(out / "README.md", card.encode())
-    return out
+    files = {**adapter_state_files(model, name, base_model=base_model), "README.md": card.encode()}
+    write_folder(directory, files)
+    return Path(directory)
 
 
 def push_to_hub(

@@ -1,7 +1,10 @@
 """Adapter files without the model's code: inspect an adapter folder, merge it into a weights file.
 
 Both work on PEFT-format folders (ours or PEFT's) and plain safetensors state dicts, so a user can
-look at or bake an adapter on a machine that has neither the model class nor a GPU.
+look at or bake an adapter on a machine that has neither the model class nor a GPU. They refuse what
+``load_adapter`` refuses (a torn save, non-float or non-finite tensors, unpaired or unknown factor
+keys, factors of modules the config does not target, ranks that differ from the config's) rather
+than skip it.
 
 For a matrix adapted with factors ``A [r, in]``, ``B [out, r]`` and scale ``s``::
 
@@ -19,9 +22,11 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 
-from .config import LoraConfig
-from .files import PREFIX, WEIGHTS_NAME, AdapterLoadError, atomic_write, read_config, read_tensors
+from .atomic import atomic_write
+from .config import ALL_LINEAR, PREFIX, LoraConfig, factor_pairs
+from .files import WEIGHTS_NAME, AdapterLoadError, read_adapter
 from .layers import layer_class
+from .targeting import layer_index, name_matches
 
 
 @dataclass
@@ -41,30 +46,46 @@ class AdaptedMatrix:
 
 
 def adapted_matrices(config: LoraConfig, tensors: dict[str, torch.Tensor]) -> list[AdaptedMatrix]:
-    """Pair up every adapted module's factors; ranks come from the tensors' shapes."""
+    """Pair up every adapted module's factors, checked against the config (``factor_pairs``: every
+    factor paired, of a known kind, with the config's rank; and the module one the config targets)."""
+    try:
+        pairs = factor_pairs(config, {k: tuple(t.shape) for k, t in tensors.items()})
+    except ValueError as err:
+        raise AdapterLoadError(f"adapter tensors do not match the adapter config:{err}") from None
+    untargeted = sorted(p for p in pairs if not _targeted(config, p))
+    if untargeted:
+        raise AdapterLoadError(f"factors for modules the config's target_modules do not select: {untargeted}")
     out = []
-    for key in sorted(tensors):
-        for a_suffix, b_suffix, kind in ((".lora_A.weight", ".lora_B.weight", "linear"),
-                                         (".lora_embedding_A", ".lora_embedding_B", "embedding")):  # fmt: skip
-            if key.endswith(a_suffix):
-                path = key[len(PREFIX) : -len(a_suffix)] if key.startswith(PREFIX) else key[: -len(a_suffix)]
-                b_key = key[: -len(a_suffix)] + b_suffix
-                if b_key not in tensors:
-                    raise AdapterLoadError(f"{key} has no matching {b_key}")
-                A, B = tensors[key], tensors[b_key]
-                r = A.shape[0]
-                kind_here = "conv2d" if A.dim() == 4 else kind
-                alpha = config.alpha_for(path)
-                out.append(AdaptedMatrix(path, kind_here, r, config.scaling(r, alpha), A, B))
+    for path, (key_a, key_b) in sorted(pairs.items()):
+        A, B = tensors[key_a], tensors[key_b]
+        kind = "conv2d" if A.dim() == 4 else "embedding" if key_a.endswith(".lora_embedding_A") else "linear"
+        r = A.shape[0]
+        out.append(AdaptedMatrix(path, kind, r, config.scaling(r, config.alpha_for(path)), A, B))
     return out
+
+
+def _targeted(config: LoraConfig, path: str) -> bool:
+    """Whether ``config`` adapts a module at ``path`` (``all-linear``: any)."""
+    if config.target_modules != ALL_LINEAR and not name_matches(config.target_modules, path):  # type: ignore[arg-type]
+        return False
+    if config.exclude_modules and name_matches(config.exclude_modules, path):
+        return False
+    layers = config.layers_to_transform
+    return layers is None or layer_index(path, config.layers_pattern) in layers  # type: ignore[operator]
+
+
+def _read(directory: str | os.PathLike[str]) -> tuple[LoraConfig, dict[str, torch.Tensor], list[AdaptedMatrix]]:
+    config, tensors = read_adapter(directory)
+    try:
+        return config, tensors, adapted_matrices(config, tensors)
+    except AdapterLoadError as err:
+        raise AdapterLoadError(f"{Path(directory) / WEIGHTS_NAME}: {err}") from None
 
 
 def inspect_adapter(directory: str | os.PathLike[str]) -> dict:
     """What an adapter folder holds: config, adapted modules with ranks, parameters, bytes, and the
     Frobenius norm of every ``ΔW`` (how much each module was changed)."""
-    config = read_config(directory)
-    tensors = read_tensors(directory)
-    mats = adapted_matrices(config, tensors)
+    config, tensors, mats = _read(directory)
     adapter_keys = {k for k in tensors if ".lora_" in k}
     return {
         "directory": str(directory),
@@ -106,28 +127,13 @@ def merge_files(
         base = load_file(str(base_weights))
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterLoadError(f"{base_weights}: not a readable safetensors weights file ({err})") from None
-    config = read_config(adapter_dir)
-    tensors = read_tensors(adapter_dir)
+    config, tensors, mats = _read(adapter_dir)
     problems: list[str] = []
     updates: dict[str, torch.Tensor] = {}
-    for m in adapted_matrices(config, tensors):
-        key = f"{m.path}.weight"
-        if key not in base:
-            key = f"{m.path}.base_layer.weight" if f"{m.path}.base_layer.weight" in base else key
-        if key not in base:
-            problems.append(f"adapted module {m.path!r}: no {m.path}.weight in the base file")
-            continue
-        w, d = base[key], m.delta()
-        # Conv1D stores [in, out]: the config says so (lorakit and PEFT both set fan_in_fan_out for it);
-        # a non-square shape that only fits transposed says so too.
-        if m.kind == "linear" and (config.fan_in_fan_out or d.shape != w.shape) and d.T.shape == w.shape:
-            d = d.T
-        if d.shape != w.shape:
-            problems.append(f"{key}: base shape {tuple(w.shape)} does not fit ΔW {tuple(d.shape)}")
-            continue
-        updates[key] = (w.float() + d).to(w.dtype)
+    # First the tensors saved in full (modules_to_save, trained biases, PEFT's save_embedding_layers),
+    # then every ΔW on top of the weight it adapts (which one of those may have replaced).
     for k, t in tensors.items():
-        if ".lora_" in k:
+        if ".lora_" in k:  # every such key is a checked factor of ``mats``
             continue
         key = k[len(PREFIX) :] if k.startswith(PREFIX) else k
         key = key.replace(".base_layer.", ".") if key not in base else key
@@ -137,6 +143,22 @@ def merge_files(
             problems.append(f"saved tensor {k}: shape {tuple(t.shape)}, base has {tuple(base[key].shape)}")
         else:
             updates[key] = t.to(base[key].dtype)
+    for m in mats:
+        key = f"{m.path}.weight"
+        if key not in base:
+            key = f"{m.path}.base_layer.weight" if f"{m.path}.base_layer.weight" in base else key
+        if key not in base:
+            problems.append(f"adapted module {m.path!r}: no {m.path}.weight in the base file")
+            continue
+        w, d = updates.get(key, base[key]), m.delta()
+        # Conv1D stores [in, out]: the config says so (lorakit and PEFT both set fan_in_fan_out for it);
+        # a non-square shape that only fits transposed says so too.
+        if m.kind == "linear" and (config.fan_in_fan_out or d.shape != w.shape) and d.T.shape == w.shape:
+            d = d.T
+        if d.shape != w.shape:
+            problems.append(f"{key}: base shape {tuple(w.shape)} does not fit ΔW {tuple(d.shape)}")
+            continue
+        updates[key] = (w.float() + d).to(w.dtype)
     if problems:
         raise AdapterLoadError("cannot merge:\n  " + "\n  ".join(problems))
     merged = {k: updates.get(k, v).contiguous() for k, v in base.items()}

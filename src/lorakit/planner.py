@@ -17,9 +17,15 @@ All figures are bytes; the printed tables use GB = 10⁹ bytes. Per parameter:
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .errors import InputError
 
 BYTES = {
     "fp32": 4.0,
@@ -31,6 +37,9 @@ BYTES = {
     "nf4-dq": (4 + 8 / 64 + 32 / (64 * 256)) / 8,
 }
 GB = 1e9
+METHODS = ("weights", "full", "lora", "qlora")
+MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2", "bert")
+COMPUTE_DTYPES = ("fp32", "fp16", "bf16")
 
 #: Llama-3.1-8B's published architecture (config.json), for the seed's worked example
 LLAMA_3_1_8B = {
@@ -69,79 +78,152 @@ class Architecture:
         return self.layers * sum(i * o for i, o in self.layer_linears.values())
 
 
-def _get(cfg: dict[str, Any], *names: str, default: Any = None) -> Any:
-    for n in names:
-        if n in cfg and cfg[n] is not None:
-            return cfg[n]
-    if default is not None:
-        return default
-    raise ValueError(f"config.json lacks {' / '.join(names)}")
+_JSON_TYPES = {list: "an array", str: "a string", bool: "a boolean", type(None): "null", int: "a number",
+               float: "a number"}  # fmt: skip
+
+
+def _whole(value: Any, what: str, minimum: int = 1) -> int:
+    """``value`` as an ``int >= minimum``; strings, booleans, fractions, NaN and infinities are refused."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    whole = real and (isinstance(value, numbers.Integral) or (math.isfinite(value) and float(value).is_integer()))
+    number = int(value) if whole else None
+    if number is None or number < minimum:
+        shown = repr(value) if real else f"{value!r} ({type(value).__name__})"
+        raise InputError(f"{what} = {shown}; allowed: a whole number >= {minimum}")
+    return number
+
+
+class _Config:
+    """A config dict with the name of where it came from, read with every value checked."""
+
+    def __init__(self, cfg: dict[str, Any], where: str) -> None:
+        self.cfg, self.where = cfg, where
+
+    def count(self, *names: str, default: int | None = None) -> int:
+        """The first of ``names`` that is set (not missing, not null), as a whole number >= 1."""
+        for n in names:
+            if self.cfg.get(n) is not None:
+                return _whole(self.cfg[n], f"{self.where}: {n}")
+        if default is not None:
+            return default
+        raise InputError(f"{self.where}: {' / '.join(names)} is missing; allowed: a whole number >= 1")
+
+    def flag(self, name: str, default: bool) -> bool:
+        value = self.cfg.get(name)
+        if value is None:
+            return default
+        if not isinstance(value, bool):
+            raise InputError(f"{self.where}: {name} = {value!r}; allowed: true or false")
+        return value
+
+    def divides(self, whole: int, whole_name: str, part: int, part_name: str) -> None:
+        if whole % part:
+            raise InputError(f"{self.where}: {whole_name} = {whole} is not a multiple of {part_name} = {part}; "
+                             f"allowed: {part_name} dividing {whole_name}")  # fmt: skip
+
+
+def _read_config(config: Any) -> _Config:
+    """A config dict, or the ``config.json`` at a path, checked to be a JSON object."""
+    if isinstance(config, (str, os.PathLike)):
+        path = Path(config)
+        if not str(config):
+            raise InputError("config path is empty; allowed: the path of a transformers config.json")
+        if path.is_dir():
+            inside = path / "config.json"
+            hint = f" (did you mean {inside}?)" if inside.is_file() else ""
+            raise InputError(f"{path}: is a folder; allowed: a transformers config.json file{hint}")
+        try:
+            cfg = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise InputError(f"{path}: no such file; allowed: the path of a transformers config.json") from None
+        except UnicodeDecodeError as err:
+            raise InputError(f"{path}: not UTF-8 text (byte {err.start}); allowed: a JSON config.json") from None
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}: not valid JSON ({err.msg}, line {err.lineno} column {err.colno})") from None
+        except RecursionError:
+            raise InputError(f"{path}: JSON nested too deeply; allowed: a flat transformers config.json") from None
+        except OSError as err:
+            raise InputError(f"{path}: cannot be read ({err.strerror})") from None
+        where = str(path)
+    elif isinstance(config, Mapping):
+        cfg, where = dict(config), "config"
+    else:
+        raise InputError(f"config = {type(config).__name__}; allowed: a dict or the path of a config.json")
+    if not isinstance(cfg, dict):
+        kind = _JSON_TYPES.get(type(cfg), type(cfg).__name__)
+        raise InputError(f"{where}: the JSON is {kind}; allowed: an object ({{\"model_type\": ...}})")
+    return _Config(cfg, where)
 
 
 def architecture(config: dict[str, Any] | str | Path) -> Architecture:
     """Count parameters per layer from a config dict or ``config.json`` path: Llama-family
-    (llama, mistral, qwen2), GPT-2 and BERT."""
-    cfg = json.loads(Path(config).read_text()) if isinstance(config, (str, Path)) else dict(config)
-    kind = cfg.get("model_type", "")
+    (llama, mistral, qwen2), GPT-2 and BERT. Every value is checked (``InputError`` names the key)."""
+    c = _read_config(config)
+    cfg, kind = c.cfg, c.cfg.get("model_type")
     if kind in ("llama", "mistral", "qwen2"):
-        h, i = _get(cfg, "hidden_size"), _get(cfg, "intermediate_size")
-        heads = _get(cfg, "num_attention_heads")
-        kv = _get(cfg, "num_key_value_heads", default=heads)
-        hd = cfg.get("head_dim") or h // heads
-        bias = bool(cfg.get("attention_bias", kind == "qwen2"))
+        h, i = c.count("hidden_size"), c.count("intermediate_size")
+        heads = c.count("num_attention_heads")
+        kv = c.count("num_key_value_heads", default=heads)
+        c.divides(heads, "num_attention_heads", kv, "num_key_value_heads")
+        if cfg.get("head_dim") is None:
+            c.divides(h, "hidden_size", heads, "num_attention_heads")
+        hd = c.count("head_dim", default=h // heads)
+        bias = c.flag("attention_bias", kind == "qwen2")
         lin = {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}  # fmt: skip
         biases = (heads * hd + 2 * kv * hd) if bias else 0
         per_layer = sum(a * b for a, b in lin.values()) + biases + 2 * h  # + two RMSNorm weights
-        vocab = _get(cfg, "vocab_size")
-        head = 0 if cfg.get("tie_word_embeddings", False) else vocab * h
-        return Architecture(
-            kind, _get(cfg, "num_hidden_layers"), h, per_layer, vocab * h, head, h, lin, i, heads, vocab
-        )
+        vocab = c.count("vocab_size")
+        head = 0 if c.flag("tie_word_embeddings", False) else vocab * h
+        return Architecture(kind, c.count("num_hidden_layers"), h, per_layer, vocab * h, head, h, lin, i, heads, vocab)
     if kind == "gpt2":
-        n = _get(cfg, "n_embd", "hidden_size")
-        inner = cfg.get("n_inner") or 4 * n
+        n, heads = c.count("n_embd", "hidden_size"), c.count("n_head", "num_attention_heads")
+        vocab = c.count("vocab_size")
+        c.divides(n, "n_embd", heads, "n_head")
+        inner = c.count("n_inner", default=4 * n)
         lin = {"c_attn": (n, 3 * n), "attn.c_proj": (n, n), "c_fc": (n, inner), "mlp.c_proj": (inner, n)}
         per_layer = sum(a * b for a, b in lin.values()) + (3 * n + n + inner + n) + 4 * n  # biases + 2 LayerNorms
-        emb = _get(cfg, "vocab_size") * n + _get(cfg, "n_positions", "max_position_embeddings") * n
-        head = 0 if cfg.get("tie_word_embeddings", True) else _get(cfg, "vocab_size") * n
-        return Architecture(kind, _get(cfg, "n_layer", "num_hidden_layers"), n, per_layer, emb, head, 2 * n, lin,
-                            inner, _get(cfg, "n_head", "num_attention_heads"), _get(cfg, "vocab_size"))  # fmt: skip
+        emb = vocab * n + c.count("n_positions", "max_position_embeddings") * n
+        head = 0 if c.flag("tie_word_embeddings", True) else vocab * n
+        return Architecture(kind, c.count("n_layer", "num_hidden_layers"), n, per_layer, emb, head, 2 * n, lin, inner,
+                            heads, vocab)  # fmt: skip
     if kind == "bert":
-        h, i = _get(cfg, "hidden_size"), _get(cfg, "intermediate_size")
+        h, i, heads = c.count("hidden_size"), c.count("intermediate_size"), c.count("num_attention_heads")
+        c.divides(h, "hidden_size", heads, "num_attention_heads")
         lin = {"query": (h, h), "key": (h, h), "value": (h, h), "attention.output.dense": (h, h),
                "intermediate.dense": (h, i), "output.dense": (i, h)}  # fmt: skip
         per_layer = sum(a * b for a, b in lin.values()) + (4 * h + i + h) + 4 * h
-        emb = (_get(cfg, "vocab_size") + _get(cfg, "max_position_embeddings") + cfg.get("type_vocab_size", 2)) * h
-        return Architecture(kind, _get(cfg, "num_hidden_layers"), h, per_layer, emb + 2 * h, 0, h * h + h, lin, i,
-                            _get(cfg, "num_attention_heads"))  # fmt: skip
-    raise ValueError(f"model_type {kind!r} is not known to the planner; known: llama, mistral, qwen2, gpt2, bert")
+        emb = (c.count("vocab_size") + c.count("max_position_embeddings") + c.count("type_vocab_size", default=2)) * h
+        return Architecture(kind, c.count("num_hidden_layers"), h, per_layer, emb + 2 * h, 0, h * h + h, lin, i, heads)
+    shown = "missing" if kind is None else f"= {kind!r}"
+    raise InputError(f"{c.where}: model_type {shown} is not known to the planner; known: {', '.join(MODEL_TYPES)}")
+
+
+def _targets(targets: Any) -> list[str] | str:
+    """``"all-linear"``, or a non-empty list of module names (one name may come as a string)."""
+    if isinstance(targets, str):
+        targets = [targets]
+    if not isinstance(targets, (list, tuple)) or not targets:
+        raise InputError(f"targets = {targets!r}; allowed: 'all-linear' or a non-empty list of module names")
+    bad = [t for t in targets if not isinstance(t, str) or not t]
+    if bad:
+        raise InputError(f"targets holds {bad}; allowed: non-empty module names such as 'q_proj'")
+    return "all-linear" if list(targets) == ["all-linear"] else list(targets)
 
 
 def lora_parameters(arch: Architecture, r: int, targets: list[str] | str = "all-linear") -> int:
     """Adapter parameters: ``r · (in + out)`` per adapted matrix per layer."""
+    r, targets = _whole(r, "r"), _targets(targets)
     if targets == "all-linear":
         chosen = list(arch.layer_linears)
     else:
-        chosen = [k for k in arch.layer_linears if any(k == t or k.endswith("." + t) or t == k.split(".")[-1]
-                                                       for t in targets)]  # fmt: skip
-        missing = [
-            t for t in targets if not any(k == t or k.endswith("." + t) or k.split(".")[-1] == t for k in chosen)
-        ]
+        hit = lambda k, t: k == t or k.endswith("." + t)  # noqa: E731
+        chosen = [k for k in arch.layer_linears if any(hit(k, t) for t in targets)]
+        missing = [t for t in targets if not any(hit(k, t) for k in chosen)]
         if missing:
-            raise ValueError(
-                f"targets {missing} match no linear layer; this architecture has {list(arch.layer_linears)}"
-            )
+            raise InputError(f"targets {missing} match no linear layer of this {arch.model_type} architecture; "
+                             f"allowed: all-linear or names among {list(arch.layer_linears)}")  # fmt: skip
     return arch.layers * sum(r * (arch.layer_linears[k][0] + arch.layer_linears[k][1]) for k in chosen)
-
-
-def _adapted_linear(arch: Architecture, targets: list[str] | str) -> int:
-    if targets == "all-linear":
-        return arch.linear_in_layers
-    keys = [
-        k for k in arch.layer_linears if any(k == t or k.split(".")[-1] == t or k.endswith("." + t) for t in targets)
-    ]
-    return arch.layers * sum(arch.layer_linears[k][0] * arch.layer_linears[k][1] for k in keys)
 
 
 #: values autograd keeps per token and block, measured on transformers 5's implementations with
@@ -156,10 +238,20 @@ def activation_bytes(arch: Architecture, batch: int, seq: int, dtype: str = "fp3
     """Bytes a training forward keeps for the backward: per token and block
     ``h_units·h + i_units·i`` values (``ACTIVATION_UNITS``), ``3·heads·seq`` more with eager
     attention, and the logits once (``vocab`` per token) for the loss."""
+    batch, seq = _whole(batch, "batch"), _whole(seq, "seq")
+    _choice(dtype, "dtype", list(BYTES))
+    if eager is not None and not isinstance(eager, bool):
+        raise InputError(f"eager = {eager!r}; allowed: True, False or None (the architecture's default)")
     h_units, i_units = ACTIVATION_UNITS[arch.model_type]
     eager = arch.model_type in EAGER_ATTENTION if eager is None else eager
     per_token = h_units * arch.hidden + i_units * arch.intermediate + (3 * arch.heads * seq if eager else 0)
     return batch * seq * (arch.layers * per_token + arch.vocab) * BYTES[dtype]
+
+
+def _choice(value: Any, what: str, allowed: list[str] | tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value not in allowed:
+        raise InputError(f"{what} = {value!r}; allowed: {', '.join(allowed)}")
+    return value
 
 
 @dataclass
@@ -199,35 +291,46 @@ def estimate_memory(
     """Memory for ``method`` in ``weights`` | ``full`` | ``lora`` | ``qlora``.
 
     Give ``params`` (a count) or ``config`` (a transformers config dict or ``config.json`` path;
-    needed for LoRA/QLoRA, which must know the matrices' shapes, and for activations).
+    needed for LoRA/QLoRA, which must know the matrices' shapes, and for activations, which also
+    need ``batch`` and ``seq``). Every argument is checked: bad input raises ``InputError``.
     """
-    if dtype not in BYTES:
-        raise ValueError(f"dtype must be one of {sorted(BYTES)}, got {dtype!r}")
-    if method not in ("weights", "full", "lora", "qlora"):
-        raise ValueError(f"method must be weights, full, lora or qlora, got {method!r}")
+    _choice(method, "method", METHODS)
+    _choice(dtype, "dtype", list(BYTES))
+    _choice(compute_dtype, "compute_dtype", COMPUTE_DTYPES)
+    r, targets = _whole(r, "r"), _targets(targets)
+    if (batch is None) != (seq is None):
+        given, needed = ("batch", "seq") if seq is None else ("seq", "batch")
+        raise InputError(f"{given} = {batch if seq is None else seq!r} without {needed}; "
+                         "allowed: both (an activation estimate) or neither")  # fmt: skip
     arch = architecture(config) if config is not None else None
     if params is None:
         if arch is None:
-            raise ValueError("give params (a parameter count) or config (a config.json)")
+            raise InputError("estimate_memory needs params (a parameter count) or config (a config.json); got neither")
         params = arch.total
+    params = _whole(params, "params")
+    if arch is not None and params < arch.linear_in_layers:
+        raise InputError(f"params = {params:,} is fewer than the {arch.linear_in_layers:,} parameters of the config's "
+                         f"block linears; allowed: at least that, or leave params out ({arch.total:,})")  # fmt: skip
     acts = 0.0
-    if batch and seq:
+    if batch is not None and seq is not None:
         if arch is None:
-            raise ValueError("activations need the architecture: pass config")
+            raise InputError(f"batch and seq (activations) need the architecture; allowed: with config, not params "
+                             f"alone (method {method!r})")  # fmt: skip
         acts = activation_bytes(arch, batch, seq, "fp32" if dtype == "fp32" else "bf16")
     if method == "weights":
         return MemoryEstimate("weights", params * BYTES[dtype])
     if method == "full":
         g = params * BYTES[dtype] if dtype in ("fp32", "fp16", "bf16") else params * 4.0
-        return MemoryEstimate("full", params * BYTES[dtype], g, params * 8.0, 0.0, acts, int(params),
+        return MemoryEstimate("full", params * BYTES[dtype], g, params * 8.0, 0.0, acts, params,
                               ["AdamW: two fp32 moments per parameter"])  # fmt: skip
     if arch is None:
-        raise ValueError(f"{method} needs the architecture (config) to know the adapted matrices' shapes")
+        raise InputError(f"method {method!r} needs config (a config.json: the adapted matrices' shapes); "
+                         "allowed with params alone: weights, full")  # fmt: skip
     n_adapter = lora_parameters(arch, r, targets)
     adapter = 16.0 * n_adapter  # fp32 weight + gradient + two AdamW moments
     if method == "lora":
         return MemoryEstimate("lora", params * BYTES[dtype], 0.0, 0.0, adapter, acts, n_adapter)
-    quantized = _adapted_linear(arch, "all-linear")  # QLoRA quantizes every linear in the blocks
+    quantized = arch.linear_in_layers  # QLoRA quantizes every linear in the blocks
     weights = quantized * BYTES["nf4-dq"] + (params - quantized) * BYTES[compute_dtype]
     return MemoryEstimate("qlora", weights, 0.0, 0.0, adapter, acts, n_adapter,
                           [f"block linears in NF4+DQ, the rest in {compute_dtype}"])  # fmt: skip

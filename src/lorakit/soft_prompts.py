@@ -23,12 +23,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
+from safetensors.torch import save
 from torch import nn
 
-from .files import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError, atomic_write
+from .atomic import atomic_write
+from .errors import InputError
+from .files import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError, read_tensors
 
 PROMPT_KEY = "prompt_embeddings"  # PEFT's tensor name for both methods
+PROMPT_INITS = ("vocab", "text", "random")
+
+
+def _tokens(value: object, what: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InputError(f"{what} = {value!r}; allowed: a whole number >= 1")
 
 
 @dataclass
@@ -42,12 +50,15 @@ class PromptTuningConfig:
     init_text: str | None = None
 
     def __post_init__(self) -> None:
-        if self.num_virtual_tokens < 1:
-            raise ValueError(f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
-        if self.init not in ("vocab", "text", "random"):
-            raise ValueError(f"init must be vocab, text or random, got {self.init!r}")
-        if self.init == "text" and not self.init_text:
-            raise ValueError("init='text' needs init_text (and a tokenizer passed to SoftPromptModel)")
+        _tokens(self.num_virtual_tokens, "PromptTuningConfig.num_virtual_tokens")
+        if self.init not in PROMPT_INITS:
+            raise InputError(f"PromptTuningConfig.init = {self.init!r}; allowed: {', '.join(PROMPT_INITS)}")
+        if self.init == "text" and (not isinstance(self.init_text, str) or not self.init_text.strip()):
+            raise InputError(f"PromptTuningConfig.init_text = {self.init_text!r} with init='text'; allowed: a "
+                             "non-empty string (and a tokenizer passed to SoftPromptModel)")  # fmt: skip
+        if self.init != "text" and self.init_text is not None:
+            raise InputError(f"PromptTuningConfig.init_text = {self.init_text!r} is not used with init={self.init!r}; "
+                             "allowed: init='text', or leave init_text out")  # fmt: skip
 
 
 @dataclass
@@ -60,8 +71,14 @@ class PrefixTuningConfig:
     projection_hidden: int | None = None
 
     def __post_init__(self) -> None:
-        if self.num_virtual_tokens < 1:
-            raise ValueError(f"num_virtual_tokens must be >= 1, got {self.num_virtual_tokens}")
+        _tokens(self.num_virtual_tokens, "PrefixTuningConfig.num_virtual_tokens")
+        if not isinstance(self.projection, bool):
+            raise InputError(f"PrefixTuningConfig.projection = {self.projection!r}; allowed: True or False")
+        if self.projection_hidden is not None:
+            if not self.projection:
+                raise InputError(f"PrefixTuningConfig.projection_hidden = {self.projection_hidden!r} is not used "
+                                 "without projection; allowed: projection=True, or leave it out")  # fmt: skip
+            _tokens(self.projection_hidden, "PrefixTuningConfig.projection_hidden")
 
 
 def _dims(config) -> dict[str, int]:
@@ -73,7 +90,8 @@ def _dims(config) -> dict[str, int]:
         get("num_attention_heads", "n_head"),
     )
     if None in (layers, width, heads):
-        raise ValueError(f"cannot read layers/width/heads from {type(config).__name__}")
+        raise InputError(f"cannot read layers/width/heads from {type(config).__name__}; allowed: a transformers "
+                         "config with num_hidden_layers, hidden_size and num_attention_heads")  # fmt: skip
     kv_heads = get("num_key_value_heads") or heads
     head_dim = get("head_dim") or width // heads
     return {"layers": layers, "width": width, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
@@ -86,13 +104,15 @@ class SoftPromptModel(nn.Module):
                  seed: int = 0) -> None:  # fmt: skip
         super().__init__()
         if not hasattr(model, "get_input_embeddings") or not hasattr(model, "config"):
-            raise TypeError(
-                f"soft prompts need a Hugging Face model (get_input_embeddings, config); got {type(model).__name__}"
-            )
+            raise InputError(f"model = {type(model).__name__}; allowed: a Hugging Face model (get_input_embeddings, "
+                             "config)")  # fmt: skip
+        if not isinstance(config, (PromptTuningConfig, PrefixTuningConfig)):
+            raise InputError(f"config = {type(config).__name__}; allowed: PromptTuningConfig or PrefixTuningConfig")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise InputError(f"seed = {seed!r}; allowed: an integer")
         self.model, self.config = model, config
         self.is_prefix = isinstance(config, PrefixTuningConfig)
         self.dims = _dims(model.config)
-        model.requires_grad_(False)
         g = torch.Generator().manual_seed(seed)
         embed = model.get_input_embeddings().weight
         P, d = config.num_virtual_tokens, self.dims["width"]
@@ -117,6 +137,7 @@ class SoftPromptModel(nn.Module):
                 self.embedding = nn.Parameter(0.02 * torch.randn(P, self.prefix_width, generator=g, dtype=embed.dtype))
         else:
             self.embedding = nn.Parameter(self._prompt_init(embed, tokenizer, g))
+        model.requires_grad_(False)  # only now: a refused model or config leaves the model as it was
 
     def _prompt_init(self, embed: torch.Tensor, tokenizer, g: torch.Generator) -> torch.Tensor:
         c = self.config
@@ -124,8 +145,10 @@ class SoftPromptModel(nn.Module):
             return torch.randn(c.num_virtual_tokens, embed.shape[1], generator=g, dtype=embed.dtype)
         if c.init == "text":
             if tokenizer is None:
-                raise ValueError("init='text' needs the tokenizer: SoftPromptModel(model, config, tokenizer)")
-            ids = tokenizer(c.init_text, add_special_tokens=False).input_ids
+                raise InputError("tokenizer = None with init='text'; allowed: SoftPromptModel(model, config, tok)")
+            ids = list(tokenizer(c.init_text, add_special_tokens=False).input_ids)
+            if not ids:
+                raise InputError(f"init_text = {c.init_text!r} gives no tokens; allowed: text the tokenizer encodes")
             ids = (ids * (c.num_virtual_tokens // max(1, len(ids)) + 1))[: c.num_virtual_tokens]
             return embed[torch.tensor(ids)].detach().clone()
         return embed[torch.randint(0, embed.shape[0], (c.num_virtual_tokens,), generator=g)].detach().clone()
@@ -230,27 +253,35 @@ class SoftPromptModel(nn.Module):
     def load(cls, model: nn.Module, directory: str | os.PathLike[str]) -> SoftPromptModel:
         """A soft prompt saved by lorakit or by PEFT (prompt or prefix tuning) on ``model``."""
         path = Path(directory)
+        if not (path / CONFIG_NAME).is_file():
+            raise AdapterLoadError(f"{path}: no {CONFIG_NAME} here; is it a soft prompt folder?")
         try:
-            data = json.loads((path / CONFIG_NAME).read_text())
-        except (OSError, json.JSONDecodeError) as err:
+            data = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as err:  # ValueError: bad JSON or not UTF-8
             raise AdapterLoadError(f"{path / CONFIG_NAME}: cannot read the config ({err})") from None
+        if not isinstance(data, dict):
+            raise AdapterLoadError(f"{path / CONFIG_NAME}: the JSON is a {type(data).__name__}; allowed: an object")
         kind = data.get("peft_type")
         P = data.get("num_virtual_tokens")
-        if kind == "PROMPT_TUNING":
-            config: PromptTuningConfig | PrefixTuningConfig = PromptTuningConfig(num_virtual_tokens=P, init="random")
-        elif kind == "PREFIX_TUNING":
-            config = PrefixTuningConfig(num_virtual_tokens=P)  # a stored prefix is the prefix: no projection needed
-        else:
-            raise AdapterLoadError(f"{path}: peft_type {kind!r} is not a soft prompt (PROMPT_TUNING, PREFIX_TUNING)")
+        if kind not in ("PROMPT_TUNING", "PREFIX_TUNING"):
+            raise AdapterLoadError(f"{path}: peft_type {kind!r} is not a soft prompt; allowed: PROMPT_TUNING, "
+                                   "PREFIX_TUNING")  # fmt: skip
+        try:  # a stored prefix is the prefix: no projection needed
+            config = PromptTuningConfig(P, init="random") if kind == "PROMPT_TUNING" else PrefixTuningConfig(P)
+        except InputError as err:
+            raise AdapterLoadError(f"{path / CONFIG_NAME}: {err}") from None
         if data.get("num_transformer_submodules", 1) != 1:
             raise AdapterLoadError(
                 f"{path}: encoder-decoder soft prompts (num_transformer_submodules=2) are not supported"
             )
-        wrapped = cls(model, config)
-        tensors = load_file(str(path / WEIGHTS_NAME)) if (path / WEIGHTS_NAME).is_file() else None
-        if tensors is None or PROMPT_KEY not in tensors:
+        tensors = read_tensors(path)
+        if PROMPT_KEY not in tensors:
             raise AdapterLoadError(f"{path}: no {PROMPT_KEY!r} tensor in {WEIGHTS_NAME}")
+        flags = [(p, p.requires_grad) for p in model.parameters()]
+        wrapped = cls(model, config)
         if tensors[PROMPT_KEY].shape != wrapped.embedding.shape:
+            for p, flag in flags:  # leave the model as it was
+                p.requires_grad_(flag)
             raise AdapterLoadError(
                 f"{path}: {PROMPT_KEY} has shape {tuple(tensors[PROMPT_KEY].shape)}, this model needs "
                 f"{tuple(wrapped.embedding.shape)} ({kind}, {P} virtual tokens)"
