@@ -15,6 +15,7 @@ from torch import nn
 
 import lorakit as lk
 from lorakit.devices import autocast_settings, distributed_backend, init_distributed, move_to, resolve_device
+from lorakit.errors import InputError
 from lorakit.optim import BNB_OPTIMIZERS, OPTIMIZERS, make_optimizer
 
 
@@ -105,6 +106,20 @@ def test_move_to_the_same_device_copies_nothing():
     out = move_to(batch, torch.device("cpu"))
     assert out["plain"] is batch["plain"] and out["list"][0] is batch["list"][0]
     assert out["named"].x is batch["named"].x
+
+
+@pytest.mark.parametrize("device", ["banana", "cuda:x", "", 3.5])
+def test_move_to_an_unknown_device_names_it(device):
+    with pytest.raises(InputError) as err:
+        move_to({"x": torch.zeros(2)}, device)
+    assert str(err.value).startswith(f"device {device!r} is not a device torch knows ('cpu', 'cuda', 'cuda:1'...)")
+
+
+def test_training_refuses_the_meta_device():
+    with pytest.raises(InputError, match=r"device 'meta': the meta device holds no data and cannot train; use 'cpu'"):
+        resolve_device("meta")
+    with pytest.raises(InputError, match=r"TrainerConfig.device 'meta': the meta device holds no data"):
+        lk.TrainerConfig(out_dir="x", max_steps=1, device="meta")
 
 
 def test_move_to_hugging_face_batch_encoding():

@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 import lorakit as lk
 from lorakit.cli import main
+from lorakit.offline import merge_files
 
 from .conftest import SeedMLP, randomize_adapters
 from .models import tiny_gpt2, token_batch
@@ -147,3 +148,17 @@ def test_merge_applies_delta_on_top_of_saved_full_weights(tmp_path):
     merged = load_file(tmp_path / "merged.safetensors")["fc1.weight"]
     delta = model.fc1.delta_weight("default").detach()
     assert_close(merged, full + delta, reduction=2)
+
+
+def test_merge_files_refuses_to_overwrite_its_inputs(tmp_path):
+    """The library call itself (not only the CLI) refuses an output that is one of its inputs."""
+    model = SeedMLP()
+    lk.inject(model, lk.LoraConfig(target_modules=["fc1"]))
+    lk.save_adapter(model, tmp_path / "adapter")
+    base = tmp_path / "base.safetensors"
+    save_file({k: v.contiguous() for k, v in SeedMLP().state_dict().items()}, base)
+    before = base.read_bytes(), (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()
+    for out in (base, tmp_path / "adapter" / "adapter_model.safetensors"):
+        with pytest.raises(lk.InputError, match="would overwrite an input"):
+            merge_files(base, tmp_path / "adapter", out)
+    assert (base.read_bytes(), (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()) == before

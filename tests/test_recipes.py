@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 from lorakit.cli import main
 from lorakit.errors import InputError
-from lorakit.recipes import RecipeError, build_data, build_model
+from lorakit.recipes import RecipeError, build_data, build_model, run
 
 from .models import SeedMLP, mlp_factory
 
@@ -74,7 +74,33 @@ def test_recipe_error_is_an_input_error_with_a_hint(tmp_path, capsys):
          "no config.json there"),
         (TOY_RUN.replace('factory = "tests.models:mlp_factory"\nhidden = 16', ""),
          "[model] needs one of factory, hf_pretrained, hf_config"),
-        (TOY_RUN.replace("max_steps = 12", "max_steps = 12\nschedule = 'exp'"), "schedule must be"),
+        (TOY_RUN.replace("max_steps = 12", "max_steps = 12\nschedule = 'exp'"),
+         "[train] schedule = 'exp' (str): expected one of 'cosine', 'linear', 'constant'"),
+        # values of the wrong type or range: [section] key, the value, what is allowed
+        (TOY_RUN.replace("max_steps = 12", 'max_steps = "10"'),
+         "[train] max_steps = '10' (str): expected an integer >= 1"),
+        (TOY_RUN.replace("batch_size = 32", "batch_size = 2.5"),
+         "[train] batch_size = 2.5 (float): expected an integer >= 1"),
+        (TOY_RUN.replace("lr = 0.01", "lr = -1"), "[train] lr = -1 (int): expected a finite number > 0"),
+        (TOY_RUN.replace("lr = 0.01", "lr = nan"), "[train] lr = nan (float): expected a finite number > 0"),
+        (TOY_RUN.replace("lr = 0.01", 'lr = 0.01\nseed = "a"'), "[train] seed = 'a' (str): expected an integer in"),
+        (TOY_RUN.replace("progress = false", 'progress = "false"'),
+         "[train] progress = 'false' (str): expected true or false (a boolean, not a string)"),
+        (TOY_RUN.replace("lr = 0.01", "lr = 0.01\nmax_grad_norm = -1.0"),
+         "[train] max_grad_norm = -1.0 (float): expected a finite number > 0, or None (no clipping)"),
+        (TOY_RUN.replace("lr = 0.01", 'lr = 0.01\ndevice = "meta"'),
+         "[train] device 'meta': the meta device holds no data and cannot train"),
+        (TOY_RUN.replace("lr = 0.01", 'lr = 0.01\ndevice = "banana"'),
+         "[train] device 'banana' is not a device torch knows ('cpu', 'cuda', 'cuda:1'...)"),
+        (TOY_RUN.replace("r = 4", 'r = 4\nuse_rslora = "false"'),
+         "[lora] use_rslora = 'false' (str): expected true or false (a boolean, not a string)"),
+        (TOY_RUN.replace("r = 4", 'r = "4"'), "[lora]: LoraConfig.r must be an integer >= 1, got '4'"),
+        (TOY_RUN.replace("hidden = 16", "hidden = 16\nweights = 3"),
+         "[model] weights = 3 (int): expected a path string"),
+        (TOY_RUN.replace('factory = "tests.models:toy_data"\nn = 256', 'kind = "text"\nfiles = "*.md"\nseq = 0'),
+         "[data] seq = 0 (int): expected an integer >= 1"),
+        (TOY_RUN.replace('out_dir = "{out}"', "out_dir = 3"), "out_dir = 3: expected a non-empty path string"),
+        (TOY_RUN.replace("[lora]\n", "lora = 3\n[other]\n"), "unknown section(s) ['other']"),
         ("out_dir = 'x'\n[model\n", "not valid TOML"),
         # factories that cannot be found or called
         (TOY_RUN.replace("tests.models:mlp_factory", "tests.no_such_module:build"),
@@ -156,6 +182,49 @@ def test_disk_full_on_save_keeps_earlier_checkpoints(tmp_path, capsys, monkeypat
     monkeypatch.setattr(trainer_module.torch, "save", failing_save)
     out = tmp_path / "run"
     code = main(["train", _write(tmp_path, TOY_RUN.replace("{out}", str(out)))])
-    assert code == 2 and "No space left on device" in capsys.readouterr().err
-    complete = sorted(p.name for p in (out / "checkpoints").glob("step-*"))
-    assert complete == ["step-00000004"], "the first checkpoint survives; the failed one never appears"
+    err = capsys.readouterr().err
+    assert code == 2 and f"no space left on device while writing checkpoint step-00000008 into {out / 'checkpoints'}" \
+        in err  # fmt: skip
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-00000004"], \
+        "the first checkpoint survives; the failed one never appears, nor does its temp folder"  # fmt: skip
+
+
+def test_an_earlier_run_is_refused_unless_resumed_or_overwritten(tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = _write(tmp_path, TOY_RUN.replace("{out}", str(out)))
+    assert main(["train", cfg]) == 0
+    assert main(["train", cfg]) == 2
+    err = capsys.readouterr().err
+    assert f"out_dir {str(out)!r} holds an earlier run (step-00000004, step-00000008, step-00000012, metrics.jsonl)" \
+        in err and "[train] overwrite = true" in err  # fmt: skip
+    (out / "adapter" / "stale.txt").write_text("from run 1")
+    assert run(cfg, overwrite=True)["step"] == 12
+    assert not (out / "adapter" / "stale.txt").exists()
+    Path(cfg).write_text(Path(cfg).read_text().replace("progress = false", "progress = false\noverwrite = true"))
+    assert main(["train", cfg]) == 0
+    assert main(["train", cfg, "--resume"]) == 2
+    assert "resume and overwrite exclude each other" in capsys.readouterr().err
+
+
+FACTORIES = {
+    "raises": ("def build(hidden=16):\n    raise ValueError('no width ' + str(hidden))\n",
+               "[model] factory = 'recipe_mod_raises:build' raised ValueError: no width 16"),
+    "syntax": ("def build(:\n    pass\n",
+               "[model] factory = 'recipe_mod_syntax:build': cannot import 'recipe_mod_syntax': syntax error in "
+               "{path}, line 1: "),
+    "import": ("raise RuntimeError('needs a GPU')\n",
+               "[model] factory = 'recipe_mod_import:build': importing 'recipe_mod_import' raised RuntimeError: "
+               "needs a GPU"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(FACTORIES))
+def test_a_failing_factory_is_named(tmp_path, capsys, monkeypatch, case):
+    source, message = FACTORIES[case]
+    module = tmp_path / f"recipe_mod_{case}.py"
+    module.write_text(source)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    text = TOY_RUN.replace("tests.models:mlp_factory", f"recipe_mod_{case}:build")
+    assert main(["train", _write(tmp_path, text)]) == 2
+    err = capsys.readouterr().err
+    assert message.format(path=module) in err and "Traceback" not in err and err.count("\n") == 2

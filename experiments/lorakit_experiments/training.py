@@ -65,7 +65,7 @@ def fit_classifier(
             out_dir=out_dir or scratch, max_steps=epochs * steps_per_epoch, batch_size=batch_size, lr=lr,
             weight_decay=weight_decay, schedule="cosine" if cosine else "constant", max_grad_norm=None,
             eval_every=steps_per_epoch if valid is not None else None, log_every=50, seed=seed,
-            progress=progress, desc=desc, keep_last=1,
+            progress=progress, desc=desc, keep_last=1, overwrite=True,  # a demo owns its folder
         )  # fmt: skip
         trainer = Trainer(
             model, lambda m, b: F.cross_entropy(m(b[0]), b[1]), lambda idx: (xt[idx], yt[idx]), len(yt), config,

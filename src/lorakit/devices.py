@@ -19,12 +19,23 @@ from .errors import InputError
 DeviceLike = str | torch.device | int
 
 
-def parse_device(device: DeviceLike) -> torch.device:
-    """``torch.device(device)``, or an ``InputError`` that names the value."""
+def parse_device(device: DeviceLike, what: str = "device") -> torch.device:
+    """``torch.device(device)``, or an ``InputError`` that names ``what`` and the value."""
+    if isinstance(device, torch.device):
+        return device
     try:
         return torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise InputError(f"device {device!r} is not a device torch knows ('cpu', 'cuda', 'cuda:1'...): {err}") from None
+        raise InputError(f"{what} {device!r} is not a device torch knows ('cpu', 'cuda', 'cuda:1'...): {err}") from None
+
+
+def training_device(device: DeviceLike, what: str = "device") -> torch.device:
+    """``parse_device``, refusing ``"meta"`` (tensors without data cannot be trained)."""
+    dev = parse_device(device, what)
+    if dev.type == "meta":
+        raise InputError(f"{what} {str(device)!r}: the meta device holds no data and cannot train; "
+                         "use 'cpu', 'cuda', 'cuda:1'... or None (where the model is)")  # fmt: skip
+    return dev
 
 
 def resolve_device(device: DeviceLike | None, model: nn.Module | None = None) -> torch.device:
@@ -37,7 +48,7 @@ def resolve_device(device: DeviceLike | None, model: nn.Module | None = None) ->
     if device is None:
         first = next(iter(model.parameters()), None) if model is not None else None
         return first.device if first is not None else torch.device("cpu")
-    dev = parse_device(device)
+    dev = training_device(device)
     if dev.type == "cuda":
         if not torch.cuda.is_available():
             build = (
@@ -82,7 +93,7 @@ def move_to(obj: Any, device: DeviceLike, non_blocking: bool | None = None) -> A
     from pinned memory they are truly asynchronous) and False otherwise (a device-to-host copy
     must be complete before the host reads it).
     """
-    device = torch.device(device)
+    device = parse_device(device)
     if non_blocking is None:
         non_blocking = device.type == "cuda"
     if isinstance(obj, torch.Tensor):

@@ -25,7 +25,7 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
-from .atomic import atomic_write
+from .atomic import write_folder
 from .errors import InputError
 from .files import AdapterLoadError, read_tensors
 from .targeting import candidate_modules, is_suffix, layer_index, name_matches, set_submodule
@@ -329,12 +329,10 @@ def _bottleneck_params(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 def _write(directory: str | os.PathLike[str], tensors: dict, config_name: str, config: dict) -> Path:
-    """Tensors and their JSON config, each written atomically."""
-    out = Path(directory)
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / WEIGHTS, save(tensors, metadata={"format": "pt"}))
-    atomic_write(out / config_name, (json.dumps(config, indent=2) + "\n").encode())
-    return out / WEIGHTS
+    """Tensors and their JSON config, written together (the folder's pair changes at once)."""
+    text = (json.dumps(config, indent=2) + "\n").encode()
+    files = {WEIGHTS: save(tensors, metadata={"format": "pt"}), config_name: text}
+    return write_folder(directory, files) / WEIGHTS
 
 
 def merge_bottleneck(model: nn.Module) -> None:

@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save
 
 from .atomic import atomic_write
 from .config import ALL_LINEAR, PREFIX, LoraConfig, factor_pairs
+from .errors import InputError
 from .files import WEIGHTS_NAME, AdapterLoadError, read_adapter
 from .layers import layer_class
 from .targeting import layer_index, name_matches
@@ -123,6 +124,10 @@ def merge_files(
     as GPT-2's Conv1D does); tensors the adapter saved in full (``modules_to_save``, trained biases)
     replace the base's. Every key and shape is checked before anything is written.
     """
+    target = Path(out).resolve()
+    if target == Path(base_weights).resolve() or Path(adapter_dir).resolve() in target.parents:
+        raise InputError(f"{out}: the merged file would overwrite an input ({base_weights} or {adapter_dir}); "
+                         "write it elsewhere")  # fmt: skip
     try:
         base = load_file(str(base_weights))
     except (SafetensorError, OSError, ValueError) as err:

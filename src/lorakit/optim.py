@@ -1,4 +1,5 @@
-"""Optimizers by name, for ``TrainerConfig.optimizer``.
+"""Optimizers by name, for ``TrainerConfig.optimizer``, and the values the optimization settings
+of a ``TrainerConfig`` may take (``check_training_values``).
 
 ``adamw`` and ``sgd`` are torch's; ``adamw8bit`` (8-bit optimizer state), ``paged_adamw8bit`` and
 ``paged_adamw32bit`` (state paged between GPU and CPU memory through CUDA unified memory) are
@@ -8,7 +9,10 @@ bitsandbytes', imported only when asked for, and run on CUDA only. Anything else
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import math
+import numbers
+import os
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -27,6 +31,53 @@ def check_optimizer_name(name: str) -> None:
             f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}, or pass "
             "Trainer(..., optimizer_factory=lambda params, config: ...) for any other"
         )
+
+
+def _int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _num(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+_AT_LEAST_1 = ("an integer >= 1", lambda v: _int(v) and v >= 1)
+_EVERY = ("an integer >= 1, or None", lambda v: v is None or (_int(v) and v >= 1))
+_BOOL = ("true or false (a boolean, not a string)", lambda v: isinstance(v, bool))
+# What each TrainerConfig field takes: (the allowed values in words, the check).
+FIELD_RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "out_dir": ("a non-empty path", lambda v: isinstance(v, (str, os.PathLike)) and str(v) != ""),
+    "max_steps": _AT_LEAST_1, "batch_size": _AT_LEAST_1, "grad_accum": _AT_LEAST_1,
+    "keep_last": _AT_LEAST_1, "log_every": _AT_LEAST_1, "save_every": _EVERY, "eval_every": _EVERY,
+    "warmup_steps": ("an integer >= 0", lambda v: _int(v) and v >= 0),
+    "lr": ("a finite number > 0", lambda v: _num(v) and v > 0),
+    "weight_decay": ("a finite number >= 0", lambda v: _num(v) and v >= 0),
+    "max_grad_norm": ("a finite number > 0, or None (no clipping)", lambda v: v is None or (_num(v) and v > 0)),
+    "bf16": _BOOL, "fp16": _BOOL, "progress": _BOOL, "overwrite": _BOOL,
+    "schedule": ("one of 'cosine', 'linear', 'constant'", lambda v: v in ("cosine", "linear", "constant")),
+    "on_nonfinite": ("'raise' or 'skip'", lambda v: v in ("raise", "skip")),
+    "optimizer": (f"one of {', '.join(OPTIMIZERS)}", lambda v: isinstance(v, str)),
+    "seed": ("an integer in [0, 2**32)", lambda v: _int(v) and 0 <= v < 2**32),
+    "adapter": ("a non-empty string", lambda v: isinstance(v, str) and v != ""),
+    "desc": ("a string", lambda v: isinstance(v, str)),
+    "device": ("None, a torch.device or a string such as 'cpu', 'cuda', 'cuda:1'",
+               lambda v: v is None or (isinstance(v, (str, torch.device, int)) and not isinstance(v, bool))),
+}  # fmt: skip
+
+
+def check_training_values(values: Mapping[str, Any], label: Callable[[str], str]) -> None:
+    """Raise ``InputError`` for the first value a ``TrainerConfig`` field cannot take, naming
+    ``label(field)``, the value, its type and what is allowed (a device is checked for its type
+    only; unknown names are the caller's business)."""
+    for key, value in values.items():
+        allowed, ok = FIELD_RULES.get(key, ("", lambda v: True))
+        if not ok(value):
+            raise InputError(f"{label(key)} = {value!r} ({type(value).__name__}): expected {allowed}")
+        if key == "optimizer":
+            try:
+                check_optimizer_name(value)
+            except InputError as err:
+                raise InputError(f"{label(key)} = {value!r}: {err}") from None
 
 
 def _devices(params: list[Any]) -> set[torch.device]:

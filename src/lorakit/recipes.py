@@ -24,23 +24,33 @@
     max_steps = 500
     batch_size = 128
     lr = 1e-2
+    seed = 0                     # seeds the data order, the base's random weights, the adapter's
+                                 # init and dropout: a run is a pure function of its recipe
+    # overwrite = true           # start afresh where an earlier run left checkpoints
 
-Every section rejects keys it does not know, naming them and the allowed ones; a factory rejects
-keyword arguments it does not take, naming the ones it does. The module of a factory is imported
-when the config is run (it must be importable: installed, or on ``sys.path``). ``collate(indices)``
-builds a batch from example indices and ``loss_fn(model, batch)`` returns the loss, as
-:class:`lorakit.Trainer` takes them. Text is tokenized with the model folder's tokenizer when
-there is one, else as bytes (ids 0–255).
+Every section rejects unknown keys and values of the wrong type or range, naming ``[section]
+key``, the value and what is allowed; a factory rejects keyword arguments it does not take, naming
+the ones it does; an exception inside a factory, or a syntax error in its module, is reported
+naming the factory. A factory's module is imported when the config is run (installed, or on
+``sys.path``). ``collate(indices)`` builds a batch from example indices and ``loss_fn(model,
+batch)`` returns the loss, as :class:`lorakit.Trainer` takes them. Text is tokenized with the
+model folder's tokenizer when it has one, else as bytes (ids 0–255), and must fit the model's
+vocabulary.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import glob
+import hashlib
 import importlib
 import inspect
 import json
 import numbers
-from collections.abc import Callable
+import random
+import shutil
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,10 +58,11 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .devices import init_distributed
+from .devices import init_distributed, world
 from .errors import InputError
 from .injection import inject
-from .trainer import Trainer, TrainerConfig
+from .train_state import check_out_dir
+from .trainer import Trainer, TrainerConfig, check_config_values, stderr_is_terminal
 
 SECTIONS = {"out_dir", "model", "data", "lora", "train"}
 
@@ -86,7 +97,17 @@ def read_config(path: str | Path) -> dict[str, Any]:
     for required in ("out_dir", "model", "data", "lora", "train"):
         if required not in data:
             raise RecipeError(f"{path}: missing {required!r}")
+        if required != "out_dir" and not isinstance(data[required], dict):
+            raise RecipeError(f"{path}: [{required}] must be a table of keys, got {type(data[required]).__name__}")
+    if not isinstance(data["out_dir"], str) or not data["out_dir"]:
+        raise RecipeError(f"{path}: out_dir = {data['out_dir']!r}: expected a non-empty path string")
     return data
+
+
+def _check_type(section: str, table: dict[str, Any], key: str, allowed: str, ok: Callable[[Any], bool]) -> None:
+    if key in table and not ok(table[key]):
+        value = table[key]
+        raise RecipeError(f"[{section}] {key} = {value!r} ({type(value).__name__}): expected {allowed}")
 
 
 def _check_keys(section: str, table: dict[str, Any], allowed: set[str]) -> None:
@@ -105,6 +126,11 @@ def resolve_factory(section: str, ref: Any) -> Callable[..., Any]:
         obj: Any = importlib.import_module(module_name)
     except ImportError as err:
         raise RecipeError(f"{where}: cannot import {module_name!r} ({err})") from None
+    except SyntaxError as err:
+        raise RecipeError(f"{where}: cannot import {module_name!r}: syntax error in {err.filename}, line "
+                          f"{err.lineno}: {err.msg}") from err  # fmt: skip
+    except Exception as err:  # the module's own code failed while it was imported
+        raise RecipeError(f"{where}: importing {module_name!r} raised {type(err).__name__}: {err}") from err
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise RecipeError(f"{where}: {module_name!r} has no attribute {attr!r}")
@@ -130,11 +156,16 @@ def call_factory(section: str, ref: str, factory: Callable[..., Any], kwargs: di
                 f"[{section}] factory {ref!r} cannot be called with the keyword arguments {sorted(kwargs)}: {err}; "
                 f"it accepts: {', '.join(accepted) or 'none'}"
             ) from None
-    return factory(**kwargs)
+    try:
+        return factory(**kwargs)
+    except Exception as err:  # the traceback stays attached (lorakit --debug shows it)
+        raise RecipeError(f"[{section}] factory = {ref!r} raised {type(err).__name__}: {err}") from err
 
 
 def build_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
     """The base model and its tokenizer (None for byte-level text or classification)."""
+    for key in ("weights", "hf_pretrained", "hf_config"):
+        _check_type("model", spec, key, "a path string", lambda v: isinstance(v, str))
     weights = Path(spec["weights"]) if spec.get("weights") else None
     if weights is not None and not weights.is_file():
         raise RecipeError(f"[model] weights = {str(weights)!r}: no such file")
@@ -166,11 +197,14 @@ def _base_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
             raise RecipeError(f"[model] hf_pretrained = {str(folder)!r}: no config.json there (a local model folder)")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(folder)
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(folder)
-        except (OSError, ValueError):
-            tokenizer = None
+        where = f"[model] hf_pretrained = {str(folder)!r}"
+        with _quiet_transformers(where):
+            model = AutoModelForCausalLM.from_pretrained(folder)
+            # without tokenizer files transformers may build an empty tokenizer: text is bytes then
+            files = any(f.name.startswith(("tokenizer", "vocab", "merges", "spiece")) for f in folder.iterdir())
+            tokenizer = AutoTokenizer.from_pretrained(folder) if files else None
+        if tokenizer is not None and not tokenizer("lorakit")["input_ids"]:
+            raise RecipeError(f"{where}: its tokenizer turns text into no tokens")
         return model, tokenizer
     if spec.get("hf_config"):
         path = Path(spec["hf_config"])
@@ -178,9 +212,28 @@ def _base_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
             raise RecipeError(f"[model] hf_config = {str(path)!r}: no such file")
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path.parent if path.name == "config.json"
-                                                                           else path)), None  # fmt: skip
+        with _quiet_transformers(f"[model] hf_config = {str(path)!r}"):
+            config = AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path)
+            return AutoModelForCausalLM.from_config(config), None
     raise RecipeError("[model] needs one of factory, hf_pretrained, hf_config")
+
+
+@contextlib.contextmanager
+def _quiet_transformers(where: str) -> Iterator[None]:
+    """transformers' loading progress bars off when stderr is not a terminal (they would flood a
+    log with carriage returns), and its errors reported as naming ``where``."""
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    if bars and not stderr_is_terminal():
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise RecipeError(f"{where}: transformers cannot load it: {type(err).__name__}: {err}") from err
+    finally:
+        if bars and not hf_logging.is_progress_bar_enabled():
+            hf_logging.enable_progress_bar()
 
 
 def _texts_from_jsonl(path: Path) -> list[str]:
@@ -222,13 +275,18 @@ def _factory_data(spec: dict[str, Any], tokenizer: Any):
     return collate, int(n), loss_fn
 
 
-def build_data(spec: dict[str, Any], tokenizer: Any):
-    """``(collate, num_examples, loss_fn)`` for the data section."""
+def build_data(spec: dict[str, Any], tokenizer: Any, vocab_size: int | None = None):
+    """``(collate, num_examples, loss_fn)`` for the data section; text's token ids are checked
+    against ``vocab_size`` (the model's input embedding) when given."""
     if "factory" in spec:
         return _factory_data(spec, tokenizer)
     kind = spec.get("kind")
     if kind in ("jsonl", "text"):
         _check_keys("data", spec, {"kind", "path", "files", "seq"})
+        for key in ("path", "files"):
+            _check_type("data", spec, key, "a path string", lambda v: isinstance(v, str))
+        _check_type("data", spec, "seq", "an integer >= 1",
+                    lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1)  # fmt: skip
         if kind == "jsonl":
             path = Path(spec.get("path", ""))
             if not path.is_file():
@@ -243,6 +301,10 @@ def build_data(spec: dict[str, Any], tokenizer: Any):
         ids = tokenizer(joined)["input_ids"] if tokenizer is not None else list(joined.encode())
         seq = int(spec.get("seq", 128))
         tokens = torch.tensor(ids, dtype=torch.long)
+        if vocab_size is not None and len(tokens) and int(tokens.max()) >= vocab_size:
+            source = "the tokenizer" if tokenizer is not None else "bytes, ids 0-255"
+            raise RecipeError(f"[data]: token id {int(tokens.max())} ({source}) does not fit the model's "
+                              f"vocabulary of {vocab_size}")  # fmt: skip
         n = (len(tokens) - 1) // seq
         if n < 1:
             raise RecipeError(f"[data]: {len(tokens)} tokens do not fill one sequence of {seq}")
@@ -255,29 +317,83 @@ def build_data(spec: dict[str, Any], tokenizer: Any):
     raise RecipeError(f"[data] kind = {kind!r}; known: jsonl, text (or name a factory = 'module:callable')")
 
 
-def run(path: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Train the adapter a config describes; the final adapter goes to ``<out_dir>/adapter``."""
+def stage_seed(seed: int, stage: str) -> int:
+    """A seed for one stage of the run (base, data, adapter, training), derived from the recipe's."""
+    return int.from_bytes(hashlib.sha256(f"lorakit:{seed}:{stage}".encode()).digest()[:8], "little") >> 1
+
+
+@contextlib.contextmanager
+def _own_rngs(device: torch.device) -> Iterator[Callable[[int, str], None]]:
+    """Yields ``seed(seed, stage)``, which seeds torch (CPU, and ``device`` on CUDA), Python's and
+    NumPy's global generators for a stage; all of them are put back as they were afterwards."""
+    import numpy as np
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+
+    def seed(value: int, stage: str) -> None:
+        derived = stage_seed(value, stage)
+        torch.default_generator.manual_seed(derived)
+        if cuda:
+            torch.cuda.manual_seed(derived)
+        random.seed(derived)
+        np.random.seed(derived % 2**32)
+
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield seed
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def _lora_config(table: dict[str, Any]) -> LoraConfig:
+    for f in dataclasses.fields(LoraConfig):
+        if isinstance(f.default, bool):
+            _check_type("lora", table, f.name, "true or false (a boolean, not a string)", lambda v: isinstance(v, bool))
+    try:
+        return LoraConfig.from_dict(table)
+    except (ValueError, TypeError) as err:
+        raise RecipeError(f"[lora]: {err}") from None
+
+
+def run(path: str | Path, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+    """Train the adapter a config describes; the final adapter goes to ``<out_dir>/adapter``.
+
+    The run is a pure function of the recipe: ``[train] seed`` (default 0) seeds the base model's
+    construction (random weights for ``hf_config`` or a factory that does not load ``weights``),
+    the data factory, the adapter's initialisation and training (dropout), each stage from its own
+    derived seed; the caller's global generators are left as they were. ``overwrite`` (or ``[train]
+    overwrite = true``) deletes an earlier run in ``out_dir``; without it, or ``resume``, such a
+    run is refused."""
     cfg = read_config(path)
     train = dict(cfg["train"])
     _check_keys("train", train, set(TrainerConfig.__dataclass_fields__) - {"out_dir"})
-    # Under torchrun this joins the process group with the device's backend (NCCL for CUDA,
-    # gloo otherwise); the model and every batch then live on this process's device.
+    check_config_values(train, lambda key: f"[train] {key}")
+    train["overwrite"] = bool(overwrite or train.get("overwrite", False))
+    check_out_dir(cfg["out_dir"], resume, train["overwrite"])
+    lora = _lora_config(dict(cfg["lora"]))
+    # Under torchrun: joins the process group (NCCL for CUDA, else gloo) and returns this process's device.
     device = init_distributed(train.pop("device", None))
-    model, tokenizer = build_model(dict(cfg["model"]))
-    collate, n, loss_fn = build_data(dict(cfg["data"]), tokenizer)
-    try:
-        lora = LoraConfig.from_dict(dict(cfg["lora"]))
-    except (ValueError, TypeError) as err:
-        raise RecipeError(f"[lora]: {err}") from None
-    inject(model, lora)
-    trainer = Trainer(model, loss_fn, collate, n, TrainerConfig(out_dir=cfg["out_dir"], device=device, **train))
-    result = trainer.train(resume=resume)
+    seed, rank = train.get("seed", 0), world()[0]
+    adapter_dir = Path(cfg["out_dir"]) / "adapter"
+    with _own_rngs(device) as seed_stage:
+        seed_stage(seed, "model")
+        model, tokenizer = build_model(dict(cfg["model"]))
+        seed_stage(seed, "data")
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        vocab = embedding.num_embeddings if isinstance(embedding, nn.Embedding) else None
+        collate, n, loss_fn = build_data(dict(cfg["data"]), tokenizer, vocab)
+        seed_stage(seed, "adapter")
+        inject(model, lora)
+        trainer = Trainer(model, loss_fn, collate, n, TrainerConfig(out_dir=cfg["out_dir"], device=device, **train))
+        if train["overwrite"] and rank == 0:
+            shutil.rmtree(adapter_dir, ignore_errors=True)
+        seed_stage(seed, f"train:{rank}")
+        result = trainer.train(resume=resume)
     from .checkpoint import save_adapter
 
-    adapter_dir = Path(cfg["out_dir"]) / "adapter"
     if trainer.rank == 0:
         save_adapter(model, adapter_dir)
-    result["adapter"] = str(adapter_dir)
-    result["examples"] = n
-    result["rank"] = trainer.rank
+    result.update(adapter=str(adapter_dir), examples=n, rank=trainer.rank)
     return result

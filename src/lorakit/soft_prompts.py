@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import save
 from torch import nn
 
-from .atomic import atomic_write
+from .atomic import write_folder
 from .errors import InputError
 from .files import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError, read_tensors
 
@@ -242,11 +242,10 @@ class SoftPromptModel(nn.Module):
 
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """``adapter_config.json`` + ``adapter_model.safetensors`` (``prompt_embeddings``), atomically."""
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
         tensor = self.prompt().detach().to("cpu").contiguous()
-        atomic_write(out / WEIGHTS_NAME, save({PROMPT_KEY: tensor}, metadata={"format": "pt"}))
-        atomic_write(out / CONFIG_NAME, (json.dumps(self.peft_config(), indent=2, sort_keys=True) + "\n").encode())
+        config = (json.dumps(self.peft_config(), indent=2, sort_keys=True) + "\n").encode()
+        out = write_folder(directory, {WEIGHTS_NAME: save({PROMPT_KEY: tensor}, metadata={"format": "pt"}),
+                                       CONFIG_NAME: config})  # fmt: skip
         return out / WEIGHTS_NAME
 
     @classmethod

@@ -1,10 +1,16 @@
 """Training checkpoints on disk: folders sealed atomically, verified on the way back, and the
 state in them put back onto the device training runs on.
 
-A checkpoint is written into a temporary folder; its files are fsynced and listed with their
-SHA-256 in ``COMPLETE``, which is fsynced too, and the folder is then renamed into place. A folder
-whose manifest is missing or does not match its files (a kill mid-save, a torn write) is skipped
-with a warning.
+A checkpoint is written into a temporary folder ``.step-N.tmp-PID``; its files are fsynced and
+listed with their SHA-256 in ``COMPLETE``, which is fsynced too, and the folder is then renamed
+into place. A folder whose manifest is missing, of the wrong shape or does not match its files,
+that lacks a file every checkpoint has, or whose ``trainer.json`` does not describe its step, is
+damaged (``checkpoint_problem`` says why). A write that fails (a full disk) removes its temporary
+folder; one killed mid-write leaves it behind for ``remove_stale_temps``.
+
+``trainer.json`` also holds a fingerprint of the frozen base (``base_fingerprint``: names, shapes,
+dtypes and a SHA-256 of every frozen parameter's bytes), so that a resume onto another base is
+refused instead of silently training a mixture.
 
 The trainer state (``trainer_state.pt``: optimizer, scheduler, gradient scaler, RNG states, step)
 is read with ``map_location="cpu"`` and ``weights_only=True``: the CPU RNG state must stay a CPU
@@ -13,21 +19,45 @@ is read with ``map_location="cpu"`` and ``weights_only=True``: the CPU RNG state
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
+import logging
 import os
+import re
+import shutil
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
+
+from .errors import InputError
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "COMPLETE"
 TRAINABLE = "trainable.safetensors"
 STATE = "trainer_state.pt"
+META = "trainer.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"  # lorakit.checkpoint.WEIGHTS_NAME (a higher tier)
+METRICS = "metrics.jsonl"
+CHECKPOINTS = "checkpoints"
+LOSS_CURVE = "loss_curve.png"
+# Settings whose change between a checkpoint and its resume changes the run (warned about).
+TRAJECTORY = ("max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "schedule",
+              "max_grad_norm", "bf16", "fp16", "optimizer", "on_nonfinite", "seed", "adapter")  # fmt: skip
+_STEP_DIR = re.compile(r"step-(\d{8})")
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+
+
+def checkpoint_name(step: int) -> str:
+    return f"step-{step:08d}"
 
 
 def sha256_file(path: Path) -> str:
@@ -62,36 +92,265 @@ def seal(tmp: Path, final: Path) -> Path:
     return final
 
 
-def verify(path: Path) -> bool:
-    """Whether the folder's manifest lists exactly its files, each with a matching SHA-256."""
+def _manifest_problem(path: Path) -> str | None:
     try:
         listed = json.loads((path / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
+    except FileNotFoundError:
+        return f"no {MANIFEST} manifest"
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        return f"unreadable manifest ({type(err).__name__})"
+    if not isinstance(listed, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) and _DIGEST.fullmatch(v) for k, v in listed.items()
+    ):
+        return "manifest is not a table of file names and SHA-256 digests"
     present = {p.name for p in path.iterdir()} - {MANIFEST}
     if set(listed) != present:
+        return f"manifest lists {sorted(listed)}, the folder holds {sorted(present)}"
+    bad = [name for name, digest in sorted(listed.items()) if sha256_file(path / name) != digest]
+    return f"SHA-256 mismatch in {', '.join(bad)}" if bad else None
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint folder cannot be resumed from, or None when it is complete."""
+    match = _STEP_DIR.fullmatch(path.name)
+    if match is None or not path.is_dir():
+        return "not a step-NNNNNNNN folder"
+    try:
+        problem = _manifest_problem(path)
+    except OSError as err:  # removed or unreadable while being read
+        problem = f"unreadable ({err})"
+    if problem:
+        return problem
+    missing = [n for n in (STATE, META) if not (path / n).is_file()]
+    if not (path / TRAINABLE).is_file() and not (path / ADAPTER_WEIGHTS).is_file():
+        missing.append(f"{ADAPTER_WEIGHTS} or {TRAINABLE}")
+    if missing:
+        return f"missing {', '.join(missing)}"
+    meta = read_meta(path)
+    if meta is None or meta.get("step") != int(match.group(1)):
+        return f"{META} does not describe step {int(match.group(1))}"
+    return None
+
+
+def verify(path: Path) -> bool:
+    """Whether the folder is a complete checkpoint (``checkpoint_problem`` finds nothing)."""
+    return checkpoint_problem(path) is None
+
+
+def read_meta(path: Path) -> dict[str, Any] | None:
+    """``trainer.json``: a table with an integer ``step`` and a ``config`` table, else None."""
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    ok = isinstance(meta, dict) and type(meta.get("step")) is int and isinstance(meta.get("config"), dict)
+    return meta if ok and ("base" not in meta or _is_fingerprint(meta["base"])) else None
+
+
+def _is_fingerprint(base: Any) -> bool:
+    if not (isinstance(base, dict) and isinstance(base.get("sha256"), str) and isinstance(base.get("tensors"), dict)):
         return False
-    return all(sha256_file(path / name) == digest for name, digest in listed.items())
+    return all(isinstance(v, list) and len(v) == 3 and isinstance(v[0], list) and isinstance(v[1], str)
+               and (v[2] is None or isinstance(v[2], str)) for v in base["tensors"].values())  # fmt: skip
+
+
+def scan(ckpt_dir: Path) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """``(complete, damaged)``: the ``step-*`` folders of ``ckpt_dir``, newest first, the damaged
+    ones with the reason."""
+    good: list[Path] = []
+    damaged: list[tuple[Path, str]] = []
+    if not ckpt_dir.is_dir():
+        return good, damaged
+    for path in sorted(ckpt_dir.glob("step-*"), reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            good.append(path)
+        else:
+            damaged.append((path, problem))
+    return good, damaged
 
 
 def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """The ``step-*`` folders of ``ckpt_dir`` whose manifest verifies, newest first; every other
-    one is skipped with a ``UserWarning`` naming it."""
-    if not ckpt_dir.is_dir():
-        return []
-    good = []
-    for path in sorted(ckpt_dir.glob("step-*"), reverse=True):
-        if verify(path):
-            good.append(path)
+    """The complete ``step-*`` folders of ``ckpt_dir``, newest first."""
+    return scan(ckpt_dir)[0]
+
+
+def stale_temps(ckpt_dir: Path) -> list[Path]:
+    """Temporary folders of checkpoint writes that never finished (a process killed mid-save)."""
+    return sorted(ckpt_dir.glob(".step-*.tmp-*")) if ckpt_dir.is_dir() else []
+
+
+def remove_stale_temps(ckpt_dir: Path) -> int:
+    temps = stale_temps(ckpt_dir)
+    for tmp in temps:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return len(temps)
+
+
+def write_sealed(ckpt_dir: Path, step: int, write: Callable[[Path], None]) -> Path:
+    """``write(tmp)`` fills a temporary folder, which is then sealed as ``step-N``. On any error
+    the temporary folder is removed (the earlier checkpoints are untouched); a full disk is
+    reported as such, naming the folder."""
+    final = ckpt_dir / checkpoint_name(step)
+    tmp = ckpt_dir / f".{final.name}.tmp-{os.getpid()}"
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        write(tmp)
+        pause_for_tests("LORAKIT_TEST_PAUSE_IN_SAVE", step)
+        return seal(tmp, final)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if _disk_full(err):
+            raise OSError(
+                errno.ENOSPC,
+                f"no space left on device while writing checkpoint {final.name} into {ckpt_dir}; the earlier "
+                "checkpoints there are intact: free some space, then resume",
+            ) from err
+        raise
+
+
+def _disk_full(err: BaseException | None) -> bool:
+    """An ``OSError(ENOSPC)``, also behind another error (a library that wraps it)."""
+    seen = 0
+    while err is not None and seen < 10:
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+def _tensor_bytes(t: torch.Tensor) -> memoryview | None:
+    if t.device.type == "meta" or hasattr(t, "to_local"):  # no data here, or one shard of a DTensor
+        return None
+    flat = t.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()) if flat.numel() else memoryview(b"")
+
+
+def base_fingerprint(model: nn.Module) -> dict[str, Any]:
+    """Name → ``[shape, dtype, sha256 of the bytes]`` of every frozen parameter (the base a
+    checkpoint's adapter belongs to), and one SHA-256 over all of it."""
+    tensors: dict[str, list[Any]] = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            continue
+        data = _tensor_bytes(p)
+        digest = hashlib.sha256(data).hexdigest() if data is not None else None
+        tensors[name] = [list(p.shape), str(p.dtype).removeprefix("torch."), digest]
+    total = hashlib.sha256(json.dumps(tensors, sort_keys=True).encode()).hexdigest()
+    return {"sha256": total, "tensors": tensors}
+
+
+def fingerprint_mismatch(saved: dict[str, Any], now: dict[str, Any]) -> str | None:
+    """What differs between two ``base_fingerprint``s (None: the same base)."""
+    if saved.get("sha256") == now["sha256"]:
+        return None
+    old, new = saved.get("tensors"), now["tensors"]
+    if not isinstance(old, dict):
+        return "the checkpoint's base fingerprint is unreadable"
+    diffs = [f"{n} only in the checkpoint's base" for n in sorted(set(old) - set(new))]
+    diffs += [f"{n} only in this base" for n in sorted(set(new) - set(old))]
+    for name in sorted(set(old) & set(new)):
+        (s0, d0, h0), (s1, d1, h1) = old[name], new[name]
+        if (s0, d0) != (s1, d1):
+            diffs.append(f"{name} was {d0}{s0}, is {d1}{s1}")
+        elif h0 and h1 and h0 != h1:
+            diffs.append(f"{name} has other values")
+    if not diffs:
+        return None  # the same where it can be compared (sharded tensors are checked by shape only)
+    more = f" and {len(diffs) - 3} more" if len(diffs) > 3 else ""
+    return f"{len(diffs)} of {len(set(old) | set(new))} frozen tensors differ: {'; '.join(diffs[:3])}{more}"
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the records of ``metrics.jsonl`` up to ``step`` (and drop a torn last line); returns
+    how many records were dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            dropped += 1
+            continue
+        if isinstance(record, dict) and type(record.get("step")) is int and record["step"] <= step:
+            kept.append(line + "\n")
         else:
-            warnings.warn(f"lorakit: skipping incomplete or damaged checkpoint {path}", UserWarning, stacklevel=3)
-    return good
+            dropped += 1
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
+    return dropped
+
+
+# ---------------------------------------------------------------------------- one run per out_dir
+def earlier_run(out_dir: str | os.PathLike[str]) -> list[Path]:
+    """What an earlier training run left in ``out_dir``: checkpoints (finished or not) and metrics."""
+    out = Path(out_dir)
+    ckpt = out / CHECKPOINTS
+    found = [*sorted(ckpt.glob("step-*")), *stale_temps(ckpt)] if ckpt.is_dir() else []
+    return found + [out / METRICS] * (out / METRICS).exists()
+
+
+def check_out_dir(out_dir: str | os.PathLike[str], resume: bool, overwrite: bool) -> None:
+    """Refuse to start a fresh run (no resume, no overwrite) where an earlier one left its files."""
+    if resume and overwrite:
+        raise InputError("resume and overwrite exclude each other: resume continues the run in out_dir, "
+                         "overwrite deletes it and starts afresh")  # fmt: skip
+    found = [] if resume or overwrite else earlier_run(out_dir)
+    if found:
+        names = ", ".join(p.name for p in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
+        raise InputError(
+            f"out_dir {str(out_dir)!r} holds an earlier run ({names}); resume it (train(resume=True), lorakit "
+            "train --resume), choose another out_dir, or overwrite it (TrainerConfig(overwrite=True), "
+            "[train] overwrite = true, lorakit train --overwrite)"
+        )
+
+
+def start_run(out_dir: str | os.PathLike[str], resume: bool, overwrite: bool, remove: bool = True) -> None:
+    """``check_out_dir``, then, for ``overwrite`` (and ``remove``: rank 0), the earlier run deleted."""
+    check_out_dir(out_dir, resume, overwrite)
+    removed = remove_run(out_dir) if overwrite and remove else []
+    if removed:
+        logger.info("overwrite: removed the earlier run's %s from %s", ", ".join(removed), out_dir)
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+
+
+def remove_run(out_dir: str | os.PathLike[str]) -> list[str]:
+    """Delete an earlier run's checkpoints, metrics and loss curve; returns what was there."""
+    out = Path(out_dir)
+    removed = [p for p in (out / CHECKPOINTS, out / METRICS, out / LOSS_CURVE) if p.exists()]
+    for path in removed:
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    return [p.name for p in removed]
+
+
+def check_resumable(path: Path, meta: dict[str, Any], base: Callable[[], dict[str, Any]],
+                    config: dict[str, Any]) -> None:  # fmt: skip
+    """Refuse (``InputError``) checkpoint ``path`` when ``base()``, the fingerprint of the model
+    resuming, differs from the one it was trained on; warn when settings in ``TRAJECTORY`` changed."""
+    if "base" not in meta:
+        warnings.warn(f"lorakit: {path} holds no fingerprint of its base; resuming unchecked", stacklevel=3)
+    else:
+        mismatch = fingerprint_mismatch(meta["base"], base())
+        if mismatch:
+            raise InputError(
+                f"resume: the frozen base is not the one {path} was trained on ({mismatch}); resume with the "
+                "same base model (and, for random weights, the same seed), or train into another out_dir"
+            )
+    old, now = meta.get("config", {}), json.loads(json.dumps(config, default=str))
+    changed = [f"{k} {old[k]!r} -> {now[k]!r}" for k in TRAJECTORY if k in old and k in now and old[k] != now[k]]
+    if changed:
+        warnings.warn(f"lorakit: resuming {path} with other settings than it was trained with "
+                      f"({', '.join(changed)}); the run will not match an uninterrupted one", stacklevel=3)  # fmt: skip
 
 
 def save_trainable(model: nn.Module, folder: Path) -> None:
     """The trainable parameters by name (a model without an adapter: full fine-tuning, a head)."""
     named = {n: p.detach().to("cpu").contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    save_file(named, str(folder / TRAINABLE))
+    (folder / TRAINABLE).write_bytes(save(named))  # Python's write: a full disk is OSError(ENOSPC)
 
 
 def load_trainable(model: nn.Module, folder: Path, device: torch.device) -> int:
@@ -126,8 +385,15 @@ def load_state(folder: Path) -> dict[str, Any]:
     return torch.load(folder / STATE, map_location="cpu", weights_only=True)
 
 
-def pause_for_tests(variable: str) -> None:
-    """Tests set this to widen the window in which a kill lands mid-checkpoint."""
-    seconds = float(os.environ.get(variable, "0") or 0)
-    if seconds > 0:
-        time.sleep(seconds)
+def pause_for_tests(variable: str, step: int | None = None) -> None:
+    """A pause in which tests kill the process at a known point (mid-checkpoint, between steps):
+    ``variable`` = ``"SECONDS"`` pauses every time, ``"SECONDS@STEP"`` only at that step, and the
+    step is appended to the file ``LORAKIT_TEST_PAUSE_NOTIFY`` names when the pause starts."""
+    seconds, _, at = (os.environ.get(variable, "") or "0").partition("@")
+    if float(seconds) <= 0 or (at and step != int(at)):
+        return
+    notify = os.environ.get("LORAKIT_TEST_PAUSE_NOTIFY")
+    if notify:
+        with contextlib.suppress(OSError), open(notify, "a") as f:
+            f.write(f"{step}\n")
+    time.sleep(float(seconds))

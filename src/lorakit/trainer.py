@@ -1,42 +1,41 @@
 """A small trainer for adapters on any ``nn.Module`` with a loss, that survives being killed.
 
-What it does each optimizer step: ``grad_accum`` micro-batches moved to the training device
-(``move_to``) under autocast (bf16 on any device, fp16 with a gradient scaler on CUDA), the
-adapter gradients averaged across processes when ``torch.distributed`` is initialised (one
-flattened all-reduce on the gradients' own device: frozen weights never join it), clipping, a
-non-finite check (stop with an error naming the step, or skip the step), the optimizer (AdamW by
-default; see ``lorakit.optim``), the learning-rate schedule (linear warmup, then cosine / linear /
-constant).
+Each optimizer step: ``grad_accum`` micro-batches moved to the training device (``move_to``)
+under autocast (bf16 on any device, fp16 with a gradient scaler on CUDA), adapter gradients
+averaged across processes under ``torch.distributed`` (one flattened all-reduce; frozen weights
+never join it), clipping, a non-finite check (stop naming the step, or skip it), the optimizer
+(``lorakit.optim``), the schedule (linear warmup, then cosine / linear / constant).
 
-The device is ``TrainerConfig.device``, to which the model is moved when the trainer is built, or,
-when None, wherever the model's first parameter lives. Under ``torchrun`` call
-``lorakit.devices.init_distributed()`` first: it joins the process group (NCCL on CUDA, gloo
-otherwise) and returns this process's device.
+The device is ``TrainerConfig.device`` (the model is moved there), or, when None, where the
+model's first parameter lives; under ``torchrun`` call ``lorakit.devices.init_distributed()``
+first. Data order is a pure function of ``(seed, epoch)``; with ``W`` processes each global batch
+of ``W · batch_size`` examples is split by rank (two processes with batch ``b`` see what one with
+``2b`` sees). Dropout draws from torch's global RNG as the caller left it (``lorakit.recipes``
+seeds it from the recipe's seed).
 
-Data order is a pure function of ``(seed, epoch)``; with a world of ``W`` processes each global
-batch of ``W · batch_size`` examples is split by rank, so two processes with batch ``b`` see the
-same examples per step as one process with batch ``2b``.
-
-Checkpoints (every ``save_every`` steps and at the end) hold the adapter in PEFT's format (or,
-for a model without an adapter, its trainable parameters), the optimizer, scheduler and gradient
-scaler state, the RNG states (CPU, and the CUDA device's) and the step, sealed atomically (see
-``lorakit.train_state``); ``resume`` takes the newest checkpoint whose manifest verifies and skips
-any other with a warning. Progress: a tqdm bar when stderr is a terminal, else a line through
-``logging`` (logger ``lorakit.trainer``, level INFO) every ``log_every`` steps.
+Checkpoints (every ``save_every`` steps and at the end) hold the adapter in PEFT's format (or the
+trainable parameters of a model without one), optimizer, scheduler and scaler state, the RNG
+states, the step and a fingerprint of the frozen base, sealed atomically (``lorakit.train_state``).
+``train(resume=True)`` takes the newest complete checkpoint (damaged ones are removed with one
+warning each; when all are damaged it raises), refuses one trained on another base, and cuts
+``metrics.jsonl`` back to its step. ``train()`` without resume refuses an ``out_dir`` holding an
+earlier run unless ``overwrite=True``, which deletes that run first. Progress: a tqdm bar when
+stderr is a terminal, else a ``logging`` line (``lorakit.trainer``, INFO) every ``log_every`` steps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+import warnings
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -45,19 +44,27 @@ from torch import nn
 
 from . import train_state
 from .checkpoint import load_adapter_tensors, save_adapter
-from .devices import autocast_settings, move_to, parse_device, resolve_device, world
+from .devices import autocast_settings, move_to, resolve_device, training_device, world
 from .errors import InputError
 from .injection import adapter_configs
-from .optim import check_optimizer_name, make_optimizer
+from .optim import check_training_values, make_optimizer
 
 logger = logging.getLogger(__name__)
 
 MANIFEST = train_state.MANIFEST
 TRAINABLE = train_state.TRAINABLE
+METRICS = train_state.METRICS
 
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss or gradient, a bad checkpoint folder...)."""
+
+
+def check_config_values(values: Mapping[str, Any], label: Callable[[str], str]) -> None:
+    """``optim.check_training_values``, and a device that torch knows and that can train."""
+    check_training_values(values, label)
+    if values.get("device") is not None:
+        training_device(values["device"], what=label("device"))  # its error names label and value
 
 
 @dataclass
@@ -70,7 +77,7 @@ class TrainerConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     schedule: str = "cosine"  # cosine | linear | constant (after warmup)
-    max_grad_norm: float | None = 1.0
+    max_grad_norm: float | None = 1.0  # None: no clipping
     bf16: bool = False  # bf16 autocast (any device)
     fp16: bool = False  # fp16 autocast with a GradScaler (CUDA only)
     device: str | torch.device | None = None  # None: where the model is; else the model is moved there
@@ -84,21 +91,12 @@ class TrainerConfig:
     adapter: str = "default"
     progress: bool = True
     desc: str = "train"
+    overwrite: bool = False  # train() without resume into an out_dir holding an earlier run: delete it
 
     def __post_init__(self) -> None:
-        if self.max_steps < 1 or self.batch_size < 1 or self.grad_accum < 1 or self.keep_last < 1:
-            raise InputError("TrainerConfig: max_steps, batch_size, grad_accum and keep_last must be >= 1")
-        if self.log_every < 1:
-            raise InputError(f"TrainerConfig.log_every must be >= 1, got {self.log_every}")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise InputError(f"TrainerConfig.schedule must be cosine, linear or constant, got {self.schedule!r}")
-        if self.on_nonfinite not in ("raise", "skip"):
-            raise InputError(f"TrainerConfig.on_nonfinite must be raise or skip, got {self.on_nonfinite!r}")
+        check_config_values({f.name: getattr(self, f.name) for f in fields(self)}, lambda k: f"TrainerConfig.{k}")
         if self.bf16 and self.fp16:
             raise InputError("TrainerConfig: bf16 and fp16 exclude each other; set at most one")
-        check_optimizer_name(self.optimizer)
-        if self.device is not None:
-            parse_device(self.device)
 
 
 OptimizerFactory = Callable[[list[nn.Parameter], TrainerConfig], torch.optim.Optimizer]
@@ -109,7 +107,7 @@ def config_optimizer(params: list[nn.Parameter], config: TrainerConfig) -> torch
     return make_optimizer(params, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def _stderr_is_terminal() -> bool:
+def stderr_is_terminal() -> bool:
     try:
         return bool(sys.stderr is not None and sys.stderr.isatty())
     except (AttributeError, ValueError):  # replaced or closed stream
@@ -150,9 +148,16 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if config.fp16 else None
         self.step = 0
         self.out = Path(config.out_dir)
-        self.ckpt_dir = self.out / "checkpoints"
+        self.ckpt_dir = self.out / train_state.CHECKPOINTS
         self.losses: list[float] = []
         self.step_seconds: list[float] = []  # wall time of each optimizer step taken in this process
+        self._base: dict[str, Any] | None = None
+
+    def base_fingerprint(self) -> dict[str, Any]:
+        """``train_state.base_fingerprint`` of the model's frozen parameters (computed once)."""
+        if self._base is None:
+            self._base = train_state.base_fingerprint(self.model)
+        return self._base
 
     # ------------------------------------------------------------------ schedule and data
     def _lr_factor(self, step: int) -> float:
@@ -195,9 +200,7 @@ class Trainer:
             offset += g.numel()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if not self.amp:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp else contextlib.nullcontext()
 
     def train_step(self) -> float | None:
         """One optimizer step; returns the mean loss, or None when a non-finite step was skipped.
@@ -245,81 +248,110 @@ class Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint_name(self, step: int) -> str:
-        return f"step-{step:08d}"
+        return train_state.checkpoint_name(step)
 
     def save_checkpoint(self) -> Path | None:
-        """Write the newest checkpoint atomically (rank 0 only) and keep the last ``keep_last``."""
+        """Write the newest checkpoint atomically (rank 0 only) and keep the last ``keep_last``;
+        temporary folders that killed writes left behind are removed first."""
         if self.rank != 0:
             return None
+        train_state.remove_stale_temps(self.ckpt_dir)
         final = self.ckpt_dir / self.checkpoint_name(self.step)
-        if final.exists():
+        problem = train_state.checkpoint_problem(final) if final.exists() else None
+        if final.exists() and problem is None:
             return final
-        tmp = self.ckpt_dir / f".{final.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        if self.config.adapter in adapter_configs(self.model):
-            save_adapter(self.model, tmp, name=self.config.adapter)
-        else:  # no adapter (full fine-tuning, a head): keep what trains
-            train_state.save_trainable(self.model, tmp)
-        state: dict[str, Any] = {
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            **train_state.rng_state(self.device),
-            "step": self.step,
-        }
-        if self.scaler is not None:
-            state["scaler"] = self.scaler.state_dict()
-        torch.save(state, tmp / train_state.STATE)
-        meta = {"step": self.step, "config": asdict(self.config)}
-        (tmp / "trainer.json").write_text(json.dumps(meta, indent=2, default=str))
-        train_state.pause_for_tests("LORAKIT_TEST_PAUSE_IN_SAVE")
-        train_state.seal(tmp, final)
+        if problem:  # damaged on disk since: written again
+            warnings.warn(f"lorakit: rewriting damaged checkpoint {final} ({problem})", UserWarning, stacklevel=2)
+            shutil.rmtree(final)
+        train_state.write_sealed(self.ckpt_dir, self.step, self._write_checkpoint)
         for old in self.complete_checkpoints()[self.config.keep_last :]:
             shutil.rmtree(old, ignore_errors=True)
         return final
 
+    def _write_checkpoint(self, tmp: Path) -> None:
+        if self.config.adapter in adapter_configs(self.model):
+            save_adapter(self.model, tmp, name=self.config.adapter)
+        else:  # no adapter (full fine-tuning, a head): keep what trains
+            train_state.save_trainable(self.model, tmp)
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 **train_state.rng_state(self.device), "step": self.step}  # fmt: skip
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        buffer = io.BytesIO()  # written by Python: a full disk is OSError(ENOSPC), not torch's zip-writer error
+        torch.save(state, buffer)
+        (tmp / train_state.STATE).write_bytes(buffer.getbuffer())
+        meta = {"step": self.step, "config": asdict(self.config), "base": self.base_fingerprint()}
+        (tmp / train_state.META).write_text(json.dumps(meta, indent=2, default=str))
+
     def complete_checkpoints(self) -> list[Path]:
-        """Checkpoint folders whose manifest verifies, newest first; any other is skipped with a
-        ``UserWarning``."""
+        """Checkpoint folders that are complete (``train_state.checkpoint_problem``), newest first."""
         return train_state.complete_checkpoints(self.ckpt_dir)
 
     def resume(self) -> int:
-        """Load the newest complete checkpoint onto the training device; returns its step (0 when
-        there is none)."""
-        checkpoints = self.complete_checkpoints()
-        if not checkpoints:
-            return 0
-        path = checkpoints[0]
+        """Load the newest complete checkpoint onto the training device and cut ``metrics.jsonl``
+        back to its step; returns that step (0 when there is no checkpoint at all). Damaged
+        checkpoints are removed with one warning each; when every checkpoint is damaged, or the
+        newest complete one was trained on another base, it raises and changes nothing."""
+        c = self.config
+        good, damaged = train_state.scan(self.ckpt_dir)
+        if not good and damaged:
+            listing = "; ".join(f"{p.name}: {why}" for p, why in damaged)
+            raise TrainingError(f"{self.ckpt_dir}: every checkpoint is damaged ({listing}); nothing to resume "
+                                "from: restore them, or start afresh with overwrite=True (lorakit train "
+                                "--overwrite)")  # fmt: skip
+        step = 0
+        if good:
+            path = good[0]
+            train_state.check_resumable(path, train_state.read_meta(path) or {}, self.base_fingerprint, asdict(c))
+            for bad, why in damaged if self.rank == 0 else []:
+                warnings.warn(f"lorakit: skipping incomplete or damaged checkpoint {bad} ({why}); removing it",
+                              UserWarning, stacklevel=2)  # fmt: skip
+                shutil.rmtree(bad, ignore_errors=True)
+            step = self._load(path)
+            logger.info("%s: resumed from %s (step %d)", c.desc, path, step)
+        if self.rank == 0:
+            train_state.remove_stale_temps(self.ckpt_dir)
+            train_state.truncate_metrics(self.out / METRICS, step)
+        self.step = step
+        return step
+
+    def _load(self, path: Path) -> int:
         if (path / TRAINABLE).is_file():
             try:
-                tensors = train_state.load_trainable(self.model, path, self.device)
+                train_state.load_trainable(self.model, path, self.device)
             except ValueError as err:
                 raise TrainingError(str(err)) from None
         else:
-            tensors = load_adapter_tensors(self.model, path, name=self.config.adapter)
+            load_adapter_tensors(self.model, path, name=self.config.adapter)
         state = train_state.load_state(path)
         self.optimizer.load_state_dict(state["optimizer"])  # moves the state to the parameters' device
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
         train_state.restore_rng(state, self.device)
-        self.step = int(state["step"])
-        assert tensors > 0
-        return self.step
+        return int(state["step"])
 
     # ------------------------------------------------------------------ the loop
+    def _progress_bar(self) -> Any:
+        """A tqdm bar when stderr is a terminal and tqdm is installed; else None (periodic log lines)."""
+        if not (self.config.progress and self.rank == 0 and stderr_is_terminal()):
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return None
+        return tqdm(total=self.config.max_steps, initial=self.step, desc=self.config.desc, unit="step", leave=False)
+
     def train(self, resume: bool = False) -> dict[str, Any]:
         c = self.config
-        self.out.mkdir(parents=True, exist_ok=True)
+        train_state.start_run(self.out, resume, c.overwrite, remove=self.rank == 0)
+        if self.world > 1:  # every process has looked at out_dir before rank 0 writes into it
+            torch.distributed.barrier()
         if resume:
             self.resume()
-        log = open(self.out / "metrics.jsonl", "a") if self.rank == 0 else None  # noqa: SIM115
-        bar = None
+        log = open(self.out / METRICS, "a") if self.rank == 0 else None  # noqa: SIM115
+        bar = self._progress_bar()
         show = c.progress and self.rank == 0
-        if show and _stderr_is_terminal():
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=c.max_steps, initial=self.step, desc=c.desc, unit="step", leave=False)
         start, start_step = time.perf_counter(), self.step
         try:
             while self.step < c.max_steps:
@@ -347,6 +379,7 @@ class Trainer:
                                     and isinstance(v, (int, float)))  # fmt: skip
                     logger.info("%s: step %d/%d loss %s lr %.3g %.0f examples/s%s", c.desc, self.step,
                                 c.max_steps, loss_text, record["lr"], rate, extra)  # fmt: skip
+                train_state.pause_for_tests("LORAKIT_TEST_PAUSE_IN_STEP", self.step)
                 if c.save_every and self.step % c.save_every == 0:
                     self.save_checkpoint()
             self.save_checkpoint()
@@ -358,16 +391,10 @@ class Trainer:
             if log is not None:
                 log.close()
         if self.rank == 0 and self.losses:
-            try:
+            with contextlib.suppress(ImportError):  # matplotlib is optional
                 from .loss_plot import loss_curves
 
-                loss_curves(
-                    {"train": self.losses}, self.out / "loss_curve.png", smooth=max(1, min(25, len(self.losses) // 4))
-                )
-            except ImportError:
-                pass
-        return {
-            "step": self.step,
-            "seconds": time.perf_counter() - start,
-            "last_loss": self.losses[-1] if self.losses else None,
-        }
+                smooth = max(1, min(25, len(self.losses) // 4))
+                loss_curves({"train": self.losses}, self.out / train_state.LOSS_CURVE, smooth=smooth)
+        last = self.losses[-1] if self.losses else None
+        return {"step": self.step, "seconds": time.perf_counter() - start, "last_loss": last}

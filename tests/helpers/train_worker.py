@@ -1,14 +1,20 @@
-"""A deterministic little training run for the trainer tests (run as a separate process), and the
-in-process resume check that the CPU and CUDA tests share.
+"""A deterministic little training run for the trainer tests (run as a separate process), the
+in-process resume check that the CPU and CUDA tests share, and recipe factories that draw from the
+global RNG (so that only the recipe's seed makes them repeatable).
 
 python -m tests.helpers.train_worker OUT_DIR [--resume] [--world N --rank R --init FILE] [--batch B]
-                                             [--device cpu|cuda]
+                                             [--device cpu|cuda] [--steps S]
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import multiprocessing
 import os
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +50,22 @@ def trainer(out: str | Path, steps: int, dropout: float = 0.1, batch: int = 16, 
                       lambda idx: (x[idx], y[idx]), len(y), config)  # fmt: skip
 
 
+def seed_mlp() -> nn.Module:
+    """Recipe model factory like ``lorakit_experiments.models:seed_mlp``: a 784→256→128→10 MLP whose
+    random weights come from the global RNG (no ``manual_seed`` here)."""
+    from tests.models import SeedMLP
+
+    return SeedMLP()
+
+
+def vectors(n: int = 256, dim: int = 784, classes: int = 10, tokenizer: Any = None):
+    """Recipe data factory: ``n`` random vectors drawn from the global RNG, labelled by the largest
+    of their first ``classes`` coordinates."""
+    x = torch.randn(n, dim)
+    y = x[:, :classes].argmax(1)
+    return (lambda idx: (x[idx], y[idx])), n, (lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]))
+
+
 def resume_check(root: Path, steps: int = 8, cut: int = 4, **cfg: Any) -> dict[str, Any]:
     """Train ``steps`` steps without a break, and again with a checkpoint after ``cut`` steps
     from which a fresh model (and a disturbed RNG) resumes. Returns the uninterrupted losses, the
@@ -67,7 +89,7 @@ def resume_check(root: Path, steps: int = 8, cut: int = 4, **cfg: Any) -> dict[s
             "resumed_params": final(resumed), "trainer": resumed}  # fmt: skip
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("out")
     ap.add_argument("--resume", action="store_true")
@@ -78,7 +100,8 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=0)
     ap.add_argument("--init", default=None)
     ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # the trainer's "resumed from" line
     torch.set_num_threads(1)
     device = torch.device(args.device)
     if device.type == "cuda" and device.index is None:
@@ -94,6 +117,95 @@ def main() -> None:
     print("done", t.step, os.getpid(), flush=True)
     if args.world > 1:
         os._exit(0)  # skip C++ static destructors: gloo's threads can abort a normal exit
+
+
+# ------------------------------------------------------------------------------ child processes
+# Every kill test needs fresh processes; importing torch and transformers takes seconds each on a
+# busy machine, so children fork from a server that imported them once. A child is a real process
+# (killed with SIGKILL by the tests), its stdout and stderr go to a file (not a terminal).
+_SERVER: Any = None
+PRELOAD = ["torch", "lorakit.cli", "lorakit.recipes", "safetensors.torch", "numpy", "matplotlib.pyplot",
+           "transformers", "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto",
+           "transformers.models.gpt2.modeling_gpt2", "transformers.models.gpt2.tokenization_gpt2"]  # fmt: skip
+
+
+def tiny_gpt2(folder: str) -> None:
+    """A 1-layer GPT-2 over bytes (vocab 256) with dropout, saved with its config to ``folder``."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=256, n_positions=16, bos_token_id=0, eos_token_id=0)
+    GPT2LMHeadModel(cfg).save_pretrained(folder)
+
+
+def _child(command: str, argv: list[str], log: str, env: dict[str, str]) -> None:
+    os.environ.update(env)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    torch.set_num_threads(1)
+    code = 0
+    try:
+        if command == "cli":
+            from lorakit.cli import main as cli_main
+
+            code = cli_main(argv)
+        elif command == "worker":
+            main(argv)
+        else:
+            tiny_gpt2(*argv)
+    except SystemExit as err:  # argparse's --help and usage errors
+        code = err.code if isinstance(err.code, int) else 1
+    except BaseException:
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+class Child:
+    """``lorakit <argv>`` (command ``cli``), this worker (``worker``) or ``tiny_gpt2`` in a child
+    process forked from a server with torch, lorakit and transformers imported."""
+
+    def __init__(self, command: str, argv: list[str], log: Path, env: dict[str, str] | None = None) -> None:
+        global _SERVER
+        if _SERVER is None:
+            _SERVER = multiprocessing.get_context("forkserver")
+            _SERVER.set_forkserver_preload(PRELOAD)
+        self.log = log
+        self.process = _SERVER.Process(target=_child, args=(command, argv, str(log), env or {}), daemon=True)
+        self.process.start()
+
+    def output(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+    def wait(self, timeout: float = 120) -> int:
+        self.process.join(timeout)
+        if self.process.is_alive():
+            self.kill()
+            raise TimeoutError(f"child still running after {timeout}s:\n{self.output()[-3000:]}")
+        return self.process.exitcode
+
+    def kill(self) -> None:
+        """SIGKILL (kill -9), and wait until it is gone."""
+        self.process.kill()
+        self.process.join(30)
+
+    def kill_when(self, ready: Callable[[], bool], timeout: float = 120) -> None:
+        """SIGKILL as soon as ``ready()``; fails when the child exits first or time runs out."""
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if not self.process.is_alive() or time.monotonic() > deadline:
+                self.kill()
+                raise AssertionError(f"the child ended or timed out before the kill:\n{self.output()[-3000:]}")
+            time.sleep(0.01)
+        self.kill()
 
 
 if __name__ == "__main__":

@@ -83,7 +83,7 @@ def train(
     config = TrainerConfig(
         out_dir=out_dir, max_steps=steps, batch_size=batch_size, lr=lr, warmup_steps=max(1, steps // 10),
         schedule="cosine", max_grad_norm=1.0, log_every=5, seed=seed, progress=progress, desc=desc, keep_last=1,
-        adapter=adapter,
+        adapter=adapter, overwrite=True,  # a demo owns its folder
     )  # fmt: skip
     tokens = 0
 

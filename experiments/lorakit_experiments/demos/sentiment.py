@@ -99,6 +99,7 @@ def train(model: nn.Module, rows: list[list[int]], labels: torch.Tensor, pad_id:
     config = TrainerConfig(
         out_dir=out_dir, max_steps=steps, batch_size=settings.batch_size, lr=lr, warmup_steps=max(1, steps // 16),
         schedule="linear", max_grad_norm=1.0, seed=settings.seed, progress=settings.progress, desc=desc, keep_last=1,
+        overwrite=True,  # a demo owns its folder
     )  # fmt: skip
 
     def collate(idx: list[int]):
