@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import warnings
 
 import pytest
@@ -178,3 +179,124 @@ def test_quantized_state_dict_round_trip():
     x = torch.rand(4, 784)
     with torch.no_grad():
         assert torch.equal(other.eval()(x), q.eval()(x))
+
+
+# ---------------------------------------------------------------------------------------- transformers 4-bit
+def _save_tiny_llama(folder):
+    """A tiny float32 Llama saved to ``folder`` (once); returns the transformers module."""
+    transformers = pytest.importorskip("transformers")
+    if not (folder / "config.json").exists():
+        cfg = transformers.LlamaConfig(
+            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=101,
+        )  # fmt: skip
+        torch.manual_seed(0)
+        transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    return transformers
+
+
+def _llama_4bit(folder, double_quant: bool, forward: bool):
+    """A tiny Llama saved in float32 to ``folder`` (once), loaded 4-bit on the CPU. ``forward``:
+    after one eval forward without autograd, in the layout bitsandbytes' CPU kernel repacks the
+    weights to (it does so itself on a CPU with AVX512-BF16; elsewhere the test applies the same
+    conversion, bitsandbytes' ``_convert_weight_packed_for_cpu``, which no public API exposes)."""
+    transformers = _save_tiny_llama(folder)
+    quant = transformers.BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=torch.float32,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM.from_pretrained(folder, quantization_config=quant, device_map="cpu").eval()
+    if forward:
+        with torch.no_grad():
+            model(input_ids=torch.randint(0, 101, (2, 5)))
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit) and not lk.quantization.is_packed_for_cpu(module):
+                w = module.weight
+                w.data, w.quant_state = bnb.functional._convert_weight_packed_for_cpu(w.data, w.quant_state)
+    return model
+
+
+def _absmax_per_weight(reference: torch.Tensor, state) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the true absmax of each weight's block, the absmax the 4-bit state stores for it)."""
+    blocks = reference.reshape(-1, state.blocksize)
+    true = blocks.abs().amax(dim=1, keepdim=True)
+    stored = state.absmax.float()
+    if state.nested:
+        stored = bnb.functional.dequantize_blockwise(state.absmax, state.state2) + state.offset
+    expand = lambda t: t.reshape(-1, 1).expand_as(blocks).reshape(reference.shape)  # noqa: E731
+    return expand(true), expand(stored)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_dense_merge_does_not_depend_on_whether_a_forward_repacked_the_weights(tmp_path, double_quant):
+    """After an eval forward on the CPU, bitsandbytes keeps a Linear4bit in another layout; its
+    own inverse garbled layers whose rows span several blocks (4× the NF4 error on down_proj)."""
+    transformers = pytest.importorskip("transformers")
+    models = {fwd: _llama_4bit(tmp_path, double_quant, fwd) for fwd in (False, True)}
+    reference = transformers.LlamaForCausalLM.from_pretrained(tmp_path).state_dict()
+    states = {n: m.weight.quant_state for n, m in models[False].named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    packed = [m for m in models[True].modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert packed and all(lk.quantization.is_packed_for_cpu(m) for m in packed)
+    codes = packed[0].weight.data.clone()
+    lk.quantization.dequantize_weight(packed[0])  # reads the layer, leaves bitsandbytes' layout alone
+    assert lk.quantization.is_packed_for_cpu(packed[0]) and torch.equal(packed[0].weight.data, codes)
+    dense = {}
+    for fwd, model in models.items():
+        lk.inject(model, lk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        randomize_adapters(model, scale=0.05)  # the same values in both models
+        dense[fwd] = lk.merge_and_unload(model, dequantize=True).state_dict()
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in models[True].modules())
+    u_bf16, u_fp32 = torch.finfo(torch.bfloat16).eps / 2, torch.finfo(torch.float32).eps / 2
+    code = states["model.layers.0.mlp.down_proj"].code.float().sort().values
+    half_gap = float((code[1:] - code[:-1]).max()) / 2  # NF4: the widest gap between code values, halved
+    for name, state in states.items():
+        key = f"{name}.weight"
+        before, after = dense[False][key], dense[True][key]
+        true_absmax, stored = _absmax_per_weight(reference[key], state)
+        # The repack only rounds the stored absmax to bfloat16 (then W + ΔW rounds once in float32).
+        assert ((after - before).abs() <= u_bf16 * stored + 2 * u_fp32 * before.abs()).all(), key
+        if not name.endswith(("q_proj", "v_proj")):  # not adapted: the dense weight is the base itself
+            # NF4 picks the nearest code value of W / absmax; the stored absmax is off by its own error.
+            bound = half_gap * true_absmax + (stored - true_absmax).abs() + u_bf16 * stored
+            for result in (before, after):
+                assert ((result - reference[key]).abs() <= bound).all(), f"{key}: beyond the NF4 error bound"
+
+
+def test_dense_merge_drops_the_quantization_config_so_the_saved_model_loads_dense(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = _llama_4bit(tmp_path / "base", double_quant=True, forward=False)
+    assert model.config.quantization_config is not None and model.is_loaded_in_4bit
+    lk.inject(model, lk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    randomize_adapters(model, scale=0.05)
+    plain = lk.merge_and_unload(model, dequantize=True)
+    assert getattr(plain.config, "quantization_config", None) is None and getattr(plain, "hf_quantizer", None) is None
+    assert not getattr(plain, "is_quantized", False) and not plain.is_loaded_in_4bit
+    assert "save_pretrained" not in plain.__dict__, "with no adapter left, save_pretrained is transformers' own"
+    plain.save_pretrained(tmp_path / "dense")
+    assert "quantization_config" not in json.loads((tmp_path / "dense" / "config.json").read_text())
+    loaded = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "dense").eval()
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in loaded.modules())
+    want, got = plain.state_dict(), loaded.state_dict()
+    assert list(got) == list(want) and all(torch.equal(got[k], want[k]) for k in want)
+    ids = torch.randint(0, 101, (2, 5))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, plain(input_ids=ids).logits)
+
+
+def test_a_transformers_8bit_model_is_refused_at_inject_naming_its_modules(tmp_path):
+    """8-bit bases used to be accepted, and merge then lost the adapter (int8 cannot hold ΔW)."""
+    transformers = _save_tiny_llama(tmp_path)
+    quant = transformers.BitsAndBytesConfig(load_in_8bit=True)
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path, quantization_config=quant, device_map="cpu")
+    flags = [(n, p.requires_grad) for n, p in model.named_parameters()]
+    keys = list(model.state_dict())
+    pattern = (
+        r"^2 modules \('model.layers.0.self_attn.q_proj', 'model.layers.1.self_attn.q_proj'\) "
+        r"\(bitsandbytes.nn.modules.Linear8bitLt\) cannot take a LoRA adapter: its weight is a "
+        r"bitsandbytes.nn.modules.Int8Params of dtype torch.int8.* use a 4-bit NF4 base \(lorakit.quantize\(model, "
+        r"bits=4\), or transformers' BitsAndBytesConfig\(load_in_4bit=True\)\) or a dense base$"
+    )
+    with pytest.raises(lk.UnsupportedModuleError, match=pattern):
+        lk.inject(model, lk.LoraConfig(r=4, target_modules=["q_proj"]))
+    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear8bitLt)
+    assert [(n, p.requires_grad) for n, p in model.named_parameters()] == flags and list(model.state_dict()) == keys

@@ -26,10 +26,19 @@ from .injection import (
     lora_layers,
     set_adapter,
 )
-from .layers import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear, ModulesToSave, register_kind
+from .layers import (
+    LoraConv2d,
+    LoraEmbedding,
+    LoraLayer,
+    LoraLinear,
+    ModulesToSave,
+    UnsupportedModuleError,
+    register_kind,
+)
 from .merging import is_merged, merge, merge_and_unload, unmerge
 from .optim import make_optimizer, paged_adamw
 from .planner import MemoryEstimate, architecture, estimate_memory
+from .pretrained import save_adapters
 from .quantization import QuantizedSize, quantize, quantized_size
 from .routing import route, set_trainable
 from .trainer import Trainer, TrainerConfig, TrainingError
@@ -51,6 +60,7 @@ __all__ = [
     "Trainer",
     "TrainerConfig",
     "TrainingError",
+    "UnsupportedModuleError",
     "active_adapter",
     "adapter_configs",
     "add_adapter",
@@ -80,6 +90,7 @@ __all__ = [
     "register_kind",
     "route",
     "save_adapter",
+    "save_adapters",
     "save_for_hub",
     "set_adapter",
     "set_trainable",

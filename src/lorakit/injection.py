@@ -8,21 +8,22 @@ a model holds are kept in the plain attribute ``model.lorakit_configs`` (name â†
 from __future__ import annotations
 
 import contextlib
-import difflib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig
-from .layers import LoraLayer, LoraLinear, ModulesToSave, wrap_module
+from .errors import InputError
+from .layers import LoraLayer, LoraLinear, ModulesToSave, apply_plan, plan_adapter, roll_back
 from .targeting import (
     candidate_modules,
     is_conv1d,
     is_linear4bit,
     is_suffix,
     layer_index,
+    module_paths,
     name_matches,
     no_match_message,
     output_head,
@@ -97,9 +98,37 @@ def _wrappers(model: nn.Module) -> Iterator[LoraLayer | ModulesToSave]:
             yield module
 
 
+#: called with the model each time it gains or loses adapters (``register_adapter_hook``)
+ADAPTER_HOOKS: list[Callable[[nn.Module], None]] = []
+
+
+def register_adapter_hook(hook: Callable[[nn.Module], None]) -> None:
+    """Call ``hook(model)`` whenever a model gains or loses adapters (inject, add, delete, unload);
+    how modules above this one (e.g. ``pretrained``) keep per-model state in step."""
+    if hook not in ADAPTER_HOOKS:
+        ADAPTER_HOOKS.append(hook)
+
+
 def adapters_changed(model: nn.Module) -> None:
     """Adapters were added or removed (or wrappers unloaded): cached wrapper lists are stale."""
     model.__dict__["_lorakit_generation"] = model.__dict__.get("_lorakit_generation", 0) + 1
+    for hook in list(ADAPTER_HOOKS):
+        hook(model)
+
+
+def in_disabled_block(model: nn.Module) -> bool:
+    """True inside ``with lorakit.disable_adapters(model):``."""
+    return any(w.adapters_disabled for w in _wrappers(model))
+
+
+def refuse_when_disabled(model: nn.Module, what: str) -> None:
+    """``RuntimeError`` when ``what`` is called inside ``disable_adapters``: the block undoes
+    merges on exit and keeps new wrappers running, so changing adapters there would be wrong."""
+    if in_disabled_block(model):
+        raise RuntimeError(
+            f"{what} inside lorakit.disable_adapters(model) is not supported (the block puts the adapters "
+            "back as they were on exit); call it outside the block"
+        )
 
 
 def wrapper_list(model: nn.Module) -> list[LoraLayer | ModulesToSave]:
@@ -115,7 +144,7 @@ def wrapper_list(model: nn.Module) -> list[LoraLayer | ModulesToSave]:
 
 def _check_name(name: str) -> None:
     if not isinstance(name, str) or not name or "." in name:
-        raise ValueError(f"adapter name must be a non-empty string without '.', got {name!r}")
+        raise InputError(f"adapter name must be a non-empty string without '.', got {name!r}")
 
 
 def active_adapter(model: nn.Module) -> str | None:
@@ -132,6 +161,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
     Returns ``model`` itself (changed in place). After it, only the adapter's factors (plus
     ``modules_to_save`` copies and the biases ``config.bias`` names) require gradients.
     """
+    _refuse_switch_while_merged(model, name)
     add_adapter(model, config, name)
     set_adapter(model, name)
     return model
@@ -139,56 +169,30 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
 
 def add_adapter(model: nn.Module, config: LoraConfig, name: str) -> nn.Module:
     """Add adapter ``name`` beside the ones ``model`` already holds (the active one stays active;
-    the first adapter of a model becomes active)."""
+    the first adapter of a model becomes active).
+
+    Everything is checked before the model changes (targets, module types, ranks,
+    ``modules_to_save``), and any failure after that is rolled back: a failed call leaves the
+    model as it was (modules, parameters, ``requires_grad`` flags)."""
     _check_name(name)
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
     configs = adapter_configs(model)
     if name in configs:
-        raise ValueError(f"the model already holds an adapter named {name!r}; adapters: {sorted(configs)}")
+        raise InputError(
+            f"the model already holds an adapter named {name!r}; adapters: {sorted(configs)}. Pick another name "
+            "or delete that adapter first"
+        )
+    refuse_when_disabled(model, f"adding adapter {name!r}")
     targets = find_targets(model, config)
-    first = not configs
-    current = active_adapter(model)
-
-    # Validate every target before changing anything: a failure leaves the model untouched.
-    new_wrappers: dict[str, LoraLayer] = {}
-    for path in targets:
-        module = model.get_submodule(path)
-        if not isinstance(module, LoraLayer):
-            new_wrappers[path] = wrap_module(module, path, config.variant)
-        elif module.variant != config.variant:
-            raise ValueError(
-                f"{path!r} holds {module.variant!r} adapters {sorted(module.lora_A)}; a {config.variant!r} adapter "
-                "cannot share a layer with them"
-            )
-    if first:
-        model.requires_grad_(False)
-    for path, wrapper in new_wrappers.items():
-        wrapper.train(model.get_submodule(path).training)  # an eval-mode model stays in eval mode
-        set_submodule(model, path, wrapper)
-    for path in targets:
-        layer = model.get_submodule(path)
-        assert isinstance(layer, LoraLayer)
-        r, alpha = config.rank_for(path), config.alpha_for(path)
-        layer.add_adapter(name, r, config.scaling(r, alpha), float(config.dropout), config.init)
-        layer.lora_A[name].requires_grad_(False)
-        layer.lora_B[name].requires_grad_(False)
-        if path in new_wrappers:
-            layer.active_adapter = current
-
-    for module_name in config.modules_to_save or []:
-        _add_module_to_save(model, module_name, name)
-
-    if config.bias == "all":
-        for pname, p in model.named_parameters():
-            if pname.endswith("bias") and ".lora_" not in pname:
-                p.requires_grad_(True)
-    elif config.bias == "lora_only":
-        for path in targets:
-            bias = getattr(model.get_submodule(path).base_layer, "bias", None)
-            if isinstance(bias, nn.Parameter):
-                bias.requires_grad_(True)
-
+    plan = plan_adapter(model, config, targets)  # raises before anything changes
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    first, undo = not configs, []
+    try:
+        apply_plan(model, config, name, plan, active_adapter(model), first, undo)
+    except BaseException:
+        roll_back(model, name, undo, flags)
+        raise
     configs[name] = config
     adapters_changed(model)
     if first:
@@ -196,37 +200,32 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str) -> nn.Module:
     return model
 
 
-def _add_module_to_save(model: nn.Module, module_name: str, adapter: str) -> None:
-    paths = [p for p, _ in candidate_modules(model) if is_suffix(module_name, p)]
-    if not paths:
-        leaves = sorted({p.rsplit(".", 1)[-1] for p, _ in candidate_modules(model)})
-        close = difflib.get_close_matches(module_name, leaves, n=5, cutoff=0.4)
-        raise ValueError(
-            f"modules_to_save: {module_name!r} matches no module; nearest existing names: {close or 'none close'}"
-        )
-    for path in paths:
-        module = model.get_submodule(path)
-        if isinstance(module, LoraLayer):
-            raise ValueError(f"modules_to_save: {path!r} already carries a LoRA adapter")
-        if not isinstance(module, ModulesToSave):
-            module = ModulesToSave(module).train(module.training)
-            module.active_adapter = active_adapter(model)
-            set_submodule(model, path, module)
-        module.add_adapter(adapter)
-        module.modules_to_save[adapter].requires_grad_(False)
-
-
-def set_adapter(model: nn.Module, name: str) -> None:
-    """Make ``name`` the adapter that runs and trains; every other adapter is frozen."""
-    configs = adapter_configs(model)
-    if name not in configs:
-        raise KeyError(f"no adapter named {name!r}; the model holds {sorted(configs) or 'no adapters'}")
+def _refuse_switch_while_merged(model: nn.Module, name: str) -> None:
     for module in _wrappers(model):
         if isinstance(module, LoraLayer) and module.merged_adapters and module.merged_adapters != [name]:
             raise RuntimeError(
                 f"adapter {module.merged_adapters[0]!r} is merged into the base weights; "
                 f"call lorakit.unmerge(model) before switching to {name!r}"
             )
+
+
+def set_adapter(model: nn.Module, name: str) -> None:
+    """Make ``name`` the adapter that runs and trains; every other adapter is frozen.
+
+    One adapter is active at a time: a list (PEFT's ``set_adapter([a, b])``) is refused. To run
+    several adapters in one batch use ``lorakit.route``; to add them up, ``lorakit.combine_adapters``.
+    """
+    if not isinstance(name, str):
+        raise InputError(
+            f"lorakit.set_adapter(model, name) takes one adapter name, got {name!r}: lorakit runs one active "
+            "adapter at a time (several active adapters are not supported yet); use lorakit.route(model, names) "
+            "for one adapter per row, or lorakit.combine_adapters(...) to make one adapter out of several"
+        )
+    configs = adapter_configs(model)
+    if name not in configs:
+        raise KeyError(f"no adapter named {name!r}; the model holds {sorted(configs) or 'no adapters'}")
+    refuse_when_disabled(model, f"lorakit.set_adapter(model, {name!r})")
+    _refuse_switch_while_merged(model, name)
     for module in _wrappers(model):
         module.active_adapter = name
         if isinstance(module, LoraLayer):
@@ -246,26 +245,39 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         raise KeyError(f"no adapter named {name!r}; the model holds {sorted(configs) or 'no adapters'}")
     if any(isinstance(m, LoraLayer) and m.route is not None for m in _wrappers(model)):
         raise RuntimeError(f"cannot delete adapter {name!r} inside lorakit.route; leave the route first")
-    for path, module in list(model.named_modules()):
+    refuse_when_disabled(model, f"deleting adapter {name!r}")
+    merged = [p for p, layer in lora_layers(model) if name in layer.merged_adapters]
+    if merged:
+        raise RuntimeError(f"adapter {name!r} is merged into the base weights ({merged[0]!r}, ...); call "
+                           "lorakit.unmerge(model) before deleting it")  # fmt: skip
+    for module in list(_wrappers(model)):
         if isinstance(module, LoraLayer) and name in module.lora_A:
             module.delete_adapter(name)
             if not module.lora_A:
-                set_submodule(model, path, module.base_layer)
+                replace_module(model, module, module.base_layer)
         elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
             module.delete_adapter(name)
             if not module.modules_to_save:
-                set_submodule(model, path, module.original_module)
+                replace_module(model, module, module.original_module)
     del configs[name]
     adapters_changed(model)
     if configs and active_adapter(model) is None:
         set_adapter(model, next(iter(configs)))
 
 
+def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
+    """Put ``new`` at every path where ``old`` sits (a shared module sits at several)."""
+    for path in module_paths(model).get(id(old), []):
+        set_submodule(model, path, new)
+
+
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     """Within the block the model computes exactly as the base model.
 
-    A merged adapter is unmerged for the block and merged back after it.
+    A merged adapter is unmerged for the block and merged back after it. Changing the adapters
+    inside the block (merge, unmerge, merge_and_unload, add, delete, set_adapter) raises
+    ``RuntimeError``: the block restores the state it found on exit.
     """
     wrappers = list(_wrappers(model))
     previous = [w.adapters_disabled for w in wrappers]

@@ -8,13 +8,26 @@ module and its ``state_dict()`` has the original model's keys.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
 
-from .injection import CONFIGS_ATTR, active_adapter, adapter_configs, adapters_changed, lora_layers
-from .layers import LoraLayer, ModulesToSave
+from .injection import (
+    CONFIGS_ATTR,
+    active_adapter,
+    adapter_configs,
+    adapters_changed,
+    lora_layers,
+    refuse_when_disabled,
+    replace_module,
+    wrapper_list,
+)
+from .layers import LoraLayer
 from .quantization import dense_linear
-from .targeting import is_linear4bit, set_submodule
+from .targeting import is_linear4bit
+
+logger = logging.getLogger(__name__)
 
 
 def merge(model: nn.Module) -> nn.Module:
@@ -29,8 +42,7 @@ def merge(model: nn.Module) -> nn.Module:
         raise ValueError("no adapter is active: call lorakit.set_adapter(model, name) first")
     if any(layer.route is not None for layer in layers):
         raise RuntimeError("cannot merge inside lorakit.route (routed rows would add ΔW a second time)")
-    if any(layer.adapters_disabled for layer in layers):
-        raise RuntimeError("adapters are disabled (inside lorakit.disable_adapters): merge outside that block")
+    refuse_when_disabled(model, "lorakit.merge")
     merged = [layer.merged_adapters for layer in layers if layer.merged_adapters]
     if merged:
         raise RuntimeError(f"adapter {merged[0][0]!r} is already merged; merging twice would add ΔW twice")
@@ -48,19 +60,20 @@ def _dequantize_merge(model: nn.Module, dtype: torch.dtype) -> None:
         )
     for path, module in list(model.named_modules()):
         if isinstance(module, LoraLayer) and is_linear4bit(module.base_layer):
-            dense = dense_linear(module.base_layer, dtype)
+            dense = dense_linear(module.base_layer, torch.float32)
             name = module.active_adapter
-            if name is not None and name in module.lora_A and not module.adapters_disabled:
-                with torch.no_grad():
-                    dense.weight.add_(module.delta_weight(name).to(dtype))
+            if name is not None and name in module.lora_A:
+                with torch.no_grad():  # W + ΔW in float32, rounded once to dtype
+                    dense.weight.add_(module.delta_weight(name).float())
                 module.merged_adapters.append(name)
-            module.base_layer = dense
+            module.base_layer = dense.to(dtype)
         elif is_linear4bit(module) and not path.endswith("base_layer"):
-            set_submodule(model, path, dense_linear(module, dtype))
+            replace_module(model, module, dense_linear(module, dtype))
 
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Subtract every merged ``ΔW`` from the base weights again."""
+    refuse_when_disabled(model, "lorakit.unmerge")
     for _, layer in lora_layers(model):
         layer.unmerge()
     return model
@@ -76,23 +89,81 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False, dtype: torch.dt
     (merged) base module, every ``modules_to_save`` wrapper by the active adapter's trained copy.
 
     With ``dequantize=True`` every 4-bit layer becomes an ``nn.Linear`` in ``dtype`` holding
-    ``dequantize(W4) + ΔW`` exactly (no re-quantization); without it a 4-bit base is merged by
-    re-quantizing, with a warning that reports the error.
+    ``dequantize(W4) + ΔW`` exactly (no re-quantization), and a transformers model loses its
+    quantization config, so ``save_pretrained`` writes (and ``from_pretrained`` reads) the dense
+    model; without it a 4-bit base is merged by re-quantizing, with a warning that reports the
+    error. A merged layer whose weight was tied to another module keeps its own copy (the other
+    keeps ``W0``), and a transformers config that says ``tie_word_embeddings`` is corrected.
     Changes ``model`` in place and returns it; its ``state_dict()`` keys equal the original's.
+    Refused inside ``lorakit.route`` and ``lorakit.disable_adapters`` (the adapter would be lost).
     """
+    wrappers = wrapper_list(model)
+    if any(isinstance(w, LoraLayer) and w.route is not None for w in wrappers):
+        raise RuntimeError("cannot merge_and_unload inside lorakit.route: leave the route first")
+    refuse_when_disabled(model, "lorakit.merge_and_unload")
     if dequantize:
         _dequantize_merge(model, dtype)
     if active_adapter(model) is not None:
         for _, layer in lora_layers(model):
-            if not layer.merged_adapters and not layer.adapters_disabled:
+            if not layer.merged_adapters:
                 layer.merge()
-    for path, module in list(model.named_modules()):
+    for module in wrappers:
         if isinstance(module, LoraLayer):
             module.base_layer.requires_grad_(False)
-            set_submodule(model, path, module.base_layer)
-        elif isinstance(module, ModulesToSave):
-            set_submodule(model, path, module.active_module())
+            replace_module(model, module, module.base_layer)
+        else:
+            replace_module(model, module, module.active_module())
     adapter_configs(model).clear()
     model.__dict__.pop(CONFIGS_ATTR, None)
     adapters_changed(model)
+    if dequantize and not any(is_linear4bit(m) for m in model.modules()):
+        _drop_quantization_config(model)
+    _untie_config_if_untied(model)
     return model
+
+
+def _drop_quantization_config(model: nn.Module) -> None:
+    """A dense model must not say it is quantized: transformers would save it with the 4-bit
+    config, and ``from_pretrained`` would then quantize the dense weights again."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    removed = quantizer is not None
+    if quantizer is not None and callable(getattr(quantizer, "remove_quantization_config", None)):
+        quantizer.remove_quantization_config(model)  # config.quantization_config, hf_quantizer, ...
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if config is None:
+            continue
+        if getattr(config, "quantization_config", None) is not None:
+            del config.quantization_config
+            removed = True
+        config.__dict__.pop("_is_quantized", None)  # transformers' in-memory mark (never saved)
+    for flag in ("is_quantized", "is_loaded_in_4bit", "is_loaded_in_8bit"):
+        if getattr(model, flag, False) is True:
+            setattr(model, flag, False)
+    if removed:
+        logger.info("merge_and_unload(dequantize=True): the model is dense; its quantization config was removed")
+
+
+def _untie_config_if_untied(model: nn.Module) -> None:
+    """After a merge gave a tied output head (or input embedding) its own weight, a transformers
+    config must stop saying ``tie_word_embeddings``: saving would drop one of the two weights and
+    loading would tie them again, silently undoing the merge."""
+    get_input, get_output = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    config = getattr(model, "config", None)
+    if not (callable(get_input) and callable(get_output)) or config is None:
+        return
+    try:
+        embedding, head = get_input(), get_output()
+    except (AttributeError, NotImplementedError):
+        return
+    if embedding is None or head is None or getattr(embedding, "weight", None) is getattr(head, "weight", None):
+        return
+    get_text = getattr(config, "get_text_config", None)
+    for cfg in {id(c): c for c in (config, get_text() if callable(get_text) else config)}.values():
+        if getattr(cfg, "tie_word_embeddings", False):
+            cfg.tie_word_embeddings = False
+            logger.warning(
+                "merge_and_unload: the output head and the input embedding no longer share their weight (the "
+                "adapter was merged into one of them); set config.tie_word_embeddings=False so that saving and "
+                "loading keep both"
+            )

@@ -159,16 +159,50 @@ def quantize(
     return model
 
 
+def is_packed_for_cpu(layer: nn.Module) -> bool:
+    """True when bitsandbytes has re-laid a ``Linear4bit``'s codes out for its AVX512-BF16 CPU
+    kernel: the first eval forward without autograd on such a CPU does it, in place (the quant
+    state then says ``packing_format_for_cpu``; absmax becomes bfloat16 ``[in/block, out]``)."""
+    state = getattr(getattr(layer, "weight", None), "quant_state", None)
+    return bool(getattr(state, "packing_format_for_cpu", False))
+
+
+def _dequantize_packed_for_cpu(layer: nn.Module) -> torch.Tensor:
+    """The float32 weight ``[out, in]`` of a CPU-packed ``Linear4bit``, read without changing it.
+
+    bitsandbytes' own inverse conversion leaves absmax transposed when the statistics are not
+    double-quantized (and re-quantizes them when they are), which garbles layers whose rows span
+    several blocks. The layout, from bitsandbytes 0.50: the codes ``[out, in]`` are cut into
+    tiles of 32 rows × 2 columns; each tile's 64 codes are stored as 32 bytes, code ``j`` of the
+    tile in the low nibble of byte ``j`` and code ``32 + j`` in its high nibble."""
+    state = layer.weight.quant_state
+    out_features, in_features = (int(n) for n in state.shape)
+    data = layer.weight.data
+    expected = ((out_features, in_features // 2), (in_features // state.blocksize, out_features))
+    if (tuple(data.shape), tuple(state.absmax.shape)) != expected or out_features % 32 or data.dtype != torch.uint8:
+        raise RuntimeError(
+            f"this bitsandbytes build keeps CPU-packed 4-bit weights in a layout lorakit does not know (codes "
+            f"{tuple(data.shape)} {data.dtype}, absmax {tuple(state.absmax.shape)}; expected {expected}): reload the "
+            "model and merge before any eval forward on the CPU"
+        )
+    packed = data.reshape(-1, 32)
+    tiles = torch.cat((packed & 15, packed >> 4), dim=1)  # [tiles, 64], the tile's codes in order
+    idx = tiles.reshape(out_features // 32, in_features // 2, 32, 2).transpose(1, 2).reshape(out_features, in_features)
+    absmax = state.absmax.float().T  # [out, in / block]
+    scale = absmax.repeat_interleave(state.blocksize, dim=1)[:, :in_features]
+    return state.code.float().to(idx.device)[idx.long()] * scale
+
+
 def dequantize_weight(layer: nn.Module) -> torch.Tensor:
-    """The float32 weight ``[out, in]`` a 4-bit layer represents."""
+    """The float32 weight ``[out, in]`` a 4-bit layer represents. Reads the layer without
+    changing it, in either layout bitsandbytes keeps a ``Linear4bit`` in (the one it quantized
+    to, or the one its CPU kernel repacks to on the first eval forward)."""
     if isinstance(layer, NF4Linear):
         return layer.dequantize()
     bnb = require_bitsandbytes()
+    if is_packed_for_cpu(layer):
+        return _dequantize_packed_for_cpu(layer)
     w = layer.weight
-    if getattr(w.quant_state, "packing_format_for_cpu", False):  # repacked by an eval forward on CPU
-        from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
-
-        w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
     return (
         bnb.functional.dequantize_4bit(w.data, w.quant_state)
         .to(torch.float32)
@@ -177,18 +211,22 @@ def dequantize_weight(layer: nn.Module) -> torch.Tensor:
 
 
 def requantize_into(layer: nn.Module, weight: torch.Tensor) -> None:
-    """Store ``weight`` into a 4-bit ``layer`` with the layer's own settings."""
+    """Store ``weight`` into a 4-bit ``layer`` with the layer's own settings (those it was
+    quantized with, also after bitsandbytes repacked it for the CPU)."""
     if isinstance(layer, NF4Linear):
         layer.store(weight)
         return
     bnb = require_bitsandbytes()
     state = layer.weight.quant_state
+    packed_for_cpu = is_packed_for_cpu(layer)
+    dtype = getattr(state, "original_dtype", state.dtype) if packed_for_cpu else state.dtype
+    nested = getattr(state, "original_nested", state.nested) if packed_for_cpu else state.nested
     packed, new_state = bnb.functional.quantize_4bit(
-        weight.to(state.dtype), blocksize=state.blocksize, compress_statistics=state.nested, quant_type=state.quant_type
+        weight.to(dtype), blocksize=state.blocksize, compress_statistics=nested, quant_type=state.quant_type
     )
     layer.weight = bnb.nn.Params4bit(
         packed, requires_grad=False, quant_state=new_state, blocksize=state.blocksize,
-        compress_statistics=state.nested, quant_type=state.quant_type, bnb_quantized=True, module=layer,
+        compress_statistics=nested, quant_type=state.quant_type, bnb_quantized=True, module=layer,
     )  # fmt: skip
 
 
@@ -207,13 +245,12 @@ def merge_into_4bit(layer: nn.Module, delta: torch.Tensor, sign: float) -> float
 
 
 def dense_linear(layer: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Linear:
-    """An ``nn.Linear`` holding a 4-bit layer's dequantized weight (and its bias)."""
-    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, dtype=dtype)
-    with torch.no_grad():
-        out.weight.copy_(dequantize_weight(layer))
-        if layer.bias is not None:
-            out.bias.copy_(layer.bias)
-    out.requires_grad_(False)
+    """An ``nn.Linear`` holding a 4-bit layer's dequantized weight (and its bias), in ``dtype``,
+    on the layer's device, frozen."""
+    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta")
+    out.weight = nn.Parameter(dequantize_weight(layer).to(dtype), requires_grad=False)
+    if layer.bias is not None:
+        out.bias = nn.Parameter(layer.bias.detach().to(dtype=dtype, copy=True), requires_grad=False)
     return out.train(layer.training)
 
 

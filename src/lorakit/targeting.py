@@ -117,6 +117,26 @@ def output_head(model: nn.Module) -> nn.Module | None:
     return None
 
 
+def module_paths(model: nn.Module) -> dict[int, list[str]]:
+    """``id(module)`` → every path at which that module object sits in ``model`` (more than one
+    when a module is shared, as T5 shares its embedding between encoder and decoder)."""
+    paths: dict[int, list[str]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        if path:
+            paths.setdefault(id(module), []).append(path)
+    return paths
+
+
+def parameter_owners(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """``id(parameter)`` → every ``(path.name, module)`` that registers that parameter (more than
+    one for tied weights, e.g. an output head that shares the input embedding's weight)."""
+    owners: dict[int, list[tuple[str, nn.Module]]] = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for name, param in module.named_parameters(recurse=False):
+            owners.setdefault(id(param), []).append((f"{path}.{name}" if path else name, module))
+    return owners
+
+
 def set_submodule(model: nn.Module, path: str, new: nn.Module) -> None:
     """Put ``new`` where the module at dotted ``path`` is."""
     parent_path, _, child = path.rpartition(".")

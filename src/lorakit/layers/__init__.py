@@ -7,9 +7,11 @@ more file that subclasses a kind and calls ``register_kind`` with its variant na
 from .base import (
     LayerKind,
     LoraLayer,
+    UnsupportedModuleError,
     accumulate,
     adapter_dtype,
     layer_class,
+    plain_weight_problem,
     register_kind,
     unregister_kind,
     wrap_module,
@@ -18,18 +20,25 @@ from .conv import LoraConv2d
 from .embedding import LoraEmbedding
 from .linear import LoraLinear
 from .modules_to_save import ModulesToSave
+from .placement import AdapterPlan, apply_plan, plan_adapter, roll_back
 
 __all__ = [
+    "AdapterPlan",
     "LayerKind",
     "LoraConv2d",
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
     "ModulesToSave",
+    "UnsupportedModuleError",
     "accumulate",
     "adapter_dtype",
+    "apply_plan",
     "layer_class",
+    "plain_weight_problem",
+    "plan_adapter",
     "register_kind",
+    "roll_back",
     "unregister_kind",
     "wrap_module",
 ]

@@ -32,10 +32,22 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
+from ..errors import InputError
 from ..functional import Dropout
 from ..quantization import merge_into_4bit
 from ..targeting import is_linear4bit
+
+
+class UnsupportedModuleError(InputError, TypeError):
+    """A target module LoRA cannot adapt exactly (its type, or a weight that merging could not
+    write into). An ``InputError``, and a ``TypeError`` for code written against older releases.
+    ``path`` names the module and ``reason`` says why (type and fix), when one module is meant."""
+
+    def __init__(self, message: str, path: str | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.path, self.reason = path, reason
 
 
 def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -63,7 +75,8 @@ class LoraLayer(nn.Module):
     """Common state of every LoRA wrapper. Subclasses define the kind-specific maths.
 
     Attributes:
-        base_layer: the wrapped original module (frozen).
+        base_layer: the wrapped original module (``inject`` freezes it; constructing a wrapper
+            changes nothing, so ``wrap_module`` can also be used to check a module).
         lora_A, lora_B: adapter factors by adapter name.
         r, scaling: per-adapter rank and output scale ``s``.
         active_adapter: the adapter that runs in ``forward`` (None: base only).
@@ -96,7 +109,20 @@ class LoraLayer(nn.Module):
         self.merged_adapters: list[str] = []
         self.adapters_disabled = False
         self.route: Any = None
-        base_layer.requires_grad_(False)
+        #: other places (``path.weight``) that hold this layer's weight tensor (tied weights); a
+        #: merge then gives this layer its own copy, so the other places keep ``W0``
+        self.weight_shared_with: tuple[str, ...] = ()
+
+    # ------------------------------------------------------------------ what can be wrapped
+    @classmethod
+    def base_problem(cls, module: nn.Module) -> str | None:
+        """Why ``module`` cannot take an adapter of this kind exactly (None: it can).
+
+        The default asks for a weight that is a plain floating-point tensor registered on the
+        module itself (a parameter or a buffer) and holding values (not on the meta device):
+        merging writes ``ΔW`` into it.
+        """
+        return plain_weight_problem(module)
 
     # ------------------------------------------------------------------ defined once per kind
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -153,7 +179,8 @@ class LoraLayer(nn.Module):
         shape_a, shape_b = self.factor_shapes(r)
         self.lora_A[name] = nn.Parameter(torch.empty(shape_a, **kw))
         self.lora_B[name] = nn.Parameter(torch.empty(shape_b, **kw))
-        self.lora_dropout[name] = Dropout(dropout) if dropout > 0 else nn.Identity()
+        # In the layer's own mode: a dropout added to a model in eval mode must not drop.
+        self.lora_dropout[name] = (Dropout(dropout) if dropout > 0 else nn.Identity()).train(self.training)
         self.r[name], self.scaling[name] = r, scaling
         with torch.no_grad():
             self.reset_adapter(name, init)
@@ -187,7 +214,13 @@ class LoraLayer(nn.Module):
         self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
-        """``W0 ← W0 − ΔW`` for every merged adapter (restores W0 up to rounding)."""
+        """``W0 ← W0 − ΔW`` for every merged adapter (restores W0 up to rounding; a weight that
+        was untied by the merge gets the shared tensor back, exactly)."""
+        shared = self.__dict__.pop("tied_original", None)
+        if shared is not None:
+            self.merged_adapters.clear()
+            self.base_layer.weight = shared
+            return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             self.add_to_base(self.delta_weight(name), sign=-1.0)
@@ -199,6 +232,12 @@ class LoraLayer(nn.Module):
             merge_into_4bit(self.base_layer, delta, sign)
             return
         weight = self.base_layer.weight
+        if self.weight_shared_with and sign > 0 and "tied_original" not in self.__dict__:
+            # Tied weights: the merged layer gets its own copy, the other holders keep W0. The shared
+            # tensor is kept (outside the parameter registry) for unmerge to put back exactly.
+            self.__dict__["tied_original"] = weight
+            self.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+            weight = self.base_layer.weight
         delta = delta.detach()
         if weight.dtype in (torch.float32, torch.float64):
             weight.add_(delta.to(weight.dtype), alpha=sign)
@@ -280,14 +319,72 @@ def layer_class(kind: str, variant: str = "lora") -> type[LoraLayer]:
     raise KeyError(f"no LoRA layer kind {kind!r} of variant {variant!r}; registered: {known}")
 
 
+def _type_name(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def own_forward_problem(module: nn.Module, base: type[nn.Module]) -> str | None:
+    """A subclass of ``base`` with its own ``forward``: nothing says that merging ``ΔW`` into its
+    weight reproduces the adapter beside it (e.g. bitsandbytes' StableEmbedding normalizes)."""
+    if isinstance(module, base) and type(module).forward is not base.forward:
+        return (
+            f"it subclasses {base.__module__}.{base.__qualname__} with its own forward, so merging ΔW into its "
+            "weight may not equal the adapter beside it; if its output is what its base class computes, register "
+            "a wrapper for it with lorakit.register_kind (a subclass of the lorakit layer whose base_problem "
+            "returns None)"
+        )
+    return None
+
+
+def plain_weight_problem(module: nn.Module) -> str | None:
+    """Why ``module.weight`` is not a tensor that merging can write ``ΔW`` into (None: it is)."""
+    if parametrize.is_parametrized(module):
+        return (
+            "its weight is computed by a parametrization (torch.nn.utils.parametrize, e.g. weight_norm), so a "
+            "merge could not write ΔW into it; bake it in first: "
+            "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')"
+        )
+    weight = dict(module.named_parameters(recurse=False)).get("weight")
+    if weight is None:
+        weight = dict(module.named_buffers(recurse=False)).get("weight")
+    if weight is None:
+        hint = (
+            "torch.nn.utils.remove_weight_norm(module) first (old-style weight_norm recomputes it before every forward)"
+            if hasattr(module, "weight_g") else "register it as an nn.Parameter named 'weight'"
+        )  # fmt: skip
+        return (
+            f"its weight is not a parameter (or buffer) registered on the module, so a merge could not write ΔW "
+            f"into it; {hint}"
+        )
+    if type(weight) not in (nn.Parameter, torch.Tensor) or not weight.dtype.is_floating_point:
+        return (
+            f"its weight is a {type(weight).__module__}.{type(weight).__name__} of dtype {weight.dtype}, not a plain "
+            "floating-point tensor (a quantized weight, e.g. bitsandbytes 8-bit), so merging ΔW into it would be "
+            "wrong; use a 4-bit NF4 base (lorakit.quantize(model, bits=4), or transformers' "
+            "BitsAndBytesConfig(load_in_4bit=True)) or a dense base"
+        )
+    if weight.is_meta:
+        return (
+            "its weight is on the meta device (no values yet, e.g. built under init_empty_weights); "
+            "load the model's weights first, then add adapters"
+        )
+    return None
+
+
 def wrap_module(module: nn.Module, path: str, variant: str = "lora") -> LoraLayer:
-    """The LoRA wrapper for ``module``; ``TypeError`` naming the type when it has none."""
+    """The LoRA wrapper for ``module``; ``UnsupportedModuleError`` (a ``TypeError``) naming the
+    path, the type and the reason when no kind wraps it exactly."""
     for entry in _KINDS:
         if entry.variant == variant and entry.accepts(module):
+            problem = entry.cls.base_problem(module)
+            if problem is not None:
+                reason = f"({_type_name(module)}) cannot take a LoRA adapter: {problem}"
+                raise UnsupportedModuleError(f"module {path!r} {reason}", path, reason)
             return entry.cls(module)
     supported = sorted({e.cls.__name__ for e in _KINDS if e.variant == variant})
-    raise TypeError(
-        f"module {path!r} is a {type(module).__module__}.{type(module).__qualname__}, which LoRA cannot wrap; "
+    reason = (
+        f"is a {_type_name(module)}, which LoRA cannot wrap; "
         "supported types: nn.Linear, nn.Embedding, nn.Conv2d, transformers Conv1D, bitsandbytes Linear4bit "
         f"(wrappers registered for variant {variant!r}: {', '.join(supported) or 'none'})"
     )
+    raise UnsupportedModuleError(f"module {path!r} {reason}", path, reason)

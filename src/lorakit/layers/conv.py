@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..bank import routed_input_dropout
-from .base import LoraLayer, register_kind
+from .base import LoraLayer, own_forward_problem, plain_weight_problem, register_kind
 
 
 class LoraConv2d(LoraLayer):
@@ -23,14 +23,16 @@ class LoraConv2d(LoraLayer):
     kind = "conv2d"
 
     def __init__(self, base_layer: nn.Conv2d) -> None:
-        if base_layer.groups != 1:
-            raise TypeError(f"LoRA on Conv2d with groups={base_layer.groups} is not supported (only groups=1)")
-        if base_layer.padding_mode != "zeros":
-            raise TypeError(
-                f"LoRA on Conv2d with padding_mode={base_layer.padding_mode!r} is not supported (only 'zeros')"
-            )
         super().__init__(base_layer)
         self.in_channels, self.out_channels = base_layer.in_channels, base_layer.out_channels
+
+    @classmethod
+    def base_problem(cls, module: nn.Module) -> str | None:
+        if isinstance(module, nn.Conv2d) and module.groups != 1:
+            return f"LoRA on Conv2d with groups={module.groups} is not supported (only groups=1)"
+        if isinstance(module, nn.Conv2d) and module.padding_mode != "zeros":
+            return f"LoRA on Conv2d with padding_mode={module.padding_mode!r} is not supported (only 'zeros')"
+        return plain_weight_problem(module) or own_forward_problem(module, nn.Conv2d)
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         kh, kw = self.base_layer.kernel_size

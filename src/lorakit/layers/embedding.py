@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LoraLayer, register_kind
+from .base import LoraLayer, own_forward_problem, plain_weight_problem, register_kind
 
 
 class LoraEmbedding(LoraLayer):
@@ -26,6 +26,10 @@ class LoraEmbedding(LoraLayer):
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
         self.num_embeddings, self.embedding_dim = base_layer.weight.shape
+
+    @classmethod
+    def base_problem(cls, module: nn.Module) -> str | None:
+        return plain_weight_problem(module) or own_forward_problem(module, nn.Embedding)
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.num_embeddings), (self.embedding_dim, r)

@@ -21,7 +21,7 @@ from torch import nn
 from ..bank import bank_delta_gathered, routed_input_dropout
 from ..functional import lora_linear
 from ..targeting import is_conv1d, is_linear4bit
-from .base import LoraLayer, register_kind
+from .base import LoraLayer, own_forward_problem, plain_weight_problem, register_kind
 
 
 class LoraLinear(LoraLayer):
@@ -41,6 +41,14 @@ class LoraLinear(LoraLayer):
             self.in_features, self.out_features = w.shape[0], w.shape[1]
         else:
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
+
+    @classmethod
+    def base_problem(cls, module: nn.Module) -> str | None:
+        if is_linear4bit(module):  # packed 4-bit codes: merged by dequantizing (quantization.py)
+            weight = getattr(module, "weight", None)
+            meta = isinstance(weight, torch.Tensor) and weight.is_meta
+            return "its weight is on the meta device (no values yet); load the model's weights first" if meta else None
+        return plain_weight_problem(module) or own_forward_problem(module, nn.Linear)
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.in_features), (self.out_features, r)
