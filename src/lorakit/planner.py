@@ -82,14 +82,19 @@ _JSON_TYPES = {list: "an array", str: "a string", bool: "a boolean", type(None):
                float: "a number"}  # fmt: skip
 
 
+#: no count the planner reads (parameters, sizes, tokens) comes near this: 10 trillion
+MAXIMUM = 10**13
+
+
 def _whole(value: Any, what: str, minimum: int = 1) -> int:
-    """``value`` as an ``int >= minimum``; strings, booleans, fractions, NaN and infinities are refused."""
+    """``value`` as an int in ``[minimum, MAXIMUM]``; strings, booleans, fractions, NaN and
+    infinities are refused (a float that is whole, such as 4096.0 or 7e9, is accepted)."""
     real = isinstance(value, numbers.Real) and not isinstance(value, bool)
     whole = real and (isinstance(value, numbers.Integral) or (math.isfinite(value) and float(value).is_integer()))
     number = int(value) if whole else None
-    if number is None or number < minimum:
+    if number is None or not minimum <= number <= MAXIMUM:
         shown = repr(value) if real else f"{value!r} ({type(value).__name__})"
-        raise InputError(f"{what} = {shown}; allowed: a whole number >= {minimum}")
+        raise InputError(f"{what} = {shown}; allowed: a whole number from {minimum} to {MAXIMUM:.0e}")
     return number
 
 
