@@ -134,7 +134,10 @@ def test_route_errors():
         pass
     with pytest.raises(ValueError, match="out of range"), lk.route(model, torch.tensor([0, 3])):
         pass
-    with pytest.raises(ValueError, match="given 2 rows but a layer received a batch of 3"), lk.route(model, ["a", "b"]):
+    with (
+        pytest.raises(lk.InputError, match="given 2 names but a layer received a batch of 3 rows"),
+        lk.route(model, ["a", "b"]),
+    ):
         model(torch.randn(3, 784))
     assert model.fc1.route is None, "leaving the block restores normal forwards"
     lk.merge(model)
@@ -224,3 +227,120 @@ def test_routed_training_drops_each_rows_adapter_inputs_at_its_own_rate():
         rows = delta[200 * k : 200 * (k + 1)]
         dropped = (rows.abs() < 0.5).float().mean().item()
         assert abs(dropped - p) < 5 * (p * (1 - p) / rows.numel()) ** 0.5 + 1e-4, name
+
+
+# ---------------------------------------------------------------------------------------- row counts
+BATCH_MISMATCH = (
+    "lorakit.route was given 2 names but a layer received a batch of 4 rows (layers must see the batch dimension "
+    "first, one row per name; each name covers k consecutive rows only inside model.generate(...) of the routed "
+    "model, or with lorakit.route(model, names, expand=k))"
+)
+
+
+class SeqFirst(nn.Module):
+    """A layer that sees ``[T, B, d]``: its first dimension is not the batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc1(x.transpose(0, 1)).transpose(0, 1)
+
+
+def _two_adapters(model: nn.Module, targets) -> None:
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=targets), name="a")
+    lk.add_adapter(model, lk.LoraConfig(r=2, target_modules=targets), name="b")
+    randomize_adapters(model, scale=1.0)
+
+
+def test_a_layer_that_sees_the_sequence_first_is_refused_not_misrouted():
+    model = SeqFirst()
+    _two_adapters(model, ["fc1"])
+    x = torch.randn(2, 4, 8)  # B=2, T=4: fc1 receives 4 "rows"; repeating 2 names over them mixed rows up
+    with torch.no_grad(), lk.route(model, ["a", "b"]), pytest.raises(lk.InputError) as raised:
+        model(x)
+    assert str(raised.value) == BATCH_MISMATCH
+    assert model.fc1.route is None
+
+
+def test_more_rows_than_names_is_refused_unless_expand_says_so():
+    torch.manual_seed(0)
+    model = SeedMLP().eval()
+    _two_adapters(model, ["fc1", "fc2"])
+    x = torch.randn(4, 784)
+    with torch.no_grad(), lk.route(model, ["a", "b"]), pytest.raises(lk.InputError) as raised:
+        model(x)  # used to run silently as [a, a, b, b]
+    assert str(raised.value) == BATCH_MISMATCH
+    with torch.no_grad():
+        with lk.route(model, ["a", "b"], expand=2):
+            expanded, unexpanded = model(x), model(x[:2])  # one row per name still runs
+        with lk.route(model, ["a", "a", "b", "b"]):
+            explicit = model(x)
+        with lk.route(model, ["a", "b"]):
+            plain = model(x[:2])
+        with lk.route(model, ["a", "b"], expand=2), pytest.raises(lk.InputError, match="batch of 6 rows"):
+            model(torch.randn(6, 784))  # expand=2 allows 2 or 4 rows, not 6
+    assert torch.equal(expanded, explicit) and torch.equal(unexpanded, plain)
+    for bad in (0, -1, True, 1.5, "2"):
+        with pytest.raises(lk.InputError, match=rf"lorakit.route: expand = {bad!r}; allowed: a whole number >= 1"):
+            lk.route(model, ["a", "b"], expand=bad).__enter__()
+    assert model.fc1.route is None
+
+
+def _generate_alone(model: nn.Module, name: str | None, prompt: torch.Tensor, **kw) -> torch.Tensor:
+    if name is None:
+        with lk.disable_adapters(model):
+            return model.generate(prompt, **kw)
+    lk.set_adapter(model, name)
+    return model.generate(prompt, **kw)
+
+
+def test_generate_with_num_return_sequences_routes_each_prompts_sequences():
+    """Sampling with top_k=1 is greedy, but expands every prompt num_return_sequences times."""
+    model = tiny_gpt2()
+    _three_adapters(model, ["c_attn", "c_fc"])
+    prompts = token_batch(batch=3, length=4)
+    names = ["c", None, "a"]
+    kw = {"max_new_tokens": 5, "pad_token_id": 0}
+    with torch.no_grad(), lk.route(model, names):
+        together = model.generate(prompts, do_sample=True, top_k=1, num_return_sequences=2, **kw)
+    assert together.shape[0] == 6 and "generate" not in model.__dict__
+    with torch.no_grad():
+        for i, name in enumerate(names):
+            alone = _generate_alone(model, name, prompts[i : i + 1], do_sample=False, **kw)
+            assert torch.equal(together[2 * i : 2 * i + 2], alone.expand(2, -1)), f"prompt {i} ({name})"
+
+
+def test_generate_sampling_expands_each_prompt_to_its_own_adapter():
+    """True sampling, same seed: routing 3 prompts with num_return_sequences=2 equals routing the 6
+    already-expanded rows one name each (the expansion is exact, row for row)."""
+    model = tiny_gpt2()
+    _three_adapters(model, ["c_attn", "c_fc"])
+    randomize_adapters(model, scale=1.0)
+    prompts = token_batch(batch=3, length=4)
+    names = ["c", None, "a"]
+    kw = {"max_new_tokens": 6, "pad_token_id": 0, "do_sample": True, "top_k": 0, "temperature": 1.0}
+
+    def sample(row_names, ids, n):
+        torch.manual_seed(7)
+        with torch.no_grad(), lk.route(model, row_names):
+            return model.generate(ids, num_return_sequences=n, **kw)
+
+    together = sample(names, prompts, 2)
+    expanded = sample([n for n in names for _ in range(2)], prompts.repeat_interleave(2, 0), 1)
+    tiled = sample(names * 2, prompts.repeat_interleave(2, 0), 1)  # rows paired with the wrong adapters
+    assert torch.equal(together, expanded)
+    assert not torch.equal(together, tiled)
+
+
+def test_generate_needs_one_prompt_per_name():
+    model = tiny_gpt2()
+    _three_adapters(model, ["c_attn"])
+    with torch.no_grad(), lk.route(model, ["a", "b"]), pytest.raises(lk.InputError) as raised:
+        model.generate(token_batch(batch=4, length=3), max_new_tokens=2, pad_token_id=0)
+    assert str(raised.value) == (
+        "lorakit.route was given 2 names but generate received a batch of 4 prompts; allowed: one name per prompt "
+        "(generate then routes each prompt's beams and sequences itself)"
+    )
+    assert "generate" not in model.__dict__, "leaving the route gives the model its own generate back"

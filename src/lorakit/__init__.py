@@ -15,6 +15,7 @@ from .errors import InputError
 from .hub import model_card, push_to_hub, save_for_hub
 from .injection import (
     ParameterCount,
+    UnknownAdapterError,
     active_adapter,
     adapter_configs,
     add_adapter,
@@ -41,12 +42,14 @@ from .planner import MemoryEstimate, architecture, estimate_memory
 from .pretrained import save_adapters
 from .quantization import QuantizedSize, quantize, quantized_size
 from .routing import route, set_trainable
+from .targeting import ArgumentTypeError
 from .trainer import Trainer, TrainerConfig, TrainingError
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AdapterLoadError",
+    "ArgumentTypeError",
     "InputError",
     "LoraConfig",
     "LoraConv2d",
@@ -60,6 +63,7 @@ __all__ = [
     "Trainer",
     "TrainerConfig",
     "TrainingError",
+    "UnknownAdapterError",
     "UnsupportedModuleError",
     "active_adapter",
     "adapter_configs",

@@ -29,6 +29,7 @@ from .config import LoraConfig
 from .errors import InputError
 from .injection import adapter_configs, add_adapter, lora_layers
 from .layers import LoraLayer
+from .targeting import require_module
 
 METHODS = ("linear", "cat", "svd", "ties", "dare")
 
@@ -105,11 +106,16 @@ def combine_adapters(
     methods that use them. A source absent from a layer adds nothing there: the new adapter adapts
     the union of the sources' layers. Every argument is checked before the model changes.
     """
+    require_module(model, "lorakit.combine_adapters")
     configs = adapter_configs(model)
     if isinstance(sources, str) or not isinstance(sources, Sequence) or not sources:
         raise InputError(f"sources = {sources!r}; allowed: a non-empty list of adapter names among {sorted(configs)}")
     if any(not isinstance(s, str) for s in sources):
         raise InputError(f"sources = {list(sources)!r}; allowed: adapter names (strings) among {sorted(configs)}")
+    repeated = sorted({s for s in sources if list(sources).count(s) > 1})
+    if repeated:
+        raise InputError(f"sources = {list(sources)!r} names {repeated[0]!r} more than once; allowed: each adapter "
+                         "once (give it a larger weight instead)")  # fmt: skip
     missing = [s for s in sources if s not in configs]
     if missing:
         raise InputError(f"sources: unknown adapters {missing}; the model holds {sorted(configs) or 'no adapters'}")

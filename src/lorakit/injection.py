@@ -18,6 +18,7 @@ from .config import ALL_LINEAR, LoraConfig
 from .errors import InputError
 from .layers import LoraLayer, LoraLinear, ModulesToSave, apply_plan, plan_adapter, roll_back
 from .targeting import (
+    ArgumentTypeError,
     candidate_modules,
     is_conv1d,
     is_linear4bit,
@@ -27,10 +28,42 @@ from .targeting import (
     name_matches,
     no_match_message,
     output_head,
+    require_adapter_name,
+    require_module,
     set_submodule,
+    shown,
 )
 
 CONFIGS_ATTR = "lorakit_configs"
+
+
+class UnknownAdapterError(InputError, KeyError):
+    """A name that is no adapter of the model: an ``InputError`` whose message lists the adapters
+    the model holds, and a ``KeyError`` for code that catches that."""
+
+    def __str__(self) -> str:  # KeyError's own __str__ would print the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
+def require_adapter(model: nn.Module, name: object, where: str, argument: str = "name") -> LoraConfig:
+    """The config of adapter ``name``; ``UnknownAdapterError`` listing the model's adapters when
+    it holds none of that name (``ArgumentTypeError`` when ``name`` is not a string)."""
+    configs = adapter_configs(model)
+    if not isinstance(name, str):
+        raise ArgumentTypeError(f"{where}: {argument} = {shown(name)}; allowed: an adapter name (a string) among "
+                                f"{sorted(configs)}")  # fmt: skip
+    if name not in configs:
+        raise UnknownAdapterError(f"{where}: {argument} = {name!r} is no adapter of this model; allowed: "
+                                  f"{sorted(configs) or 'none (the model holds no adapters)'}")  # fmt: skip
+    return configs[name]
+
+
+def require_config(config: object, where: str) -> LoraConfig:
+    """``config`` when it is a ``LoraConfig``, else ``ArgumentTypeError`` saying how to make one."""
+    if isinstance(config, LoraConfig):
+        return config
+    hint = " (for a dict d: lorakit.LoraConfig(**d))" if isinstance(config, dict) else ""
+    raise ArgumentTypeError(f"{where}: config = {shown(config)}; allowed: a lorakit.LoraConfig{hint}")
 
 
 def _is_linear(module: nn.Module) -> bool:
@@ -43,6 +76,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     Raises ``ValueError`` when a listed name (or the regex, or ``all-linear``) matches nothing,
     naming the closest existing module names.
     """
+    require_module(model, "lorakit.find_targets")
+    require_config(config, "lorakit.find_targets")
     candidates = candidate_modules(model)
     saved = config.modules_to_save or []
     if config.target_modules == ALL_LINEAR:
@@ -82,14 +117,14 @@ def _no_match_message(names: list[str], paths: list[str], config: LoraConfig) ->
 # ---------------------------------------------------------------------------------------- registry
 def adapter_configs(model: nn.Module) -> dict[str, LoraConfig]:
     """name → config of every adapter ``model`` holds (empty before ``inject``)."""
+    require_module(model, "lorakit.adapter_configs")
     return model.__dict__.setdefault(CONFIGS_ATTR, {})
 
 
 def lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     """(path, layer) for every LoRA wrapper in ``model``."""
-    for path, module in model.named_modules():
-        if isinstance(module, LoraLayer):
-            yield path, module
+    require_module(model, "lorakit.lora_layers")  # checked at the call, not at the first next()
+    return ((path, module) for path, module in model.named_modules() if isinstance(module, LoraLayer))
 
 
 def _wrappers(model: nn.Module) -> Iterator[LoraLayer | ModulesToSave]:
@@ -142,13 +177,9 @@ def wrapper_list(model: nn.Module) -> list[LoraLayer | ModulesToSave]:
     return cached[1]
 
 
-def _check_name(name: str) -> None:
-    if not isinstance(name, str) or not name or "." in name:
-        raise InputError(f"adapter name must be a non-empty string without '.', got {name!r}")
-
-
 def active_adapter(model: nn.Module) -> str | None:
     """The adapter that currently runs (None when none does)."""
+    require_module(model, "lorakit.active_adapter")
     for module in _wrappers(model):
         return module.active_adapter
     return None
@@ -161,6 +192,9 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
     Returns ``model`` itself (changed in place). After it, only the adapter's factors (plus
     ``modules_to_save`` copies and the biases ``config.bias`` names) require gradients.
     """
+    require_module(model, "lorakit.inject")
+    require_config(config, "lorakit.inject")
+    require_adapter_name(name, "lorakit.inject")
     _refuse_switch_while_merged(model, name)
     add_adapter(model, config, name)
     set_adapter(model, name)
@@ -174,9 +208,9 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str) -> nn.Module:
     Everything is checked before the model changes (targets, module types, ranks,
     ``modules_to_save``), and any failure after that is rolled back: a failed call leaves the
     model as it was (modules, parameters, ``requires_grad`` flags)."""
-    _check_name(name)
-    if not isinstance(config, LoraConfig):
-        raise TypeError(f"config must be a lorakit.LoraConfig, got {type(config).__name__}")
+    require_module(model, "lorakit.add_adapter")
+    require_config(config, "lorakit.add_adapter")
+    require_adapter_name(name, "lorakit.add_adapter")
     configs = adapter_configs(model)
     if name in configs:
         raise InputError(
@@ -214,16 +248,16 @@ def set_adapter(model: nn.Module, name: str) -> None:
 
     One adapter is active at a time: a list (PEFT's ``set_adapter([a, b])``) is refused. To run
     several adapters in one batch use ``lorakit.route``; to add them up, ``lorakit.combine_adapters``.
+    An unknown name raises ``UnknownAdapterError`` (an ``InputError`` and a ``KeyError``).
     """
+    require_module(model, "lorakit.set_adapter")
     if not isinstance(name, str):
-        raise InputError(
+        raise ArgumentTypeError(
             f"lorakit.set_adapter(model, name) takes one adapter name, got {name!r}: lorakit runs one active "
             "adapter at a time (several active adapters are not supported yet); use lorakit.route(model, names) "
             "for one adapter per row, or lorakit.combine_adapters(...) to make one adapter out of several"
         )
-    configs = adapter_configs(model)
-    if name not in configs:
-        raise KeyError(f"no adapter named {name!r}; the model holds {sorted(configs) or 'no adapters'}")
+    require_adapter(model, name, "lorakit.set_adapter")
     refuse_when_disabled(model, f"lorakit.set_adapter(model, {name!r})")
     _refuse_switch_while_merged(model, name)
     for module in _wrappers(model):
@@ -239,10 +273,11 @@ def set_adapter(model: nn.Module, name: str) -> None:
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove adapter ``name`` everywhere; wrappers left with no adapter go back to plain modules."""
+    """Remove adapter ``name`` everywhere; wrappers left with no adapter go back to plain modules.
+    An unknown name raises ``UnknownAdapterError`` (an ``InputError`` and a ``KeyError``)."""
+    require_module(model, "lorakit.delete_adapter")
+    require_adapter(model, name, "lorakit.delete_adapter")
     configs = adapter_configs(model)
-    if name not in configs:
-        raise KeyError(f"no adapter named {name!r}; the model holds {sorted(configs) or 'no adapters'}")
     if any(isinstance(m, LoraLayer) and m.route is not None for m in _wrappers(model)):
         raise RuntimeError(f"cannot delete adapter {name!r} inside lorakit.route; leave the route first")
     refuse_when_disabled(model, f"deleting adapter {name!r}")
@@ -279,6 +314,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     inside the block (merge, unmerge, merge_and_unload, add, delete, set_adapter) raises
     ``RuntimeError``: the block restores the state it found on exit.
     """
+    require_module(model, "lorakit.disable_adapters")
     wrappers = list(_wrappers(model))
     previous = [w.adapters_disabled for w in wrappers]
     # A merged adapter is taken out of the weights for the block (what lorakit.unmerge does per layer).
@@ -326,6 +362,7 @@ class ParameterCount:
 
 def count_parameters(model: nn.Module) -> ParameterCount:
     """Count trainable, total and original-model parameters (shared tensors counted once)."""
+    require_module(model, "lorakit.count_parameters")
     adapter_ids: set[int] = set()
     packed: dict[int, int] = {}  # a packed 4-bit weight stands for in·out weights, two per byte
     for module in model.modules():

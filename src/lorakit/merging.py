@@ -25,7 +25,7 @@ from .injection import (
 )
 from .layers import LoraLayer
 from .quantization import dense_linear
-from .targeting import is_linear4bit
+from .targeting import ArgumentTypeError, is_linear4bit, require_module, shown
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ def merge(model: nn.Module) -> nn.Module:
 
     Raises ``RuntimeError`` when it is merged already (adding ΔW twice would be silently wrong).
     """
+    require_module(model, "lorakit.merge")
     layers = [layer for _, layer in lora_layers(model)]
     if not layers:
         raise ValueError("the model holds no LoRA layers: nothing to merge")
@@ -73,6 +74,7 @@ def _dequantize_merge(model: nn.Module, dtype: torch.dtype) -> None:
 
 def unmerge(model: nn.Module) -> nn.Module:
     """Subtract every merged ``ΔW`` from the base weights again."""
+    require_module(model, "lorakit.unmerge")
     refuse_when_disabled(model, "lorakit.unmerge")
     for _, layer in lora_layers(model):
         layer.unmerge()
@@ -81,6 +83,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def is_merged(model: nn.Module) -> bool:
     """True when some adapter's ``ΔW`` is currently inside the base weights."""
+    require_module(model, "lorakit.is_merged")
     return any(layer.merged_adapters for _, layer in lora_layers(model))
 
 
@@ -97,6 +100,12 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False, dtype: torch.dt
     Changes ``model`` in place and returns it; its ``state_dict()`` keys equal the original's.
     Refused inside ``lorakit.route`` and ``lorakit.disable_adapters`` (the adapter would be lost).
     """
+    require_module(model, "lorakit.merge_and_unload")
+    if not isinstance(dequantize, bool):
+        raise ArgumentTypeError(f"lorakit.merge_and_unload: dequantize = {shown(dequantize)}; allowed: True or False")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ArgumentTypeError(f"lorakit.merge_and_unload: dtype = {shown(dtype)}; allowed: a floating-point "
+                                "torch.dtype such as torch.float32 or torch.bfloat16")  # fmt: skip
     wrappers = wrapper_list(model)
     if any(isinstance(w, LoraLayer) and w.route is not None for w in wrappers):
         raise RuntimeError("cannot merge_and_unload inside lorakit.route: leave the route first")

@@ -15,6 +15,13 @@ exactly nothing, so adapters of different ranks and alphas mix freely. Under aut
 stacked from the adapters' own parameters on every forward, so each row's loss reaches only its own
 adapter; in inference the bank is cached until an adapter changes (added, deleted, or written to).
 
+Row ``b`` of the route is row ``b`` of every LoRA layer's input: layers must see the batch
+dimension first. A layer that receives any other number of rows raises (a layer that sees the
+sequence first, or tokens flattened to ``[B·T, d]``, would otherwise mix rows up); the one
+exception is an expanded batch, where each name covers ``k`` consecutive rows: inside
+``model.generate(...)`` (beams and ``num_return_sequences`` repeat each prompt contiguously) and
+with ``route(..., expand=k)``.
+
 All routing state lives here: entering a route gives each LoRA layer one :class:`LayerRoute`
 (``layer.route``), leaving it restores what was there before. The caches (inference banks, slot
 tables) are owned by this module, keyed weakly by layer and guarded by a lock, so two threads
@@ -25,6 +32,7 @@ supported: a route is state of the model, like ``train()``/``eval()``.)
 from __future__ import annotations
 
 import contextlib
+import numbers
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -35,10 +43,14 @@ import torch
 from torch import nn
 
 from .bank import bag_indices, stack_factors
-from .injection import adapter_configs, lora_layers, wrapper_list
+from .errors import InputError
+from .injection import UnknownAdapterError, adapter_configs, lora_layers, wrapper_list
 from .layers import LoraLayer, ModulesToSave, accumulate
+from .targeting import ArgumentTypeError, require_module, shown
 
 Routing = Sequence[str | None] | torch.Tensor
+
+_ABSENT = object()
 
 _VERSION = attrgetter("_version")
 _LOCK = threading.Lock()
@@ -111,16 +123,20 @@ class LayerRoute:
         self.shared = shared if shared is not None else {}
 
     def rows(self, batch: int) -> torch.Tensor:
-        """The bank slot of every row; a route given per prompt is repeated for expanded batches
-        (beam search and sampling in ``generate`` repeat each row contiguously)."""
+        """The bank slot of every row. An expanded batch (each name covering ``k`` consecutive
+        rows) is accepted only inside ``generate`` or with ``route(..., expand=k)``; any other
+        number of rows raises ``InputError``."""
         slots = self.slots
         assert slots is not None
-        if batch == slots.shape[0]:
+        names = slots.shape[0]
+        if batch == names:
             return slots
-        if batch % slots.shape[0]:
-            raise ValueError(
-                f"lorakit.route was given {slots.shape[0]} rows but a layer received a batch of {batch}; "
-                "route one adapter name per row of the input"
+        factor, rest = divmod(batch, names)
+        if rest or not factor or not (self.shared.get("generating") or factor == self.shared.get("expand", 1)):
+            raise InputError(
+                f"lorakit.route was given {names} names but a layer received a batch of {batch} rows (layers must "
+                "see the batch dimension first, one row per name; each name covers k consecutive rows only inside "
+                f"model.generate(...) of the routed model, or with lorakit.route(model, names, expand=k))"
             )
         key = ("rows", id(slots), batch)
         if key not in self.shared:
@@ -153,36 +169,85 @@ class LayerRoute:
 # ---------------------------------------------------------------------------------------- the route
 def _row_names(model: nn.Module, adapters: Routing) -> tuple[list[str], list[str | None]]:
     order = list(adapter_configs(model))
+    allowed = "allowed: a list with one adapter name (or None) per row, or a 1-D integer tensor of positions"
     if isinstance(adapters, torch.Tensor):
         if adapters.dim() != 1 or adapters.dtype.is_floating_point or adapters.dtype == torch.bool:
-            raise ValueError(
-                f"a routing tensor must be a 1-D integer tensor, got {tuple(adapters.shape)} {adapters.dtype}"
-            )
+            raise InputError(f"lorakit.route: adapters = a {tuple(adapters.shape)} {adapters.dtype} tensor; allowed: "
+                             "a 1-D integer tensor of positions")  # fmt: skip
         bad = [int(i) for i in adapters.tolist() if not -1 <= int(i) < len(order)]
         if bad:
-            raise ValueError(f"routing indices {bad} are out of range: the model holds {len(order)} adapters {order}")
+            raise InputError(f"lorakit.route: routing indices {bad} are out of range; allowed: -1 (no adapter) to "
+                             f"{len(order) - 1}, positions in {order}")  # fmt: skip
         names: list[str | None] = [order[i] if i >= 0 else None for i in adapters.tolist()]
     elif isinstance(adapters, str):
-        raise TypeError(f"route takes one adapter name per row (a list), got the string {adapters!r}")
+        raise ArgumentTypeError(f"lorakit.route: adapters = the string {adapters!r}; route takes one adapter name "
+                                f"per row (a list); {allowed}")  # fmt: skip
+    elif not isinstance(adapters, Sequence):
+        raise ArgumentTypeError(f"lorakit.route: adapters = {shown(adapters)}; {allowed}")
     else:
         names = list(adapters)
+        wrong = [n for n in names if n is not None and not isinstance(n, str)]
+        if wrong:
+            raise ArgumentTypeError(f"lorakit.route: adapters holds {shown(wrong[0])}; {allowed}")
         unknown = sorted({n for n in names if n is not None and n not in order})
         if unknown:
-            raise KeyError(f"route names unknown adapters {unknown}; the model holds {order or 'no adapters'}")
+            raise UnknownAdapterError(f"lorakit.route: adapters names unknown adapters {unknown}; allowed: "
+                                      f"{order or 'none (the model holds no adapters)'} or None")  # fmt: skip
     if not names:
-        raise ValueError("route needs at least one row")
+        raise InputError(f"lorakit.route: adapters = {shown(adapters)} (no rows); {allowed}, at least one row")
     return order, names
 
 
+#: the inputs whose first dimension is the batch of prompts ``generate`` expands
+_PROMPT_INPUTS = ("inputs", "input_ids", "inputs_embeds", "input_features", "input_values", "pixel_values")
+
+
+class RoutedGenerate:
+    """``model.generate`` while a route is entered on ``model``: checks that the prompts are one per
+    route name, and marks the route as generating, so layers accept the batch ``generate``
+    expands (each prompt's beams / returned sequences are consecutive rows)."""
+
+    def __init__(self, generate: Callable[..., Any], names: int, shared: dict) -> None:
+        self.__wrapped__ = generate  # inspect.signature(model.generate) still shows generate's own
+        self.names, self.shared = names, shared
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        given = [args[0]] if args else []
+        given += [kwargs[k] for k in _PROMPT_INPUTS if kwargs.get(k) is not None]
+        batch = next((int(t.shape[0]) for t in given if isinstance(t, torch.Tensor) and t.dim() > 0), None)
+        if batch is not None and batch != self.names:
+            raise InputError(
+                f"lorakit.route was given {self.names} names but generate received a batch of {batch} prompts; "
+                "allowed: one name per prompt (generate then routes each prompt's beams and sequences itself)"
+            )
+        self.shared["generating"] = self.shared.get("generating", 0) + 1
+        try:
+            return self.__wrapped__(*args, **kwargs)
+        finally:
+            self.shared["generating"] -= 1
+
+
 @contextlib.contextmanager
-def route(model: nn.Module, adapters: Routing) -> Iterator[nn.Module]:
+def route(model: nn.Module, adapters: Routing, *, expand: int = 1) -> Iterator[nn.Module]:
     """Within the block, row ``b`` of every batch runs adapter ``adapters[b]`` (None: base only).
 
     ``adapters`` is a list of adapter names (or None), or an integer tensor of positions in
     ``lorakit.adapter_configs(model)`` order (-1: base only). Works in training (each row's loss
-    updates only its own adapter; see ``set_trainable``) and in inference, including
-    ``generate`` with beams or sampling (rows are expanded as generate expands them).
+    updates only its own adapter; see ``set_trainable``) and in inference.
+
+    Every LoRA layer must see the batch dimension first, one row per name: a layer that receives
+    another number of rows raises ``InputError``. Expanded batches, where name ``b`` covers rows
+    ``b·k … b·k+k-1``, are accepted only inside ``model.generate(...)`` called on the routed model
+    (beam search and ``num_return_sequences`` expand each prompt so; the prompts must be one per
+    name) and, for expansions of your own, with ``expand=k``. A layer that transposes its input
+    to sequence-first is refused when the sequence length differs from the number of names, but
+    cannot be told apart when the two happen to be equal: such models must not be routed. Rows
+    that all use one adapter run it whatever the layer's input shape.
     """
+    require_module(model, "lorakit.route")
+    if isinstance(expand, bool) or not isinstance(expand, numbers.Integral) or expand < 1:
+        raise InputError(f"lorakit.route: expand = {shown(expand)}; allowed: a whole number >= 1 (each name covers "
+                         "that many consecutive rows)")  # fmt: skip
     order, names = _row_names(model, adapters)
     wrappers = wrapper_list(model)
     if any(isinstance(m, ModulesToSave) for m in wrappers):
@@ -196,7 +261,7 @@ def route(model: nn.Module, adapters: Routing) -> Iterator[nn.Module]:
     position = {n: i for i, n in enumerate(order)}
     rows = torch.tensor([position[n] if n is not None else len(order) for n in names])
     used = set(names)
-    shared: dict = {}
+    shared: dict = {"expand": int(expand)}
     routes: list[LayerRoute] = []
     for layer in layers:
         present = used.intersection(layer.lora_A.keys())
@@ -216,22 +281,35 @@ def route(model: nn.Module, adapters: Routing) -> Iterator[nn.Module]:
         ))  # fmt: skip
     # Plain attribute writes through __dict__ (nn.Module.__setattr__ is slow); restored on exit.
     previous = [layer.__dict__["route"] for layer in layers]
+    generate = getattr(model, "generate", None)
+    previous_generate = model.__dict__.get("generate", _ABSENT)
     try:
         for layer, layer_route in zip(layers, routes, strict=True):
             layer.__dict__["route"] = layer_route
+        if callable(generate):
+            model.__dict__["generate"] = RoutedGenerate(generate, len(names), shared)
         yield model
     finally:
         for layer, old in zip(layers, previous, strict=True):
             layer.__dict__["route"] = old
+        if previous_generate is _ABSENT:
+            model.__dict__.pop("generate", None)
+        else:
+            model.__dict__["generate"] = previous_generate
 
 
 def set_trainable(model: nn.Module, adapters: Sequence[str]) -> None:
     """Make exactly these adapters trainable (e.g. all adapters of a mixed-batch training run);
     ``set_adapter`` makes only the active one trainable."""
+    require_module(model, "lorakit.set_trainable")
     configs = adapter_configs(model)
-    unknown = sorted(set(adapters) - set(configs))
+    if isinstance(adapters, str) or not isinstance(adapters, Sequence | set | frozenset):
+        raise ArgumentTypeError(f"lorakit.set_trainable: adapters = {shown(adapters)}; allowed: a list of adapter "
+                                f"names among {sorted(configs)}")  # fmt: skip
+    unknown = sorted({a for a in adapters if a not in configs}, key=repr)
     if unknown:
-        raise KeyError(f"unknown adapters {unknown}; the model holds {sorted(configs)}")
+        raise UnknownAdapterError(f"lorakit.set_trainable: adapters names unknown adapters {unknown}; allowed: "
+                                  f"{sorted(configs) or 'none (the model holds no adapters)'}")  # fmt: skip
     wanted = set(adapters)
     for _, layer in lora_layers(model):
         for name in layer.lora_A:

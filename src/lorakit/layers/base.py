@@ -37,7 +37,7 @@ from torch.nn.utils import parametrize
 from ..errors import InputError
 from ..functional import Dropout
 from ..quantization import merge_into_4bit
-from ..targeting import is_linear4bit
+from ..targeting import ArgumentTypeError, is_linear4bit, shown
 
 
 class UnsupportedModuleError(InputError, TypeError):
@@ -300,6 +300,12 @@ def register_kind(cls: type[LoraLayer], accepts: Callable[[nn.Module], bool]) ->
     """Make ``cls`` the wrapper of every module ``accepts`` says yes to, for adapters of
     ``cls.variant``. Later registrations win, so a variant or a new base type is added without
     editing the others."""
+    if not (isinstance(cls, type) and issubclass(cls, LoraLayer)):
+        raise ArgumentTypeError(f"lorakit.register_kind: cls = {shown(cls)}; allowed: a subclass of lorakit.LoraLayer")
+    if not callable(accepts):
+        raise ArgumentTypeError(
+            f"lorakit.register_kind: accepts = {shown(accepts)}; allowed: a callable (module) -> bool"
+        )
     if not cls.kind:
         raise ValueError(f"{cls.__name__} must set the class attribute 'kind'")
     _KINDS.insert(0, LayerKind(cls, accepts, cls.variant))
