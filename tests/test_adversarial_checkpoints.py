@@ -23,7 +23,8 @@ import lorakit as lk
 from lorakit import train_state
 
 
-def tiny(out: Path, fail_at: int | None = None, width: int = 4, rank: int = 2, **cfg) -> lk.Trainer:
+def tiny(out: Path, fail_at: int | None = None, width: int = 4, rank: int = 2, examples: int = 64, record=None,
+         **cfg) -> lk.Trainer:  # fmt: skip
     """A 4→4 linear layer with a rank-2 adapter; ``fail_at``: the loss of that call is NaN (the run
     stops there, as a crash would, its checkpoints kept)."""
     torch.manual_seed(0)
@@ -38,7 +39,8 @@ def tiny(out: Path, fail_at: int | None = None, width: int = 4, rank: int = 2, *
         return loss * float("nan") if calls["n"] == fail_at else loss
 
     settings = {"max_steps": 10, "save_every": 2, "batch_size": 8, "log_every": 1, "progress": False, **cfg}
-    return lk.Trainer(model, loss_fn, lambda idx: x[idx], 64, lk.TrainerConfig(out_dir=str(out), **settings))
+    config = lk.TrainerConfig(out_dir=str(out), **settings)
+    return lk.Trainer(model, loss_fn, lambda idx: x[idx], examples, config, record=record)
 
 
 def names(out: Path) -> list[str]:
@@ -245,3 +247,62 @@ def test_full_disk_on_a_real_tmpfs(tmp_path):
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=True)
         disk.rmdir()
+
+
+# ------------------------------------------------------------------------------ layouts checked up front
+def test_a_file_among_the_checkpoints_is_removed_on_resume_and_the_run_ends_as_uninterrupted(tmp_path, uninterrupted):
+    crashed_at_7(tmp_path)
+    (tmp_path / "checkpoints" / "step-00000008").write_text("not a checkpoint")
+    (tmp_path / "checkpoints" / ".step-00000008.tmp-99").write_text("a torn temp file")
+    with pytest.warns(UserWarning, match=r"skipping incomplete or damaged checkpoint .*step-00000008 \(a file, not a "
+                      r"checkpoint folder\); removing it"):  # fmt: skip
+        tiny(tmp_path).train(resume=True)
+    assert names(tmp_path) == ["step-00000006", "step-00000008", "step-00000010"]
+    got = adapter(tmp_path, 10)
+    assert all(torch.equal(got[k], uninterrupted[k]) for k in uninterrupted) and steps(tmp_path) == [*range(1, 11)]
+
+
+def test_a_checkpoints_file_is_refused_before_training_and_replaced_by_overwrite(tmp_path):
+    (tmp_path / "checkpoints").write_text("not a folder")
+    where = re.escape(str(tmp_path / "checkpoints"))
+    for resume in (False, True):
+        with pytest.raises(lk.InputError, match=rf"^{where} is not a folder \(a run keeps its checkpoints there\); "
+                           "remove it, or train into another out_dir, or start afresh with overwrite"):  # fmt: skip
+            tiny(tmp_path).train(resume=resume)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints"], "nothing was trained or written"
+    tiny(tmp_path, max_steps=2, overwrite=True).train()
+    assert names(tmp_path) == ["step-00000002"]
+
+
+# ------------------------------------------------------------------------------ a resume continues the same run
+RESUMED_WITH = {
+    "lr": ({"lr": 0.01}, "with other settings (lr 0.001 -> 0.01); they change the run's trajectory"),
+    "seed": ({"seed": 3}, "with other settings (seed 0 -> 3)"),
+    "grad_accum": ({"grad_accum": 2}, "with other settings (grad_accum 1 -> 2)"),
+    "data size": ({"examples": 32}, "with other settings (num_examples 64 -> 32)"),
+    "record": ({"record": {"data": {"n": 2}}}, "from another recipe ([data] n 1 -> 2)"),
+    "max_steps below": ({"max_steps": 4}, "step-00000006 is at step 6, beyond max_steps = 4; resume with max_steps >= "
+                        "6"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(RESUMED_WITH))
+def test_resume_with_settings_that_change_the_run_is_refused(tmp_path, case):
+    with pytest.raises(lk.TrainingError):
+        tiny(tmp_path, fail_at=7, record={"data": {"n": 1}}).train()
+    before = names(tmp_path), (tmp_path / "metrics.jsonl").read_text()
+    changes, message = RESUMED_WITH[case]
+    with pytest.raises(lk.InputError) as caught:
+        tiny(tmp_path, **{"record": {"data": {"n": 1}}, **changes}).train(resume=True)
+    assert str(caught.value).startswith("resume: ") and message in str(caught.value), str(caught.value)
+    assert (names(tmp_path), (tmp_path / "metrics.jsonl").read_text()) == before, "a refused resume changes nothing"
+
+
+def test_resume_may_skip_non_finite_steps_and_log_differently(tmp_path, uninterrupted):
+    crashed_at_7(tmp_path)
+    with pytest.warns(UserWarning, match=r"other settings than it was trained with \(on_nonfinite 'raise' -> 'skip'\)"):
+        tiny(tmp_path, on_nonfinite="skip", log_every=5, keep_last=1, desc="again").train(resume=True)
+    got = adapter(tmp_path, 10)
+    assert all(torch.equal(got[k], uninterrupted[k]) for k in uninterrupted)
+    with pytest.warns(UserWarning, match="holds no record of its recipe; resuming without checking it"):
+        tiny(tmp_path, record={"data": {"n": 1}}).resume()

@@ -9,15 +9,19 @@ terminal, so no carriage-return progress bar may appear in it."""
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
+import lorakit as lk
 from lorakit.cli import main
 from lorakit.recipes import run
 
@@ -171,36 +175,35 @@ def test_kill_9_mid_checkpoint_then_resume_is_bit_identical(tmp_path, assets, ki
 
 # ------------------------------------------------------------------------------ another base
 def test_resume_refuses_a_different_base(tmp_path, assets, capsys):
+    """The recipe's record names a changed seed; the base's fingerprint, weights that changed under
+    the same path; a refused resume changes nothing, and the unchanged base resumes."""
+    from lorakit.recipes import build_model, stage_seed
+
+    with torch.random.fork_rng():
+        torch.manual_seed(stage_seed(0, "model"))
+        state = {k: v.clone() for k, v in build_model({"factory": "tests.helpers.train_worker:seed_mlp"})[0]
+                 .state_dict().items()}  # fmt: skip
+    weights = tmp_path / "base.safetensors"
+    save_file(state, str(weights))
     cfg = recipe(assets, tmp_path, "seed_mlp", steps=8)
+    cfg.write_text(cfg.read_text().replace(':seed_mlp"', f':seed_mlp"\nweights = "{weights}"'))
     out = tmp_path / "out"
     assert main(["train", str(cfg)]) == 0
     before = sorted(p.name for p in (out / "checkpoints").iterdir()), (out / "metrics.jsonl").read_text()
     capsys.readouterr()
-    # a random base drawn from another seed
-    cfg.write_text(cfg.read_text().replace("seed = 0", "seed = 1").replace("max_steps = 8", "max_steps = 12"))
+    cfg.write_text(cfg.read_text().replace("seed = 0", "seed = 1"))  # the seed draws the adapter's init
+    assert main(["train", str(cfg), "--resume"]) == 2
+    assert "step-00000008 was trained from another recipe ([train] seed 0 -> 1)" in capsys.readouterr().err
+    cfg.write_text(cfg.read_text().replace("seed = 1", "seed = 0"))
+    save_file({**state, "fc2.weight": state["fc2.weight"] + (torch.arange(256) == 0).float()}, str(weights))
     assert main(["train", str(cfg), "--resume"]) == 2
     err = capsys.readouterr().err
     assert "the frozen base is not the one" in err and "step-00000008 was trained on" in err
-    assert "6 of 6 frozen tensors differ: fc1.base_layer.bias has other values" in err
-    # the same seed, but weights loaded over the base that differ in one tensor
-    cfg.write_text(cfg.read_text().replace("seed = 1", "seed = 0"))
-    from lorakit.recipes import build_model
-
-    with torch.random.fork_rng():
-        from lorakit.recipes import stage_seed
-
-        torch.manual_seed(stage_seed(0, "model"))
-        state = {k: v.clone() for k, v in build_model({"factory": "tests.helpers.train_worker:seed_mlp"})[0]
-                 .state_dict().items()}  # fmt: skip
-    save_file({**state, "fc2.weight": state["fc2.weight"] + (torch.arange(256) == 0).float()},
-              str(tmp_path / "base.safetensors"))  # fmt: skip
-    cfg.write_text(cfg.read_text().replace(':seed_mlp"', f':seed_mlp"\nweights = "{tmp_path / "base.safetensors"}"'))
-    assert main(["train", str(cfg), "--resume"]) == 2
-    assert "1 of 6 frozen tensors differ: fc2.base_layer.weight has other values" in capsys.readouterr().err
+    assert "1 of 6 frozen tensors differ: fc2.base_layer.weight has other values" in err
     after = sorted(p.name for p in (out / "checkpoints").iterdir()), (out / "metrics.jsonl").read_text()
     assert after == before, "a refused resume changes nothing"
-    # the unchanged weights resume
-    save_file(state, str(tmp_path / "base.safetensors"))
+    save_file(state, str(weights))  # the unchanged weights resume, for longer
+    cfg.write_text(cfg.read_text().replace("max_steps = 8", "max_steps = 12"))
     with pytest.warns(UserWarning, match=r"other settings than it was trained with \(max_steps 8 -> 12\)"):
         assert main(["train", str(cfg), "--resume"]) == 0
     assert metric_steps(out) == list(range(1, 13))
@@ -217,3 +220,113 @@ def test_text_outside_the_models_vocabulary_is_refused(tmp_path, assets):
     child = train(cfg, tmp_path / "log.txt")
     assert child.wait() == 2
     assert "[data]: token id 119 (bytes, ids 0-255) does not fit the model's vocabulary of 100" in child.output()
+
+
+# ------------------------------------------------------------------------------ lk.Trainer's arguments
+X = torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
+
+
+def adapted() -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4))
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["0"]))
+    return model
+
+
+def trainer(tmp_path: Path, loss_fn=lambda m, b: m(b).pow(2).mean(), model=None, **settings) -> lk.Trainer:
+    config = lk.TrainerConfig(out_dir=str(tmp_path / "out"), **{"max_steps": 2, "batch_size": 8, "progress": False,
+                                                               **settings})  # fmt: skip
+    return lk.Trainer(model or adapted(), loss_fn, lambda idx: X[idx], 64, config)
+
+
+BAD_ARGUMENTS = {
+    "num_examples a string": ({"num_examples": "64"}, "Trainer: num_examples = '64' (str): expected an integer >= 1"),
+    "num_examples a float": ({"num_examples": 64.0}, "Trainer: num_examples = 64.0 (float): expected an integer >= 1"),
+    "num_examples a bool": ({"num_examples": True}, "Trainer: num_examples = True (bool): expected an integer >= 1"),
+    "config a dict": ({"config": {"out_dir": "x", "max_steps": 2}}, "Trainer: config = {'max_steps': 2, 'out_dir': "
+                      "'x'} (dict): expected a lorakit.TrainerConfig: build one with TrainerConfig(**config)"),
+    "collate None": ({"collate": None}, "Trainer: collate = None (NoneType): expected a callable collate(indices) "
+                     "-> batch"),
+    "loss_fn a string": ({"loss_fn": "mse"}, "Trainer: loss_fn = 'mse' (str): expected a callable loss_fn(model, "
+                         "batch) -> scalar loss tensor"),
+    "eval_fn a dict": ({"eval_fn": {}}, "Trainer: eval_fn = {} (dict): expected a callable eval_fn(model)"),
+    "model a state dict": ({"model": {"w": 1}}, "Trainer: model = {'w': 1} (dict): expected a torch.nn.Module"),
+    "nothing trainable": ({"model": nn.Linear(4, 4).requires_grad_(False)},
+                          "Trainer: the model has no trainable parameters (every requires_grad is False)"),
+    "batch larger than the data": ({"num_examples": 6}, "TrainerConfig.batch_size = 8 needs 8 examples per step, and "
+                                   "the data holds 6; allowed: at most 6"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_bad_trainer_arguments_are_refused_at_construction(tmp_path, case):
+    changes, message = BAD_ARGUMENTS[case]
+    config = lk.TrainerConfig(out_dir=str(tmp_path / "out"), max_steps=2, batch_size=8, progress=False)
+    args = {"model": adapted(), "loss_fn": lambda m, b: m(b).sum(), "collate": lambda idx: X[idx], "num_examples": 64,
+            "config": config, **changes}  # fmt: skip
+    with pytest.raises(lk.ArgumentTypeError) as caught:
+        lk.Trainer(**args)
+    assert str(caught.value).startswith(message), str(caught.value)
+    assert isinstance(caught.value, lk.InputError) and isinstance(caught.value, TypeError)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_dir_that_is_a_file_is_refused_at_construction(tmp_path):
+    (tmp_path / "out").write_text("notes")
+    with pytest.raises(lk.InputError, match=r"^out_dir '.*out' is a file; allowed: a folder, existing or to be "
+                       "created$"):  # fmt: skip
+        trainer(tmp_path)
+
+
+BAD_LOSSES = {
+    "a vector": (lambda m, b: m(b).pow(2).mean(0), "got a tensor of shape [4] at step 1 (reduce it, e.g. .mean())"),
+    "a float": (lambda m, b: 0.5, "got float 0.5 at step 1"),
+    "None": (lambda m, b: None, "got NoneType None at step 1"),
+    "detached": (lambda m, b: m(b).pow(2).mean().detach(), "got a tensor that does not require grad at step 1 "
+                 "(detached, computed under torch.no_grad(), or depending on no trainable parameter)"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(BAD_LOSSES))
+def test_a_loss_that_cannot_train_is_refused_at_the_first_step(tmp_path, case):
+    loss_fn, message = BAD_LOSSES[case]
+    with pytest.raises(lk.ArgumentTypeError) as caught:
+        trainer(tmp_path, loss_fn).train()
+    assert str(caught.value) == f"loss_fn must return a scalar tensor with a gradient; {message}"
+    assert list((tmp_path / "out").iterdir()) == [], "no metrics, no checkpoint"
+
+
+def test_a_model_without_an_adapter_says_what_trains(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="lorakit.trainer_checks")
+    trainer(tmp_path, model=nn.Sequential(nn.Linear(4, 4)))
+    head = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    head[0].requires_grad_(False)
+    trainer(tmp_path, model=head)
+    assert [r.getMessage() for r in caplog.records] == [
+        "Trainer: the model holds no lorakit adapter; training all 20 parameters (full fine-tuning)",
+        "Trainer: the model holds no lorakit adapter; training 20 of 40"]  # fmt: skip
+
+
+def test_a_run_whose_every_step_was_skipped_fails_naming_them(tmp_path):
+    calls = {"n": 0}
+
+    def nan_from_the_second(m: nn.Module, b: torch.Tensor) -> torch.Tensor:
+        calls["n"] += 1
+        return m(b).pow(2).mean() * (float("nan") if calls["n"] > 1 else 1.0)
+
+    with pytest.raises(lk.TrainingError, match=r"^every one of the 2 steps of this run \(steps 1-2\) was skipped as "
+                       r"non-finite \(on_nonfinite='skip'\): the adapter did not change"):  # fmt: skip
+        trainer(tmp_path, lambda m, b: m(b).pow(2).mean() * float("nan"), on_nonfinite="skip").train()
+    assert not (tmp_path / "out" / "checkpoints").exists()
+    with pytest.warns(UserWarning, match=r"^lorakit: 3 of the 4 steps of this run were skipped as non-finite"):
+        result = trainer(tmp_path, nan_from_the_second, on_nonfinite="skip", max_steps=4, overwrite=True).train()
+    assert result["step"] == 4 and (tmp_path / "out" / "checkpoints" / "step-00000004").is_dir()
+
+
+def test_a_warmup_longer_than_the_run_warns_once(tmp_path):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer(tmp_path, warmup_steps=5).train()
+    assert [str(w.message) for w in caught] == [
+        "lorakit: warmup_steps = 5 exceeds max_steps = 2: the learning rate never reaches lr (it ends at 2/5 of it)"
+    ]

@@ -25,6 +25,7 @@ TIERS: list[set[str]] = [
     {"errors"},
     {"config", "targeting", "functional", "loss_plot", "planner", "atomic"},
     {"files", "quantization", "bank", "devices", "optim", "train_state"},
+    {"run_dir", "trainer_checks", "recipe_files"},  # what training and recipes check before they run
     {"layers"},
     {"injection"},
     {"merging", "routing", "checkpoint", "combine", "offline", "family", "soft_prompts"},

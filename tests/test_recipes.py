@@ -82,6 +82,8 @@ def test_recipe_error_is_an_input_error_with_a_hint(tmp_path, capsys):
         (TOY_RUN.replace("batch_size = 32", "batch_size = 2.5"),
          "[train] batch_size = 2.5 (float): expected an integer >= 1"),
         (TOY_RUN.replace("lr = 0.01", "lr = -1"), "[train] lr = -1 (int): expected a finite number > 0"),
+        (TOY_RUN.replace("lr = 0.01", 'lr = "1e-3"'),
+         "[train] lr = '1e-3' (str): expected a finite number > 0 (write it without quotes: 1e-3)"),
         (TOY_RUN.replace("lr = 0.01", "lr = nan"), "[train] lr = nan (float): expected a finite number > 0"),
         (TOY_RUN.replace("lr = 0.01", 'lr = 0.01\nseed = "a"'), "[train] seed = 'a' (str): expected an integer in"),
         (TOY_RUN.replace("progress = false", 'progress = "false"'),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from typing import Any
 
 import torch
@@ -117,6 +118,14 @@ def move_to(obj: Any, device: DeviceLike, non_blocking: bool | None = None) -> A
         except TypeError:  # a .to(device) without non_blocking (older BatchEncoding)
             return to(device)
     return obj
+
+
+def stderr_is_terminal() -> bool:
+    """Whether stderr is a terminal (a progress bar there; piped, periodic log lines instead)."""
+    try:
+        return bool(sys.stderr is not None and sys.stderr.isatty())
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
 
 
 def distributed_backend(device: DeviceLike) -> str:

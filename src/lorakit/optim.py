@@ -41,6 +41,16 @@ def _num(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def _number(text: str) -> int | float | None:
+    """The number a string spells (``"1e-3"``, ``"10"``), or None."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return None
+
+
 _AT_LEAST_1 = ("an integer >= 1", lambda v: _int(v) and v >= 1)
 _EVERY = ("an integer >= 1, or None", lambda v: v is None or (_int(v) and v >= 1))
 _BOOL = ("true or false (a boolean, not a string)", lambda v: isinstance(v, bool))
@@ -72,12 +82,28 @@ def check_training_values(values: Mapping[str, Any], label: Callable[[str], str]
     for key, value in values.items():
         allowed, ok = FIELD_RULES.get(key, ("", lambda v: True))
         if not ok(value):
-            raise InputError(f"{label(key)} = {value!r} ({type(value).__name__}): expected {allowed}")
+            number = _number(value) if isinstance(value, str) else None
+            quoted = number is not None and ok(number)
+            hint = f" (write it without quotes: {value.strip()})" if quoted else ""
+            raise InputError(f"{label(key)} = {value!r} ({type(value).__name__}): expected {allowed}{hint}")
         if key == "optimizer":
             try:
                 check_optimizer_name(value)
             except InputError as err:
                 raise InputError(f"{label(key)} = {value!r}: {err}") from None
+
+
+def lr_factor(step: int, warmup_steps: int, max_steps: int, schedule: str) -> float:
+    """The learning rate's factor at ``step``: a linear warmup over ``warmup_steps``, then
+    ``schedule`` (cosine / linear decay to 0 at ``max_steps``, or constant)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, max_steps - warmup_steps)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+    if schedule == "linear":
+        return max(0.0, 1 - progress)
+    return 1.0
 
 
 def _devices(params: list[Any]) -> set[torch.device]:

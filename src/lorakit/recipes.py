@@ -28,7 +28,9 @@
                                  # init and dropout: a run is a pure function of its recipe
     # overwrite = true           # start afresh where an earlier run left checkpoints
 
-Every section rejects unknown keys and values of the wrong type or range, naming ``[section]
+YAML is read by YAML 1.2's rules (``lorakit.recipe_files``: ``1e-3`` is a number, ``yes`` and
+``1:30`` are strings, ``010`` and a repeated key are refused, naming ``file:line:col``). Every
+section rejects unknown keys and values of the wrong type or range, naming ``[section]
 key``, the value and what is allowed; a factory rejects keyword arguments it does not take, naming
 the ones it does; an exception inside a factory, or a syntax error in its module, is reported
 naming the factory. A factory's module is imported when the config is run (installed, or on
@@ -49,7 +51,6 @@ import inspect
 import json
 import numbers
 import random
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -58,62 +59,15 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .devices import init_distributed, world
-from .errors import InputError
+from .devices import init_distributed, stderr_is_terminal, world
 from .injection import inject
-from .train_state import check_out_dir
-from .trainer import Trainer, TrainerConfig, check_config_values, stderr_is_terminal
+from .recipe_files import RecipeError, check_keys, check_type, read_config
+from .run_dir import check_out_dir
+from .train_state import remove_path
+from .trainer import Trainer, TrainerConfig
+from .trainer_checks import check_batch_fits, check_config_values
 
-SECTIONS = {"out_dir", "model", "data", "lora", "train"}
-
-
-class RecipeError(InputError):
-    """The training config is wrong; the message says where."""
-
-
-def read_config(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"{path}: no such config file")
-    text = path.read_text()
-    if path.suffix in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise RecipeError(f"{path}: YAML configs need PyYAML (pip install pyyaml); TOML needs nothing") from None
-        data = yaml.safe_load(text)
-    else:
-        import tomllib
-
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
-            raise RecipeError(f"{path}: not valid TOML: {err}") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"{path}: the config must be a table of sections")
-    unknown = sorted(set(data) - SECTIONS)
-    if unknown:
-        raise RecipeError(f"{path}: unknown section(s) {unknown}; allowed: {sorted(SECTIONS)}")
-    for required in ("out_dir", "model", "data", "lora", "train"):
-        if required not in data:
-            raise RecipeError(f"{path}: missing {required!r}")
-        if required != "out_dir" and not isinstance(data[required], dict):
-            raise RecipeError(f"{path}: [{required}] must be a table of keys, got {type(data[required]).__name__}")
-    if not isinstance(data["out_dir"], str) or not data["out_dir"]:
-        raise RecipeError(f"{path}: out_dir = {data['out_dir']!r}: expected a non-empty path string")
-    return data
-
-
-def _check_type(section: str, table: dict[str, Any], key: str, allowed: str, ok: Callable[[Any], bool]) -> None:
-    if key in table and not ok(table[key]):
-        value = table[key]
-        raise RecipeError(f"[{section}] {key} = {value!r} ({type(value).__name__}): expected {allowed}")
-
-
-def _check_keys(section: str, table: dict[str, Any], allowed: set[str]) -> None:
-    unknown = sorted(set(table) - allowed)
-    if unknown:
-        raise RecipeError(f"[{section}]: unknown key(s) {unknown}; allowed: {sorted(allowed)}")
+__all__ = ["RecipeError", "build_data", "build_model", "read_config", "resolve_factory", "run", "stage_seed"]
 
 
 def resolve_factory(section: str, ref: Any) -> Callable[..., Any]:
@@ -165,7 +119,7 @@ def call_factory(section: str, ref: str, factory: Callable[..., Any], kwargs: di
 def build_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
     """The base model and its tokenizer (None for byte-level text or classification)."""
     for key in ("weights", "hf_pretrained", "hf_config"):
-        _check_type("model", spec, key, "a path string", lambda v: isinstance(v, str))
+        check_type("model", spec, key, "a path string", lambda v: isinstance(v, str))
     weights = Path(spec["weights"]) if spec.get("weights") else None
     if weights is not None and not weights.is_file():
         raise RecipeError(f"[model] weights = {str(weights)!r}: no such file")
@@ -190,7 +144,7 @@ def _base_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
             raise RecipeError(f"[model] factory {ref!r} returned {type(built).__name__}; "
                               "expected an nn.Module or (nn.Module, tokenizer)")  # fmt: skip
         return model, tokenizer
-    _check_keys("model", spec, {"factory", "weights", "hf_pretrained", "hf_config"})
+    check_keys("model", spec, {"factory", "weights", "hf_pretrained", "hf_config"})
     if spec.get("hf_pretrained"):
         folder = Path(spec["hf_pretrained"])
         if not (folder / "config.json").is_file():
@@ -282,10 +236,10 @@ def build_data(spec: dict[str, Any], tokenizer: Any, vocab_size: int | None = No
         return _factory_data(spec, tokenizer)
     kind = spec.get("kind")
     if kind in ("jsonl", "text"):
-        _check_keys("data", spec, {"kind", "path", "files", "seq"})
+        check_keys("data", spec, {"kind", "path", "files", "seq"})
         for key in ("path", "files"):
-            _check_type("data", spec, key, "a path string", lambda v: isinstance(v, str))
-        _check_type("data", spec, "seq", "an integer >= 1",
+            check_type("data", spec, key, "a path string", lambda v: isinstance(v, str))
+        check_type("data", spec, "seq", "an integer >= 1",
                     lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1)  # fmt: skip
         if kind == "jsonl":
             path = Path(spec.get("path", ""))
@@ -350,7 +304,7 @@ def _own_rngs(device: torch.device) -> Iterator[Callable[[int, str], None]]:
 def _lora_config(table: dict[str, Any]) -> LoraConfig:
     for f in dataclasses.fields(LoraConfig):
         if isinstance(f.default, bool):
-            _check_type("lora", table, f.name, "true or false (a boolean, not a string)", lambda v: isinstance(v, bool))
+            check_type("lora", table, f.name, "true or false (a boolean, not a string)", lambda v: isinstance(v, bool))
     try:
         return LoraConfig.from_dict(table)
     except (ValueError, TypeError) as err:
@@ -365,18 +319,36 @@ def run(path: str | Path, resume: bool = False, overwrite: bool = False) -> dict
     the data factory, the adapter's initialisation and training (dropout), each stage from its own
     derived seed; the caller's global generators are left as they were. ``overwrite`` (or ``[train]
     overwrite = true``) deletes an earlier run in ``out_dir``; without it, or ``resume``, such a
-    run is refused."""
+    run is refused. ``out_dir``'s layout and the batch against the data's size are checked before
+    anything is written there.
+
+    ``resume`` continues the same run, so what made it must not change: each checkpoint stores
+    the recipe's ``[model]``, ``[data]`` and ``[lora]`` sections (``[lora]`` with its defaults
+    filled in) and the seed, and a resume from one whose record differs is refused, naming each
+    changed key (old -> new); so is a change of the ``[train]`` settings that steer the run
+    (``batch_size``, ``grad_accum``, ``lr``, ``weight_decay``, ``warmup_steps``, ``schedule``,
+    ``max_grad_norm``, ``bf16``, ``fp16``, ``optimizer``, ``seed``, ``adapter``), of the data's
+    size, and a ``max_steps`` below the checkpoint's step. ``max_steps`` may grow and
+    ``on_nonfinite`` may change (each with a warning); ``save_every``, ``keep_last``,
+    ``eval_every``, ``log_every``, ``progress``, ``desc`` and ``device`` may change freely
+    (``lorakit.run_dir``). To change the rest, train into a new ``out_dir`` or ``--overwrite``."""
     cfg = read_config(path)
     train = dict(cfg["train"])
-    _check_keys("train", train, set(TrainerConfig.__dataclass_fields__) - {"out_dir"})
+    check_keys("train", train, set(TrainerConfig.__dataclass_fields__) - {"out_dir"})
     check_config_values(train, lambda key: f"[train] {key}")
+    if "max_steps" not in train:
+        raise RecipeError("[train] max_steps is missing; allowed: an integer >= 1, the optimizer steps to train")
     train["overwrite"] = bool(overwrite or train.get("overwrite", False))
     check_out_dir(cfg["out_dir"], resume, train["overwrite"])
+    adapter_dir = Path(cfg["out_dir"]) / "adapter"
+    if not train["overwrite"] and adapter_dir.exists() and not adapter_dir.is_dir():
+        raise RecipeError(f"{adapter_dir} is a file, where the run writes its adapter folder; remove it, or "
+                          "choose another out_dir")  # fmt: skip
     lora = _lora_config(dict(cfg["lora"]))
     # Under torchrun: joins the process group (NCCL for CUDA, else gloo) and returns this process's device.
     device = init_distributed(train.pop("device", None))
-    seed, rank = train.get("seed", 0), world()[0]
-    adapter_dir = Path(cfg["out_dir"]) / "adapter"
+    seed, (rank, size) = train.get("seed", 0), world()
+    record = {"model": cfg["model"], "data": cfg["data"], "lora": dataclasses.asdict(lora), "train": {"seed": seed}}
     with _own_rngs(device) as seed_stage:
         seed_stage(seed, "model")
         model, tokenizer = build_model(dict(cfg["model"]))
@@ -384,11 +356,13 @@ def run(path: str | Path, resume: bool = False, overwrite: bool = False) -> dict
         embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         vocab = embedding.num_embeddings if isinstance(embedding, nn.Embedding) else None
         collate, n, loss_fn = build_data(dict(cfg["data"]), tokenizer, vocab)
+        check_batch_fits(n, train.get("batch_size", TrainerConfig.batch_size), size, "[train] batch_size")
         seed_stage(seed, "adapter")
         inject(model, lora)
-        trainer = Trainer(model, loss_fn, collate, n, TrainerConfig(out_dir=cfg["out_dir"], device=device, **train))
+        config = TrainerConfig(out_dir=cfg["out_dir"], device=device, **train)
+        trainer = Trainer(model, loss_fn, collate, n, config, record=record)
         if train["overwrite"] and rank == 0:
-            shutil.rmtree(adapter_dir, ignore_errors=True)
+            remove_path(adapter_dir)
         seed_stage(seed, f"train:{rank}")
         result = trainer.train(resume=resume)
     from .checkpoint import save_adapter

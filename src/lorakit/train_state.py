@@ -9,8 +9,9 @@ damaged (``checkpoint_problem`` says why). A write that fails (a full disk) remo
 folder; one killed mid-write leaves it behind for ``remove_stale_temps``.
 
 ``trainer.json`` also holds a fingerprint of the frozen base (``base_fingerprint``: names, shapes,
-dtypes and a SHA-256 of every frozen parameter's bytes), so that a resume onto another base is
-refused instead of silently training a mixture.
+dtypes and a SHA-256 of every frozen parameter's bytes), the data's size and the caller's record
+of the run (a recipe's sections), so that a resume onto another base, other data or another
+recipe is refused (``lorakit.run_dir``) instead of silently training a mixture.
 
 The trainer state (``trainer_state.pt``: optimizer, scheduler, gradient scaler, RNG states, step)
 is read with ``map_location="cpu"`` and ``weights_only=True``: the CPU RNG state must stay a CPU
@@ -28,7 +29,6 @@ import os
 import re
 import shutil
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,8 +36,6 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 from torch import nn
-
-from .errors import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -49,9 +47,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"  # lorakit.checkpoint.WEIGHTS_NAME
 METRICS = "metrics.jsonl"
 CHECKPOINTS = "checkpoints"
 LOSS_CURVE = "loss_curve.png"
-# Settings whose change between a checkpoint and its resume changes the run (warned about).
-TRAJECTORY = ("max_steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "schedule",
-              "max_grad_norm", "bf16", "fp16", "optimizer", "on_nonfinite", "seed", "adapter")  # fmt: skip
 _STEP_DIR = re.compile(r"step-(\d{8})")
 _DIGEST = re.compile(r"[0-9a-f]{64}")
 
@@ -113,8 +108,10 @@ def _manifest_problem(path: Path) -> str | None:
 def checkpoint_problem(path: Path) -> str | None:
     """Why the checkpoint folder cannot be resumed from, or None when it is complete."""
     match = _STEP_DIR.fullmatch(path.name)
-    if match is None or not path.is_dir():
-        return "not a step-NNNNNNNN folder"
+    if match is None:
+        return "not named step-NNNNNNNN"
+    if not path.is_dir():
+        return "a file, not a checkpoint folder"
     try:
         problem = _manifest_problem(path)
     except OSError as err:  # removed or unreadable while being read
@@ -180,10 +177,19 @@ def stale_temps(ckpt_dir: Path) -> list[Path]:
     return sorted(ckpt_dir.glob(".step-*.tmp-*")) if ckpt_dir.is_dir() else []
 
 
+def remove_path(path: Path) -> None:
+    """Delete ``path``: a folder with what it holds, or a file (or link); missing is fine."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+
+
 def remove_stale_temps(ckpt_dir: Path) -> int:
     temps = stale_temps(ckpt_dir)
     for tmp in temps:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp)
     return len(temps)
 
 
@@ -194,13 +200,13 @@ def write_sealed(ckpt_dir: Path, step: int, write: Callable[[Path], None]) -> Pa
     final = ckpt_dir / checkpoint_name(step)
     tmp = ckpt_dir / f".{final.name}.tmp-{os.getpid()}"
     try:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp)
         tmp.mkdir(parents=True)
         write(tmp)
         pause_for_tests("LORAKIT_TEST_PAUSE_IN_SAVE", step)
         return seal(tmp, final)
     except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_path(tmp)
         if _disk_full(err):
             raise OSError(
                 errno.ENOSPC,
@@ -283,68 +289,6 @@ def truncate_metrics(path: Path, step: int) -> int:
         tmp.write_text("".join(kept))
         os.replace(tmp, path)
     return dropped
-
-
-# ---------------------------------------------------------------------------- one run per out_dir
-def earlier_run(out_dir: str | os.PathLike[str]) -> list[Path]:
-    """What an earlier training run left in ``out_dir``: checkpoints (finished or not) and metrics."""
-    out = Path(out_dir)
-    ckpt = out / CHECKPOINTS
-    found = [*sorted(ckpt.glob("step-*")), *stale_temps(ckpt)] if ckpt.is_dir() else []
-    return found + [out / METRICS] * (out / METRICS).exists()
-
-
-def check_out_dir(out_dir: str | os.PathLike[str], resume: bool, overwrite: bool) -> None:
-    """Refuse to start a fresh run (no resume, no overwrite) where an earlier one left its files."""
-    if resume and overwrite:
-        raise InputError("resume and overwrite exclude each other: resume continues the run in out_dir, "
-                         "overwrite deletes it and starts afresh")  # fmt: skip
-    found = [] if resume or overwrite else earlier_run(out_dir)
-    if found:
-        names = ", ".join(p.name for p in found[:4]) + (f" and {len(found) - 4} more" if len(found) > 4 else "")
-        raise InputError(
-            f"out_dir {str(out_dir)!r} holds an earlier run ({names}); resume it (train(resume=True), lorakit "
-            "train --resume), choose another out_dir, or overwrite it (TrainerConfig(overwrite=True), "
-            "[train] overwrite = true, lorakit train --overwrite)"
-        )
-
-
-def start_run(out_dir: str | os.PathLike[str], resume: bool, overwrite: bool, remove: bool = True) -> None:
-    """``check_out_dir``, then, for ``overwrite`` (and ``remove``: rank 0), the earlier run deleted."""
-    check_out_dir(out_dir, resume, overwrite)
-    removed = remove_run(out_dir) if overwrite and remove else []
-    if removed:
-        logger.info("overwrite: removed the earlier run's %s from %s", ", ".join(removed), out_dir)
-    Path(out_dir).mkdir(parents=True, exist_ok=True)
-
-
-def remove_run(out_dir: str | os.PathLike[str]) -> list[str]:
-    """Delete an earlier run's checkpoints, metrics and loss curve; returns what was there."""
-    out = Path(out_dir)
-    removed = [p for p in (out / CHECKPOINTS, out / METRICS, out / LOSS_CURVE) if p.exists()]
-    for path in removed:
-        shutil.rmtree(path) if path.is_dir() else path.unlink()
-    return [p.name for p in removed]
-
-
-def check_resumable(path: Path, meta: dict[str, Any], base: Callable[[], dict[str, Any]],
-                    config: dict[str, Any]) -> None:  # fmt: skip
-    """Refuse (``InputError``) checkpoint ``path`` when ``base()``, the fingerprint of the model
-    resuming, differs from the one it was trained on; warn when settings in ``TRAJECTORY`` changed."""
-    if "base" not in meta:
-        warnings.warn(f"lorakit: {path} holds no fingerprint of its base; resuming unchecked", stacklevel=3)
-    else:
-        mismatch = fingerprint_mismatch(meta["base"], base())
-        if mismatch:
-            raise InputError(
-                f"resume: the frozen base is not the one {path} was trained on ({mismatch}); resume with the "
-                "same base model (and, for random weights, the same seed), or train into another out_dir"
-            )
-    old, now = meta.get("config", {}), json.loads(json.dumps(config, default=str))
-    changed = [f"{k} {old[k]!r} -> {now[k]!r}" for k in TRAJECTORY if k in old and k in now and old[k] != now[k]]
-    if changed:
-        warnings.warn(f"lorakit: resuming {path} with other settings than it was trained with "
-                      f"({', '.join(changed)}); the run will not match an uninterrupted one", stacklevel=3)  # fmt: skip
 
 
 def save_trainable(model: nn.Module, folder: Path) -> None:

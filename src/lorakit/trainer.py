@@ -17,7 +17,8 @@ Checkpoints (every ``save_every`` steps and at the end) hold the adapter in PEFT
 trainable parameters of a model without one), optimizer, scheduler and scaler state, the RNG
 states, the step and a fingerprint of the frozen base, sealed atomically (``lorakit.train_state``).
 ``train(resume=True)`` takes the newest complete checkpoint (damaged ones are removed with one
-warning each; when all are damaged it raises), refuses one trained on another base, and cuts
+warning each; when all are damaged it raises), refuses one trained on another base, data size,
+``record`` or trajectory settings, or beyond ``max_steps`` (``lorakit.run_dir``), and cuts
 ``metrics.jsonl`` back to its step. ``train()`` without resume refuses an ``out_dir`` holding an
 earlier run unless ``overwrite=True``, which deletes that run first. Progress: a tqdm bar when
 stderr is a terminal, else a ``logging`` line (``lorakit.trainer``, INFO) every ``log_every`` steps.
@@ -29,9 +30,7 @@ import contextlib
 import io
 import json
 import logging
-import math
 import shutil
-import sys
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -42,12 +41,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import train_state
+from . import run_dir, train_state, trainer_checks
 from .checkpoint import load_adapter_tensors, save_adapter
-from .devices import autocast_settings, move_to, resolve_device, training_device, world
+from .devices import autocast_settings, move_to, resolve_device, stderr_is_terminal, world
 from .errors import InputError
 from .injection import adapter_configs
-from .optim import check_training_values, make_optimizer
+from .optim import lr_factor, make_optimizer
 
 logger = logging.getLogger(__name__)
 
@@ -58,13 +57,6 @@ METRICS = train_state.METRICS
 
 class TrainingError(RuntimeError):
     """Training cannot go on (a non-finite loss or gradient, a bad checkpoint folder...)."""
-
-
-def check_config_values(values: Mapping[str, Any], label: Callable[[str], str]) -> None:
-    """``optim.check_training_values``, and a device that torch knows and that can train."""
-    check_training_values(values, label)
-    if values.get("device") is not None:
-        training_device(values["device"], what=label("device"))  # its error names label and value
 
 
 @dataclass
@@ -94,7 +86,8 @@ class TrainerConfig:
     overwrite: bool = False  # train() without resume into an out_dir holding an earlier run: delete it
 
     def __post_init__(self) -> None:
-        check_config_values({f.name: getattr(self, f.name) for f in fields(self)}, lambda k: f"TrainerConfig.{k}")
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        trainer_checks.check_config_values(values, lambda k: f"TrainerConfig.{k}")
         if self.bf16 and self.fp16:
             raise InputError("TrainerConfig: bf16 and fp16 exclude each other; set at most one")
 
@@ -107,13 +100,6 @@ def config_optimizer(params: list[nn.Parameter], config: TrainerConfig) -> torch
     return make_optimizer(params, config.optimizer, lr=config.lr, weight_decay=config.weight_decay)
 
 
-def stderr_is_terminal() -> bool:
-    try:
-        return bool(sys.stderr is not None and sys.stderr.isatty())
-    except (AttributeError, ValueError):  # replaced or closed stream
-        return False
-
-
 class Trainer:
     """Train the trainable parameters of ``model`` (what ``inject`` left trainable).
 
@@ -121,6 +107,9 @@ class Trainer:
     builds the batch for a list of example indices of a dataset of ``num_examples`` examples; the
     batch is moved to the training device before ``loss_fn`` sees it. ``optimizer_factory(params,
     config)`` builds the optimizer instead of ``config.optimizer`` (any ``torch.optim.Optimizer``).
+    ``record``, a JSON-able table of tables (what built the model and the data), is stored with
+    each checkpoint, and a resume from a checkpoint whose record differs is refused. The arguments
+    are checked here (``lorakit.trainer_checks``, ``lorakit.run_dir``), each loss at every step.
     """
 
     def __init__(
@@ -132,17 +121,21 @@ class Trainer:
         config: TrainerConfig,
         eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
         optimizer_factory: OptimizerFactory | None = None,
+        record: Mapping[str, Any] | None = None,
     ) -> None:
+        self.num_examples = trainer_checks.check_trainer_args(model, loss_fn, collate, num_examples, config,
+                                                              TrainerConfig, eval_fn, optimizer_factory)  # fmt: skip
         self.model, self.loss_fn, self.collate, self.config, self.eval_fn = model, loss_fn, collate, config, eval_fn
-        self.num_examples = num_examples
+        self.record = dict(record) if record is not None else None
         self.rank, self.world = world()
+        run_dir.check_layout(config.out_dir, inside=not config.overwrite)
+        trainer_checks.check_batch_fits(self.num_examples, config.batch_size, self.world)
+        trainer_checks.warn_schedule(config.warmup_steps, config.max_steps)
+        self.params = trainer_checks.check_trainable(model, len(adapter_configs(model)))
         self.device = resolve_device(config.device, model)
         if config.device is not None:
             model.to(self.device)
         self.amp, self.amp_dtype = autocast_settings(self.device.type, config.bf16, config.fp16)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if not self.params:
-            raise TrainingError("the model has no trainable parameters: inject an adapter first")
         self.optimizer = (optimizer_factory or config_optimizer)(self.params, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.scaler = torch.amp.GradScaler("cuda") if config.fp16 else None
@@ -161,15 +154,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ schedule and data
     def _lr_factor(self, step: int) -> float:
-        c = self.config
-        if step < c.warmup_steps:
-            return (step + 1) / c.warmup_steps
-        progress = (step - c.warmup_steps) / max(1, c.max_steps - c.warmup_steps)
-        if c.schedule == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-        if c.schedule == "linear":
-            return max(0.0, 1 - progress)
-        return 1.0
+        return lr_factor(step, self.config.warmup_steps, self.config.max_steps, self.config.schedule)
 
     def micro_batch_indices(self, step: int, micro: int) -> list[int]:
         """This process's examples for micro-batch ``micro`` of optimizer step ``step``."""
@@ -214,6 +199,7 @@ class Trainer:
             batch = move_to(self.collate(self.micro_batch_indices(self.step, micro)), self.device)
             with self._autocast():
                 loss = self.loss_fn(self.model, batch)
+            trainer_checks.check_loss(loss, self.step + 1)
             if not torch.isfinite(loss):
                 return self._nonfinite(f"loss is {loss.item()}")
             scaled = loss / c.grad_accum
@@ -262,7 +248,7 @@ class Trainer:
             return final
         if problem:  # damaged on disk since: written again
             warnings.warn(f"lorakit: rewriting damaged checkpoint {final} ({problem})", UserWarning, stacklevel=2)
-            shutil.rmtree(final)
+            train_state.remove_path(final)
         train_state.write_sealed(self.ckpt_dir, self.step, self._write_checkpoint)
         for old in self.complete_checkpoints()[self.config.keep_last :]:
             shutil.rmtree(old, ignore_errors=True)
@@ -280,7 +266,8 @@ class Trainer:
         buffer = io.BytesIO()  # written by Python: a full disk is OSError(ENOSPC), not torch's zip-writer error
         torch.save(state, buffer)
         (tmp / train_state.STATE).write_bytes(buffer.getbuffer())
-        meta = {"step": self.step, "config": asdict(self.config), "base": self.base_fingerprint()}
+        meta = {"step": self.step, "config": asdict(self.config), "base": self.base_fingerprint(),
+                "examples": self.num_examples, "record": self.record}  # fmt: skip
         (tmp / train_state.META).write_text(json.dumps(meta, indent=2, default=str))
 
     def complete_checkpoints(self) -> list[Path]:
@@ -302,11 +289,12 @@ class Trainer:
         step = 0
         if good:
             path = good[0]
-            train_state.check_resumable(path, train_state.read_meta(path) or {}, self.base_fingerprint, asdict(c))
+            run_dir.check_resumable(path, train_state.read_meta(path) or {}, self.base_fingerprint, asdict(c),
+                                    self.record, self.num_examples)  # fmt: skip
             for bad, why in damaged if self.rank == 0 else []:
                 warnings.warn(f"lorakit: skipping incomplete or damaged checkpoint {bad} ({why}); removing it",
                               UserWarning, stacklevel=2)  # fmt: skip
-                shutil.rmtree(bad, ignore_errors=True)
+                train_state.remove_path(bad)
             step = self._load(path)
             logger.info("%s: resumed from %s (step %d)", c.desc, path, step)
         if self.rank == 0:
@@ -344,15 +332,15 @@ class Trainer:
 
     def train(self, resume: bool = False) -> dict[str, Any]:
         c = self.config
-        train_state.start_run(self.out, resume, c.overwrite, remove=self.rank == 0)
+        run_dir.start_run(self.out, resume, c.overwrite, remove=self.rank == 0)
         if self.world > 1:  # every process has looked at out_dir before rank 0 writes into it
             torch.distributed.barrier()
         if resume:
             self.resume()
-        log = open(self.out / METRICS, "a") if self.rank == 0 else None  # noqa: SIM115
+        log: io.TextIOBase | None = None  # opened at its first line: an empty file is no earlier run
         bar = self._progress_bar()
         show = c.progress and self.rank == 0
-        start, start_step = time.perf_counter(), self.step
+        start, start_step, skipped = time.perf_counter(), self.step, 0
         try:
             while self.step < c.max_steps:
                 tick = time.perf_counter()
@@ -360,12 +348,14 @@ class Trainer:
                 self.step_seconds.append(time.perf_counter() - tick)
                 if loss is not None:
                     self.losses.append(loss)
+                skipped += loss is None
                 record: dict[str, Any] = {"step": self.step, "loss": loss, "lr": self.scheduler.get_last_lr()[0]}
                 evaluated = bool(c.eval_every and self.eval_fn and self.step % c.eval_every == 0)
                 if evaluated:
                     record.update(self.eval_fn(self.model))
                 periodic = self.step % c.log_every == 0 or self.step == c.max_steps or evaluated
-                if log is not None and periodic:
+                if self.rank == 0 and periodic:
+                    log = log or open(self.out / METRICS, "a")  # noqa: SIM115
                     log.write(json.dumps(record) + "\n")
                     log.flush()
                 rate = (self.step - start_step) * c.batch_size * self.world * c.grad_accum
@@ -382,6 +372,11 @@ class Trainer:
                 train_state.pause_for_tests("LORAKIT_TEST_PAUSE_IN_STEP", self.step)
                 if c.save_every and self.step % c.save_every == 0:
                     self.save_checkpoint()
+            if skipped:
+                message = trainer_checks.skipped_message(skipped, self.step - start_step, start_step)
+                if skipped == self.step - start_step:
+                    raise TrainingError(message)
+                warnings.warn(message, UserWarning, stacklevel=2)
             self.save_checkpoint()
             if self.world > 1:
                 torch.distributed.barrier()  # nobody leaves (and tears the group down) before rank 0 has saved
