@@ -7,10 +7,12 @@ import json
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import lorakit as lk
 from lorakit.cli import main
+from lorakit.files import IN_OUT_KEY, save_tensors
 from lorakit.offline import merge_files
 
 from .conftest import SeedMLP, randomize_adapters
@@ -162,3 +164,101 @@ def test_merge_files_refuses_to_overwrite_its_inputs(tmp_path):
         with pytest.raises(lk.InputError, match="would overwrite an input"):
             merge_files(base, tmp_path / "adapter", out)
     assert (base.read_bytes(), (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes()) == before
+
+
+class ConvThenLinear(torch.nn.Module):
+    """A square GPT-2 Conv1D (weight stored [in, out]) and a square nn.Linear ([out, in])."""
+
+    def __init__(self) -> None:
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        self.conv, self.lin = Conv1D(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.conv(x))
+
+
+def _mixed_adapter(tmp_path, *, record: bool = True):
+    """A base (in a safetensors file) and a tuned copy whose adapter covers both kinds, saved; without
+    ``record`` the weights lose lorakit's per-module layout, as PEFT or an older lorakit writes them."""
+    torch.manual_seed(0)
+    base = ConvThenLinear()
+    with torch.no_grad():
+        for p in base.parameters():
+            p.normal_()
+    save_file({k: v.contiguous() for k, v in base.state_dict().items()}, str(tmp_path / "base.safetensors"))
+    tuned = copy.deepcopy(base)
+    lk.inject(tuned, lk.LoraConfig(r=2, alpha=2, target_modules=["conv", "lin"]))
+    randomize_adapters(tuned, scale=1.0)
+    lk.save_adapter(tuned, tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        metadata = f.metadata()
+    assert json.loads(metadata[IN_OUT_KEY]) == ["conv"]
+    if not record:
+        del metadata[IN_OUT_KEY]
+        weights.write_bytes(save_tensors(load_file(weights), metadata))
+    return base, tuned
+
+
+def test_merge_places_each_square_matrix_by_its_recorded_layout(tmp_path):
+    _, tuned = _mixed_adapter(tmp_path)
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    merge_files(tmp_path / "base.safetensors", tmp_path / "adapter", tmp_path / "merged.safetensors")
+    merged = ConvThenLinear()
+    merged.load_state_dict(load_file(tmp_path / "merged.safetensors"))
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert_close(merged(x), tuned(x), reduction=8)
+        assert_close(merged(x), lk.merge_and_unload(tuned)(x), reduction=8)
+
+
+def test_merge_refuses_square_matrices_whose_layout_it_cannot_tell(tmp_path):
+    _mixed_adapter(tmp_path, record=False)
+    with pytest.raises(lk.AdapterLoadError) as err:
+        merge_files(tmp_path / "base.safetensors", tmp_path / "adapter", tmp_path / "merged.safetensors")
+    lines = str(err.value).splitlines()
+    assert lines[0] == "cannot merge:"
+    assert [line.split(":")[0].strip() for line in lines[1:]] == ["conv.weight is square (8, 8)",
+                                                                  "lin.weight is square (8, 8)"]  # fmt: skip
+    assert lines[1].strip() == (
+        "conv.weight is square (8, 8): the adapter does not record whether conv stores its weight [in, out] "
+        "(GPT-2's Conv1D) or [out, in] (nn.Linear); fan_in_fan_out=true is one flag for the whole config and "
+        "the adapter's non-square matrices do not settle it. Save the adapter again with lorakit (which records "
+        "each module's layout), or merge it with the model (lorakit.load_adapter, then lorakit.merge_and_unload)"
+    )
+    assert not (tmp_path / "merged.safetensors").exists()
+
+
+def test_peft_loads_an_adapter_covering_conv1d_and_linear_as_lorakit_computes_it(tmp_path):
+    peft = pytest.importorskip("peft")
+    base, tuned = _mixed_adapter(tmp_path)
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))
+    with pytest.warns(UserWarning, match="fan_in_fan_out is set to True but the target module is `torch.nn.Linear`"):
+        loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "adapter")
+    with torch.no_grad():
+        assert_close(loaded(x), tuned(x), reduction=8)
+
+
+def test_merge_of_a_gpt2_adapter_without_layouts_follows_its_non_square_matrices(tmp_path):
+    """Without lorakit's record (a PEFT save) a square Conv1D matrix (c_proj) is placed like the
+    non-square ones (c_attn, c_fc), which all fit only transposed, as fan_in_fan_out says."""
+    base = tiny_gpt2()
+    tuned = copy.deepcopy(base)
+    lk.inject(tuned, lk.LoraConfig(r=4, alpha=8, target_modules=["c_attn", "c_proj", "c_fc"]))
+    randomize_adapters(tuned, scale=0.05)
+    lk.save_adapter(tuned, tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    with safe_open(str(weights), "pt") as f:
+        metadata = {k: v for k, v in f.metadata().items() if k != IN_OUT_KEY}
+    weights.write_bytes(save_tensors(load_file(weights), metadata))
+    save_file({k: v.contiguous() for k, v in base.state_dict().items() if k != "lm_head.weight"},
+              str(tmp_path / "base.safetensors"))  # fmt: skip
+    merge_files(tmp_path / "base.safetensors", tmp_path / "adapter", tmp_path / "merged.safetensors")
+    merged = copy.deepcopy(base)
+    merged.load_state_dict(load_file(tmp_path / "merged.safetensors"), strict=False)
+    ids = token_batch()
+    with torch.no_grad():
+        want = lk.merge_and_unload(tuned).eval()(input_ids=ids).logits
+        torch.testing.assert_close(merged.eval()(input_ids=ids).logits, want, rtol=1e-4, atol=1e-5)

@@ -1,8 +1,9 @@
 """Atomic writes: one file (a fsynced temporary file and a rename) or a whole folder's files
 together (a fsynced hidden sibling folder swapped in at once: Linux ``renameat2(RENAME_EXCHANGE)``;
 elsewhere the old folder aside then the new one in, a kill between rolled back by the next write
-or read). Other entries of the folder are carried over. A full disk says so and names the target,
-which is left unchanged.
+or read). Other entries of the folder are carried over (with their owners). A folder that is or
+holds a mount point is updated file by file instead, and no deletion descends into a mount. A full
+disk says so and names the target, which is left unchanged.
 """
 
 from __future__ import annotations
@@ -50,8 +51,27 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _same_owner(like: os.stat_result | None, path: str | os.PathLike[str]) -> None:
+    """Give ``path`` (never followed) the owner and group of ``like`` (a ``stat`` of what it
+    replaces or copies), when they differ; silently not when not allowed (not root, or an owner
+    unknown to this user namespace)."""
+    if like is not None and hasattr(os, "lchown"):
+        st = os.lstat(path)
+        if (st.st_uid, st.st_gid) != (like.st_uid, like.st_gid):
+            with contextlib.suppress(OSError):  # PermissionError when not root
+                os.lchown(path, like.st_uid, like.st_gid)
+
+
+def _lstat_or_none(path: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except OSError:
+        return None
+
+
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a fsynced temporary file and a rename."""
+    """Write ``data`` to ``path`` through a fsynced temporary file and a rename (keeping the owner
+    of the file it replaces)."""
     path = Path(path)
     tmp = _temp_name(path, "tmp")
     try:
@@ -59,6 +79,7 @@ def atomic_write(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        _same_owner(_lstat_or_none(path), tmp)
         os.replace(tmp, path)
     except BaseException as err:
         with contextlib.suppress(OSError):
@@ -114,7 +135,56 @@ def recover_folder(target: Path) -> None:
                 logger.warning("lorakit: restored %s, which an interrupted save had moved aside", target)
             continue
         with contextlib.suppress(OSError):
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else os.unlink(entry)
+            remove_tree(entry) if entry.is_dir() and not entry.is_symlink() else os.unlink(entry)
+
+
+def _mount_points() -> set[Path]:
+    """Every mount point of this process (Linux ``/proc/self/mountinfo``, which also lists bind
+    mounts that ``os.path.ismount`` cannot tell); empty elsewhere."""
+    try:
+        lines = Path("/proc/self/mountinfo").read_text(errors="surrogateescape").splitlines()
+    except OSError:
+        return set()
+    unescape = re.compile(r"\\([0-7]{3})")
+    return {Path(unescape.sub(lambda m: chr(int(m.group(1), 8)), f[4])) for f in map(str.split, lines) if len(f) > 4}
+
+
+def _is_mount(path: Path, mounts: set[Path]) -> bool:
+    return os.path.ismount(path) or Path(os.path.realpath(path)) in mounts
+
+
+def holds_mount(folder: Path) -> bool:
+    """Whether a file system is mounted on ``folder`` or anywhere inside it."""
+    mounts, real = _mount_points(), Path(os.path.realpath(folder))
+    if any(real == m or real in m.parents for m in mounts):
+        return True
+    walk = os.walk(folder)  # symlinks not followed; a mount is found before it is entered
+    return os.path.ismount(folder) or any(os.path.ismount(os.path.join(r, d)) for r, dirs, _ in walk for d in dirs)
+
+
+def remove_tree(path: Path) -> None:
+    """``shutil.rmtree`` that never descends into a mounted file system (the mount point and what
+    leads to it stay, with a warning); errors are ignored."""
+    mounts = _mount_points()
+
+    def remove(p: Path) -> bool:
+        if _is_mount(p, mounts):
+            logger.warning("lorakit: %s is a mount point; not deleting what is mounted there", p)
+            return False
+        emptied = True
+        with contextlib.suppress(OSError), os.scandir(p) as entries:
+            for e in list(entries):
+                if e.is_dir(follow_symlinks=False):
+                    emptied = remove(Path(e.path)) and emptied
+                else:
+                    with contextlib.suppress(OSError):
+                        os.unlink(e.path)
+        if emptied:
+            with contextlib.suppress(OSError):
+                os.rmdir(p)
+        return emptied
+
+    remove(Path(path))
 
 
 def _carry_over(old: Path, new: Path, skip: set[str]) -> bool:
@@ -124,21 +194,22 @@ def _carry_over(old: Path, new: Path, skip: set[str]) -> bool:
         if entry.name in skip:
             continue
         dest = new / entry.name
-        mode = entry.lstat().st_mode
-        if stat.S_ISLNK(mode):
+        st = entry.lstat()
+        if stat.S_ISLNK(st.st_mode):
             os.symlink(os.readlink(entry), dest)
-        elif stat.S_ISDIR(mode):
+        elif stat.S_ISDIR(st.st_mode):
             os.mkdir(dest)
             shutil.copystat(entry, dest)
             if not _carry_over(entry, dest, set()):
                 return False
-        elif stat.S_ISREG(mode):
+        elif stat.S_ISREG(st.st_mode):
             try:
                 os.link(entry, dest)
             except OSError:
                 shutil.copy2(entry, dest)
         else:
             return False
+        _same_owner(st, dest)
     return True
 
 
@@ -157,9 +228,10 @@ def _swap_in(tmp: Path, target: Path) -> Path:
 
 
 def _in_place(target: Path) -> bool:
-    """Whether ``target`` cannot be swapped as a whole: a mount point, or the working directory
-    (or one of its parents), which a rename would pull from under the process."""
-    if os.path.ismount(target):
+    """Whether ``target`` cannot be swapped as a whole: a mount point or a folder with one inside
+    (deleting the previous folder would empty that file system), or the working directory (or one
+    of its parents), which a rename would pull from under the process."""
+    if holds_mount(target):
         return True
     cwd, real = Path.cwd().resolve(), target.resolve()
     return real == cwd or real in cwd.parents
@@ -177,6 +249,8 @@ def write_folder(directory: str | os.PathLike[str], files: dict[str, bytes]) -> 
     reader finds either every old file or every new one. Other entries of the folder are kept.
     Where the folder cannot be swapped (a mount point, the working directory, a parent lorakit may
     not write), each file is replaced atomically on its own, in the order given. Returns the folder."""
+    if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
+        raise InputError(f"directory = {directory!r}: name the folder to save into (an empty path is refused)")
     given = Path(directory)
     target = given.resolve() if given.is_symlink() else Path(os.path.abspath(given))
     if target.exists() and not target.is_dir():
@@ -190,7 +264,7 @@ def write_folder(directory: str | os.PathLike[str], files: dict[str, bytes]) -> 
     except OSError as err:
         raise _save_error(err, target) from err
     if target.is_dir() and _in_place(target):
-        return _replace_each(target, files, "is a mount point or the working folder")
+        return _replace_each(target, files, "is a mount point or the working folder, or holds a mount point")
     try:
         os.mkdir(tmp)
     except OSError as err:
@@ -207,10 +281,12 @@ def write_folder(directory: str | os.PathLike[str], files: dict[str, bytes]) -> 
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
+            _same_owner(_lstat_or_none(target / name), tmp / name)
         if not why:
             _fsync_path(tmp)
             if target.is_dir():
                 shutil.copystat(target, tmp)  # the folder's mode and times
+                _same_owner(os.stat(target), tmp)  # and its owner (a save as root into a user's folder)
             previous = _swap_in(tmp, target) if target.is_dir() else os.rename(tmp, target)  # (None)
     except OSError as err:
         if not (target.is_dir() and err.errno in _CANNOT_SWAP):
@@ -218,7 +294,7 @@ def write_folder(directory: str | os.PathLike[str], files: dict[str, bytes]) -> 
         why = f"cannot be swapped ({err.strerror})"
     finally:
         if previous is not None:
-            shutil.rmtree(previous, ignore_errors=True)
+            remove_tree(previous)
     if why:
         return _replace_each(target, files, why)
     with contextlib.suppress(OSError):  # durability of the rename; the new folder is already in place

@@ -17,6 +17,7 @@ records ``base_model_name_or_path`` and PEFT's ``task_type`` so that ``AutoPeftM
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
@@ -26,11 +27,14 @@ from torch import nn
 
 from .atomic import recover_folder, write_folder
 from .config import ALL_LINEAR, PREFIX, LoraConfig
+from .errors import InputError
 from .files import (
     CONFIG_NAME,
+    IN_OUT_KEY,
     WEIGHTS_NAME,
     AdapterLoadError,
     adapter_files,
+    check_folder_kind,
     read_adapter,
     read_config,
     read_tensors,
@@ -157,11 +161,18 @@ def _config_for_saving(model: nn.Module, config: LoraConfig, name: str, base_mod
 
 def adapter_state_files(model: nn.Module, name: str = "default", base_model: str | None = None) -> dict[str, bytes]:
     """The bytes of ``adapter_config.json`` and ``adapter_model.safetensors`` for adapter ``name``
-    (the weights record the config's SHA-256), for ``files.write_folder``."""
+    (the weights record the config's SHA-256 and, under ``IN_OUT_KEY``, the adapted matrices stored
+    ``[in, out]``: ``fan_in_fan_out`` is one flag for the whole config, which PEFT corrects per
+    layer type but a merge without the model cannot), for ``files.write_folder``."""
     state = adapter_state(model, name)
     config = _config_for_saving(model, adapter_configs(model)[name], name, base_model)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    return adapter_files(config.to_peft_dict(), tensors)
+    in_out = sorted(p for p, layer in lora_layers(model) if name in layer.lora_A and _stored_in_out(layer))
+    return adapter_files(config.to_peft_dict(), tensors, {IN_OUT_KEY: json.dumps(in_out)})
+
+
+def _stored_in_out(layer: LoraLayer) -> bool:
+    return isinstance(layer, LoraLinear) and bool(layer.fan_in_fan_out)
 
 
 def save_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str = "default") -> Path:
@@ -172,6 +183,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str 
     files in ``directory`` stay. A full disk raises ``OSError`` "no space left on device" naming
     the folder, whose previous adapter is then unchanged.
     """
+    check_folder_kind(directory, "LoRA")
     write_folder(directory, adapter_state_files(model, name))
     return Path(directory) / WEIGHTS_NAME
 
@@ -199,6 +211,8 @@ def load_adapter(
     Full embedding / output-head weights saved beside the adapter (PEFT's ``save_embedding_layers``)
     are copied into the model's base layers, as PEFT does.
     """
+    if not isinstance(activate, bool):
+        raise InputError(f"activate = {activate!r}; allowed: True or False")
     directory = resolve_adapter(directory, revision=revision, subfolder=subfolder)
     config, tensors = read_adapter(directory)
     if name in model.__dict__.get(CONFIGS_ATTR, {}):
@@ -327,6 +341,8 @@ def resolve_adapter(
     """The local folder of an adapter given as a folder or as a hub id (``owner/name`` or
     ``hf://owner/name``). Hub ids go through ``huggingface_hub.snapshot_download`` (imported only
     here), which reads the local cache first and only that when ``HF_HUB_OFFLINE=1``."""
+    if not isinstance(source, (str, os.PathLike)) or not os.fspath(source):
+        raise AdapterLoadError(f"adapter = {source!r}: name an adapter folder or hub id (an empty path is refused)")
     path = Path(source)
     if not path.is_dir():
         recover_folder(path)  # a save killed between its two renames left the folder aside
@@ -356,4 +372,3 @@ def resolve_adapter(
     except (HfHubHTTPError, OSError) as err:
         raise AdapterLoadError(f"{repo_id}: could not fetch the adapter from the hub: {err}") from None
     return Path(folder) / prefix if prefix else Path(folder)
-

@@ -9,6 +9,7 @@ that Hugging Face PEFT writes (``adapter_config.json``) so checkpoints travel bo
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import re
 import reprlib
@@ -25,6 +26,28 @@ FACTOR_SUFFIXES = ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", "
 #: PEFT's task types (``peft.TaskType``): the model class ``AutoPeftModel`` builds for an adapter
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
+#: PEFT 0.21 ``LoraConfig`` keys whose set value changes what the adapter computes or needs layers lorakit
+#: does not build (the first seven are PEFT's ``is_lora_variant`` fields): refused, never read as plain LoRA
+UNSUPPORTED_PEFT_KEYS = {
+    "use_dora": "DoRA (weight-decomposed LoRA)", "velora_config": "VeLoRA",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)", "monteclora_config": "MonteCLoRA",
+    "use_bdlora": "block-diagonal LoRA (BD-LoRA)", "arrow_config": "Arrow routing", "kasa_config": "KaSA",
+    "lora_bias": "LoRA bias vectors", "layer_replication": "layer replication",
+    "target_parameters": "LoRA on nn.Parameter targets", "trainable_token_indices": "trainable tokens",
+    "use_qalora": "QALoRA", "megatron_config": "Megatron parallel layers",
+    "ensure_weight_tying": "adapters tied across tied layers (embeddings and output head)",
+}  # fmt: skip
+#: PEFT keys lorakit reads, and those that do not change a loaded adapter (descriptive, runtime, or
+#: used only to initialise before training, or only together with a key refused above)
+KNOWN_PEFT_KEYS = frozenset({
+    "r", "lora_alpha", "alpha", "lora_dropout", "target_modules", "exclude_modules", "bias", "use_rslora",
+    "init_lora_weights", "fan_in_fan_out", "modules_to_save", "rank_pattern", "alpha_pattern",
+    "layers_to_transform", "layers_pattern", "base_model_name_or_path", "task_type", "peft_type", "auto_mapping",
+    "peft_version", "revision", "inference_mode", "megatron_core", "loftq_config", "eva_config", "corda_config",
+    "lora_ga_config", "qalora_group_size", "runtime_config",
+})  # fmt: skip
+_EMPTY, _warned_keys = (None, False, [], {}, ""), set[str]()
+logger = logging.getLogger(__name__)
 _SHORT = reprlib.Repr()
 _SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict = 3, 60, 60, 6, 4
 
@@ -215,15 +238,9 @@ class LoraConfig:
             raise ValueError(
                 f"adapter config has peft_type={short_repr(peft_type)}; lorakit reads only 'LORA' adapters{hint}"
             )
-        for key in ("use_dora", "lora_bias", "use_qalora", "use_rslora", "fan_in_fan_out"):
+        for key in ("use_dora", "lora_bias", "use_qalora", "use_rslora", "fan_in_fan_out", "ensure_weight_tying"):
             _peft_value(data, key, False, (bool,), "true or false")
-        for key in ("layer_replication", "target_parameters", "trainable_token_indices", "use_dora", "lora_bias",
-                    "use_qalora"):  # fmt: skip
-            if data.get(key) not in (None, False, [], {}):
-                raise ValueError(
-                    f"adapter config sets {key}={short_repr(data[key])}, which lorakit does not support; "
-                    "only plain LoRA adapters can be loaded"
-                )
+        _check_peft_keys(data)
         init = _peft_value(data, "init_lora_weights", True, (bool, str), "true, false or an init name")
         # Any other PEFT init (False, "pissa", ...) only matters before training; weights are loaded.
         init_name = "gaussian" if init == "gaussian" else "default"
@@ -270,6 +287,28 @@ class LoraConfig:
     def replace(self, **changes: Any) -> LoraConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+def _check_peft_keys(data: dict[str, Any]) -> None:
+    """Refuse a LoRA variant (``UNSUPPORTED_PEFT_KEYS``) or an unknown key that is set; an unknown
+    key left empty (null, false, [], {}, "") is logged once and ignored."""
+    for key in sorted(data, key=str):
+        value = data[key]
+        if key in UNSUPPORTED_PEFT_KEYS and value not in _EMPTY:
+            raise ValueError(
+                f"adapter config sets {key}={short_repr(value)}, which lorakit does not support "
+                f"({UNSUPPORTED_PEFT_KEYS[key]}); only plain LoRA adapters can be loaded"
+            )
+        if key in UNSUPPORTED_PEFT_KEYS or key in KNOWN_PEFT_KEYS:
+            continue
+        if value not in _EMPTY:
+            raise ValueError(
+                f"adapter config sets unknown key {short_repr(key)}={short_repr(value)}: lorakit does not know what "
+                "it does; refusing rather than loading it as plain LoRA"
+            )
+        if key not in _warned_keys:
+            _warned_keys.add(key)
+            logger.warning("lorakit: adapter config key %r (= %s) is unknown; ignored", key, short_repr(value))
 
 
 def _json_type(value: Any) -> str:

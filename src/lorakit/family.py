@@ -22,16 +22,21 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
-from safetensors.torch import save
 from torch import nn
 
 from .atomic import write_folder
 from .errors import InputError
-from .files import AdapterLoadError, read_tensors
+from .files import (
+    BOTTLENECK_CONFIG,
+    KIND_CONFIGS,
+    SELECTIVE_CONFIG,
+    AdapterLoadError,
+    check_folder_kind,
+    read_tensors,
+    save_tensors,
+)
 from .targeting import candidate_modules, is_suffix, layer_index, name_matches, set_submodule
 
-SELECTIVE_CONFIG = "selective_config.json"
-BOTTLENECK_CONFIG = "bottleneck_config.json"
 WEIGHTS = "adapter_model.safetensors"
 SELECTIVE_MODES = ("bias", "modules", "layers", "head")
 NONLINEARITIES = ("relu", "gelu", "tanh")
@@ -152,7 +157,7 @@ def save_selected(model: nn.Module, directory: str | os.PathLike[str]) -> Path:
     if config is None:
         raise InputError("the model has no selective tuning: call select_trainable first")
     tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    return _write(directory, tensors, SELECTIVE_CONFIG, asdict(config))
+    return _write(directory, tensors, "selective", asdict(config))
 
 
 def load_selected(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
@@ -288,7 +293,7 @@ def save_bottleneck(model: nn.Module, directory: str | os.PathLike[str]) -> Path
     if config is None:
         raise InputError("the model has no bottleneck adapters: call inject_bottleneck first")
     tensors = {k: p.detach().contiguous() for k, p in _bottleneck_params(model).items()}
-    return _write(directory, tensors, BOTTLENECK_CONFIG, asdict(config))
+    return _write(directory, tensors, "bottleneck", asdict(config))
 
 
 def load_bottleneck(model: nn.Module, directory: str | os.PathLike[str]) -> nn.Module:
@@ -328,10 +333,12 @@ def _bottleneck_params(model: nn.Module) -> dict[str, nn.Parameter]:
     return out
 
 
-def _write(directory: str | os.PathLike[str], tensors: dict, config_name: str, config: dict) -> Path:
-    """Tensors and their JSON config, written together (the folder's pair changes at once)."""
+def _write(directory: str | os.PathLike[str], tensors: dict, kind: str, config: dict) -> Path:
+    """Tensors and their JSON config, written together (the folder's pair changes at once), never
+    into a folder holding another kind of adapter (whose weights have the same file name)."""
+    check_folder_kind(directory, kind)
     text = (json.dumps(config, indent=2) + "\n").encode()
-    files = {WEIGHTS: save(tensors, metadata={"format": "pt"}), config_name: text}
+    files = {WEIGHTS: save_tensors(tensors), KIND_CONFIGS[kind]: text}
     return write_folder(directory, files) / WEIGHTS
 
 

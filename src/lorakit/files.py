@@ -7,11 +7,14 @@ next save or load), other files hard-linked across: readers see the old pair or 
 weights record a digest of the config (``config_digest``); a pair that disagrees (a torn save) is
 refused. The writing itself is ``lorakit.atomic``'s.
 Reads take only safetensors (never a pickle), check the header before reading any data, and
-refuse NaN or infinite values.
+refuse NaN or infinite values. Every safetensors file lorakit writes is canonical (sorted header
+keys): identical saves give identical bytes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -26,19 +29,22 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from .atomic import recover_folder
-from .config import LoraConfig
+from .config import LoraConfig, short_repr
 from .errors import InputError
 
 logger = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+#: the configs of ``lorakit.family``'s adapters, saved beside the same ``WEIGHTS_NAME``
+SELECTIVE_CONFIG, BOTTLENECK_CONFIG = "selective_config.json", "bottleneck_config.json"
+#: the weights' ``__metadata__`` key listing (JSON) the adapted matrices stored ``[in, out]`` (Conv1D)
+IN_OUT_KEY = "lorakit.stored_in_out"
 #: the weights' ``__metadata__`` key holding the SHA-256 of the config saved with them
 CONFIG_SHA_KEY = "lorakit.config_sha256"
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
 MAX_CONFIG_BYTES = 16 << 20
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
-
 
 
 class AdapterLoadError(InputError):
@@ -57,11 +63,58 @@ def config_digest(peft_config: dict) -> str:
     return hashlib.sha256(json.dumps(kept, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def adapter_files(peft_config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, bytes]:
-    """The two files of an adapter folder, tied together: the weights record the config's digest."""
+def canonical_safetensors(data: bytes) -> bytes:
+    """``data`` (a safetensors file) with its JSON header's keys sorted (``__metadata__`` too) and
+    padded with spaces to a multiple of 8 bytes: equal tensors and metadata give equal bytes (the
+    writer's own key order varies from process to process). Data offsets count from the end of the
+    header, so the tensor data is kept as it is."""
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text + data[8 + length :]
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> bytes:
+    """The canonical safetensors bytes of ``tensors`` (``format: pt`` added to ``metadata``)."""
+    return canonical_safetensors(save(tensors, metadata={"format": "pt", **(metadata or {})}))
+
+
+def adapter_files(
+    peft_config: dict, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> dict[str, bytes]:
+    """The two files of an adapter folder, tied together: the weights record the config's digest
+    (and ``metadata``)."""
     config = (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode()
-    metadata = {"format": "pt", CONFIG_SHA_KEY: config_digest(peft_config)}
-    return {WEIGHTS_NAME: save(tensors, metadata=metadata), CONFIG_NAME: config}
+    weights = save_tensors(tensors, {**(metadata or {}), CONFIG_SHA_KEY: config_digest(peft_config)})
+    return {WEIGHTS_NAME: weights, CONFIG_NAME: config}
+
+
+#: the config file of each kind of adapter saved into a folder with ``WEIGHTS_NAME``
+KIND_CONFIGS = {"LoRA": CONFIG_NAME, "selective": SELECTIVE_CONFIG, "bottleneck": BOTTLENECK_CONFIG}
+
+
+def check_folder_kind(directory: str | os.PathLike[str], kind: str) -> None:
+    """Refuse to save a ``kind`` adapter (a key of ``KIND_CONFIGS``) into a folder holding another
+    kind's config: its weights share ``WEIGHTS_NAME``, so the save would destroy the other adapter
+    and leave its config beside weights that are not its own. A soft prompt's
+    ``adapter_config.json`` counts as another kind."""
+    if not isinstance(directory, (str, os.PathLike)) or not os.fspath(directory):
+        return  # ``write_folder`` refuses it
+    folder = Path(directory)
+    for other, name in KIND_CONFIGS.items():
+        path = folder / name
+        if not os.path.lexists(path):
+            continue
+        found = other
+        if other == "LoRA":
+            with contextlib.suppress(OSError, ValueError, AttributeError, RecursionError):  # unreadable: LoRA
+                found = str(json.loads(path.read_bytes()).get("peft_type") or "LORA")
+        if found.upper() != kind.upper():
+            raise InputError(
+                f"{folder}: holds {name} (a {found} adapter); saving a {kind} adapter here would overwrite its "
+                f"{WEIGHTS_NAME} and leave {name} beside weights that are not its own; choose another folder"
+            )
 
 
 # ---------------------------------------------------------------------------------------- reading
@@ -69,8 +122,11 @@ def _regular_file(path: Path, what: str) -> bool:
     """True for a regular file (or a symlink to one: the Hugging Face cache), False when absent."""
     if not os.path.lexists(path):
         return False
-    if not path.exists():
-        raise AdapterLoadError(f"{path}: the {what} is a broken symbolic link (to {os.readlink(path)})")
+    try:
+        os.stat(path)
+    except OSError as err:
+        kind = "a symbolic link loop" if err.errno == errno.ELOOP else "a broken symbolic link"
+        raise AdapterLoadError(f"{path}: the {what} is {kind} (to {os.readlink(path)})") from None
     if not stat.S_ISREG(path.stat().st_mode):
         kind = "a folder" if path.is_dir() else "not a regular file (a device, pipe or socket)"
         raise AdapterLoadError(f"{path}: the {what} is {kind}")
@@ -179,19 +235,20 @@ def read_tensors(
 
 
 def read_adapter(
-    directory: str | os.PathLike[str], device: torch.device | str = "cpu"
+    directory: str | os.PathLike[str], device: torch.device | str = "cpu", metadata: dict[str, str] | None = None
 ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """The config and the tensors of an adapter folder, both checked: the config parses, the
-    weights' header (dtypes; the config is the one saved with the weights) before any data is read,
-    then the values (finite). ``config.factor_pairs`` checks the factors against the config."""
+    weights' header (dtypes; the config is the one saved with the weights; at least one LoRA factor)
+    before any data is read, then the values (finite). ``config.factor_pairs`` checks the factors
+    against the config. ``metadata``, when given, receives the weights' ``__metadata__``."""
     directory = Path(directory)
     if not directory.is_dir():
         recover_folder(directory)  # a save killed between its two renames
     raw = _config_bytes(directory)
     config = _parse_config(directory / CONFIG_NAME, raw)
 
-    def check(shapes: dict[str, tuple[int, ...]], metadata: dict[str, str]) -> None:
-        recorded = metadata.get(CONFIG_SHA_KEY)
+    def check(shapes: dict[str, tuple[int, ...]], found: dict[str, str]) -> None:
+        recorded = found.get(CONFIG_SHA_KEY)
         if recorded is not None and recorded != config_digest(json.loads(raw)):
             raise AdapterLoadError(
                 f"{directory}: torn save: {WEIGHTS_NAME} was saved with a different {CONFIG_NAME} "
@@ -199,5 +256,13 @@ def read_adapter(
                 f"and config come from different saves; save the adapter again (or undo a hand edit of "
                 f"{CONFIG_NAME})"
             )
+        if not any(".lora_" in k for k in shapes):
+            raise AdapterLoadError(
+                f"{directory}: {CONFIG_NAME} is a LoRA config, but {WEIGHTS_NAME} holds no LoRA factor "
+                f"(no lora_A/lora_B tensor) for any module it targets ({short_repr(config.target_modules)}): "
+                "these weights are not this adapter's (another kind of adapter saved into the folder?)"
+            )
+        if metadata is not None:
+            metadata.update(found)
 
     return config, read_tensors(directory, device, check=check)

@@ -17,6 +17,7 @@ from torch import nn
 
 from .atomic import write_folder
 from .checkpoint import adapter_state_files
+from .files import check_folder_kind
 from .injection import adapter_configs, count_parameters
 
 
@@ -69,6 +70,7 @@ def save_for_hub(
     """Write what :func:`push_to_hub` uploads (adapter files + ``README.md``) to ``directory``, all
     three replaced together; ``base_model`` is also the config's ``base_model_name_or_path``."""
     card = model_card(model, name=name, base_model=base_model, metrics=metrics, description=description)
+    check_folder_kind(directory, "LoRA")
     files = {**adapter_state_files(model, name, base_model=base_model), "README.md": card.encode()}
     write_folder(directory, files)
     return Path(directory)

@@ -14,18 +14,20 @@ For a matrix adapted with factors ``A [r, in]``, ``B [out, r]`` and scale ``s``:
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
 from .atomic import atomic_write
 from .config import ALL_LINEAR, PREFIX, LoraConfig, factor_pairs
 from .errors import InputError
-from .files import WEIGHTS_NAME, AdapterLoadError, read_adapter
+from .files import IN_OUT_KEY, WEIGHTS_NAME, AdapterLoadError, read_adapter, save_tensors
 from .layers import layer_class
 from .targeting import layer_index, name_matches
 
@@ -75,12 +77,52 @@ def _targeted(config: LoraConfig, path: str) -> bool:
     return layers is None or layer_index(path, config.layers_pattern) in layers  # type: ignore[operator]
 
 
-def _read(directory: str | os.PathLike[str]) -> tuple[LoraConfig, dict[str, torch.Tensor], list[AdaptedMatrix]]:
-    config, tensors = read_adapter(directory)
+def _read(
+    directory: str | os.PathLike[str], metadata: dict[str, str] | None = None
+) -> tuple[LoraConfig, dict[str, torch.Tensor], list[AdaptedMatrix]]:
+    config, tensors = read_adapter(directory, metadata=metadata)
     try:
         return config, tensors, adapted_matrices(config, tensors)
     except AdapterLoadError as err:
         raise AdapterLoadError(f"{Path(directory) / WEIGHTS_NAME}: {err}") from None
+
+
+def _weight_key(path: str, base: dict[str, torch.Tensor]) -> str | None:
+    for key in (f"{path}.weight", f"{path}.base_layer.weight"):
+        if key in base:
+            return key
+    return None
+
+
+def _stored_in_out(
+    config: LoraConfig, mats: list[AdaptedMatrix], base: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> tuple[dict[str, bool], list[str]]:
+    """Whether each adapted linear matrix is stored ``[in, out]`` (GPT-2's Conv1D: ΔW goes in
+    transposed), and a problem for each one that cannot be told. lorakit records every module's
+    layout (``IN_OUT_KEY``). Without that record a non-square weight's shape tells; a square one
+    follows ``fan_in_fan_out`` only when every non-square one agrees with the flag (for ``true``:
+    and there is one): the flag is one for the whole config (PEFT corrects it per layer type, from
+    the model), so for an adapter covering both kinds it says nothing certain about a square matrix."""
+    recorded = metadata.get(IN_OUT_KEY)
+    with contextlib.suppress(ValueError, TypeError):
+        recorded = json.loads(recorded)  # type: ignore[arg-type]
+    shapes = {m.path: (m.B.shape[0], m.A.shape[1]) for m in mats if m.kind == "linear"}
+    if isinstance(recorded, list):
+        return {p: p in recorded for p in shapes}, []
+    weights = {p: tuple(base[k].shape) for p in shapes if (k := _weight_key(p, base)) is not None}
+    told = {p: weights[p] == (s[1], s[0]) for p, s in shapes.items() if s[0] != s[1] and p in weights}
+    flag = config.fan_in_fan_out
+    settled = set(told.values()) <= {flag} and (bool(told) or not flag)
+    square = sorted(p for p, s in shapes.items() if s[0] == s[1] and p in weights)
+    problems = [] if settled else [
+        f"{p}.weight is square {shapes[p]}: the adapter does not record whether {p} stores its weight [in, out] "
+        f"(GPT-2's Conv1D) or [out, in] (nn.Linear); fan_in_fan_out={str(flag).lower()} is one flag for the "
+        "whole config and the adapter's non-square matrices do not settle it. Save the adapter again with "
+        "lorakit (which records each module's layout), or merge it with the model "
+        "(lorakit.load_adapter, then lorakit.merge_and_unload)"
+        for p in square
+    ]  # fmt: skip
+    return {**told, **dict.fromkeys(square, flag)}, problems
 
 
 def inspect_adapter(directory: str | os.PathLike[str]) -> dict:
@@ -132,8 +174,9 @@ def merge_files(
         base = load_file(str(base_weights))
     except (SafetensorError, OSError, ValueError) as err:
         raise AdapterLoadError(f"{base_weights}: not a readable safetensors weights file ({err})") from None
-    config, tensors, mats = _read(adapter_dir)
-    problems: list[str] = []
+    metadata: dict[str, str] = {}
+    config, tensors, mats = _read(adapter_dir, metadata)
+    in_out, problems = _stored_in_out(config, mats, base, metadata)
     updates: dict[str, torch.Tensor] = {}
     # First the tensors saved in full (modules_to_save, trained biases, PEFT's save_embedding_layers),
     # then every ΔW on top of the weight it adapts (which one of those may have replaced).
@@ -149,16 +192,12 @@ def merge_files(
         else:
             updates[key] = t.to(base[key].dtype)
     for m in mats:
-        key = f"{m.path}.weight"
-        if key not in base:
-            key = f"{m.path}.base_layer.weight" if f"{m.path}.base_layer.weight" in base else key
-        if key not in base:
+        key = _weight_key(m.path, base)
+        if key is None:
             problems.append(f"adapted module {m.path!r}: no {m.path}.weight in the base file")
             continue
         w, d = updates.get(key, base[key]), m.delta()
-        # Conv1D stores [in, out]: the config says so (lorakit and PEFT both set fan_in_fan_out for it);
-        # a non-square shape that only fits transposed says so too.
-        if m.kind == "linear" and (config.fan_in_fan_out or d.shape != w.shape) and d.T.shape == w.shape:
+        if in_out.get(m.path, False):  # Conv1D stores [in, out]
             d = d.T
         if d.shape != w.shape:
             problems.append(f"{key}: base shape {tuple(w.shape)} does not fit ΔW {tuple(d.shape)}")
@@ -169,5 +208,5 @@ def merge_files(
     merged = {k: updates.get(k, v).contiguous() for k, v in base.items()}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(out, save(merged, metadata={"format": "pt"}))
+    atomic_write(out, save_tensors(merged))
     return {"out": str(out), "updated": sorted(updates), "tensors": len(merged)}
