@@ -197,3 +197,18 @@ def test_register_kind_names_bad_arguments():
             error=lk.ArgumentTypeError)  # fmt: skip
     refused(lambda: lk.register_kind(lk.LoraLinear, None),
             "lorakit.register_kind: accepts = None; allowed: a callable (module) -> bool", error=TypeError)  # fmt: skip
+
+
+def test_adapter_files_name_bad_models_and_names(tmp_path):
+    model = SeedMLP()
+    lk.inject(model, lk.LoraConfig(target_modules=["fc1"]))
+    lk.save_adapter(model, tmp_path / "a")
+    with pytest.raises(lk.ArgumentTypeError, match=r"lorakit.load_adapter: model = None"):
+        lk.load_adapter(None, tmp_path / "a")
+    with pytest.raises(lk.ArgumentTypeError, match=r"lorakit.load_adapter: name = 5"):
+        lk.load_adapter(SeedMLP(), tmp_path / "a", name=5)
+    with pytest.raises(lk.ArgumentTypeError, match=r"lorakit.save_adapter: model = <class"):
+        lk.save_adapter(SeedMLP, tmp_path / "b")
+    with pytest.raises(lk.UnknownAdapterError, match=r"name = 'zz' is no adapter of this model"):
+        lk.save_adapter(model, tmp_path / "b", name="zz")
+    assert not (tmp_path / "b").exists()

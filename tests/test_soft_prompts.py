@@ -164,3 +164,27 @@ def test_beam_search_and_sampled_sequences_match_peft(tmp_path, kind):
         assert got.shape == (rows, ids.shape[1] + 4), kwargs
         assert torch.equal(got[:, ids.shape[1] :], want[:, -4:]), kwargs
         assert torch.equal(got[:, : ids.shape[1]], ids.repeat_interleave(rows // ids.shape[0], 0)), kwargs
+
+
+def test_save_refuses_a_folder_holding_another_adapter_kind(tmp_path):
+    """A soft prompt shares adapter_model.safetensors with LoRA and bottleneck adapters: saving it
+    over one would destroy that adapter, so the save is refused and the folder left as it was."""
+    import lorakit as lk
+    from lorakit.family import BottleneckConfig, inject_bottleneck, save_bottleneck
+
+    from .conftest import SeedMLP
+
+    lora = SeedMLP()
+    lk.inject(lora, lk.LoraConfig(target_modules=["fc1"]))
+    lk.save_adapter(lora, tmp_path / "lora")
+    bottleneck = SeedMLP()
+    inject_bottleneck(bottleneck, BottleneckConfig(target_modules=["fc1"], bottleneck=2))
+    save_bottleneck(bottleneck, tmp_path / "bottleneck")
+    wrapped = SoftPromptModel(tiny_gpt2(), PromptTuningConfig(num_virtual_tokens=3))
+    for folder, holds in (("lora", "a LORA adapter"), ("bottleneck", "a bottleneck adapter")):
+        before = {p.name: p.read_bytes() for p in (tmp_path / folder).iterdir()}
+        with pytest.raises(lk.InputError, match=f"holds .* \\({holds}\\); saving a PROMPT_TUNING adapter"):
+            wrapped.save(tmp_path / folder)
+        assert {p.name: p.read_bytes() for p in (tmp_path / folder).iterdir()} == before
+    wrapped.save(tmp_path / "prompt")  # its own folder, and again over itself
+    wrapped.save(tmp_path / "prompt")

@@ -46,10 +46,11 @@ from .injection import (
     delete_adapter,
     find_targets,
     lora_layers,
+    require_adapter,
     set_adapter,
 )
 from .layers import LoraLayer, LoraLinear, ModulesToSave, wrap_module
-from .targeting import candidate_modules, is_suffix, name_matches, output_head
+from .targeting import candidate_modules, is_suffix, name_matches, output_head, require_adapter_name, require_module
 
 _REPO_ID = re.compile(r"^(hf://)?[A-Za-z0-9][\w.-]*/[\w.-]+$")
 #: transformers' auto-model tables → PEFT's task type, most specific first
@@ -82,10 +83,7 @@ __all__ = [
 # ---------------------------------------------------------------------------------------- key map
 def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     """PEFT-format key → the model's live tensor, for every tensor adapter ``name`` owns."""
-    configs = adapter_configs(model)
-    if name not in configs:
-        raise KeyError(f"no adapter named {name!r}; the model holds {sorted(configs) or 'no adapters'}")
-    config = configs[name]
+    config = require_adapter(model, name, "lorakit.save_adapter")
     state: dict[str, torch.Tensor] = {}
     for path, layer in lora_layers(model):
         if name in layer.lora_A:
@@ -183,6 +181,7 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str 
     files in ``directory`` stay. A full disk raises ``OSError`` "no space left on device" naming
     the folder, whose previous adapter is then unchanged.
     """
+    require_module(model, "lorakit.save_adapter")
     check_folder_kind(directory, "LoRA")
     write_folder(directory, adapter_state_files(model, name))
     return Path(directory) / WEIGHTS_NAME
@@ -211,6 +210,8 @@ def load_adapter(
     Full embedding / output-head weights saved beside the adapter (PEFT's ``save_embedding_layers``)
     are copied into the model's base layers, as PEFT does.
     """
+    require_module(model, "lorakit.load_adapter")
+    require_adapter_name(name, "lorakit.load_adapter")
     if not isinstance(activate, bool):
         raise InputError(f"activate = {activate!r}; allowed: True or False")
     directory = resolve_adapter(directory, revision=revision, subfolder=subfolder)

@@ -23,12 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save
 from torch import nn
 
 from .atomic import write_folder
 from .errors import InputError
-from .files import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError, read_tensors
+from .files import CONFIG_NAME, WEIGHTS_NAME, AdapterLoadError, check_folder_kind, read_tensors, save_tensors
 
 PROMPT_KEY = "prompt_embeddings"  # PEFT's tensor name for both methods
 PROMPT_INITS = ("vocab", "text", "random")
@@ -243,8 +242,10 @@ class SoftPromptModel(nn.Module):
     def save(self, directory: str | os.PathLike[str]) -> Path:
         """``adapter_config.json`` + ``adapter_model.safetensors`` (``prompt_embeddings``), atomically."""
         tensor = self.prompt().detach().to("cpu").contiguous()
-        config = (json.dumps(self.peft_config(), indent=2, sort_keys=True) + "\n").encode()
-        out = write_folder(directory, {WEIGHTS_NAME: save({PROMPT_KEY: tensor}, metadata={"format": "pt"}),
+        peft_config = self.peft_config()
+        check_folder_kind(directory, peft_config["peft_type"])  # never over another adapter's files
+        config = (json.dumps(peft_config, indent=2, sort_keys=True) + "\n").encode()
+        out = write_folder(directory, {WEIGHTS_NAME: save_tensors({PROMPT_KEY: tensor}, metadata={"format": "pt"}),
                                        CONFIG_NAME: config})  # fmt: skip
         return out / WEIGHTS_NAME
 

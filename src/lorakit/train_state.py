@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -36,6 +35,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save
 from torch import nn
+
+from .atomic import remove_tree
 
 logger = logging.getLogger(__name__)
 
@@ -180,7 +181,7 @@ def stale_temps(ckpt_dir: Path) -> list[Path]:
 def remove_path(path: Path) -> None:
     """Delete ``path``: a folder with what it holds, or a file (or link); missing is fine."""
     if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)
     else:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()

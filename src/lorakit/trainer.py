@@ -30,7 +30,6 @@ import contextlib
 import io
 import json
 import logging
-import shutil
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -42,6 +41,7 @@ import torch
 from torch import nn
 
 from . import run_dir, train_state, trainer_checks
+from .atomic import remove_tree
 from .checkpoint import load_adapter_tensors, save_adapter
 from .devices import autocast_settings, move_to, resolve_device, stderr_is_terminal, world
 from .errors import InputError
@@ -251,7 +251,7 @@ class Trainer:
             train_state.remove_path(final)
         train_state.write_sealed(self.ckpt_dir, self.step, self._write_checkpoint)
         for old in self.complete_checkpoints()[self.config.keep_last :]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(old)
         return final
 
     def _write_checkpoint(self, tmp: Path) -> None:
