@@ -7,6 +7,7 @@ from torch import nn
 import lorakit as lk
 
 from .conftest import Mixed, SeedMLP, randomize_adapters
+from .tolerance import assert_close
 
 
 def test_seed_mlp_counts(mlp):
@@ -122,7 +123,7 @@ def test_modules_to_save_trains_a_copy(mixed, mixed_inputs):
     }
     with torch.no_grad():
         mixed.head.modules_to_save["default"].bias.add_(1.0)
-    assert torch.allclose(mixed(*mixed_inputs), base_out + 1.0, atol=1e-6)
+    assert_close(mixed(*mixed_inputs), base_out + 1.0, reduction=80, depth=4)
     with lk.disable_adapters(mixed):
         assert torch.equal(mixed(*mixed_inputs), base_out)
     assert mixed.head.weight is mixed.head.modules_to_save["default"].weight
@@ -197,17 +198,17 @@ def test_merge_unmerge_and_state(mlp):
     lk.merge(mlp)
     mlp.eval()
     assert lk.is_merged(mlp)
-    torch.testing.assert_close(mlp(x), want, rtol=1e-5, atol=1e-5)
+    assert_close(mlp(x), want, reduction=784, depth=4)
     with pytest.raises(RuntimeError, match="already merged"):
         lk.merge(mlp)
     with pytest.raises(RuntimeError, match="cannot be trained"):
         mlp.train()(x)
     with torch.no_grad():
-        torch.testing.assert_close(mlp(x), want, rtol=1e-5, atol=1e-5)
+        assert_close(mlp(x), want, reduction=784, depth=4)
     mlp.eval()
     lk.unmerge(mlp)
-    torch.testing.assert_close(mlp.fc1.base_layer.weight, w0, rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(mlp(x), want, rtol=1e-5, atol=1e-5)
+    assert_close(mlp.fc1.base_layer.weight, w0, reduction=8, depth=2)
+    assert_close(mlp(x), want, reduction=784, depth=4)
 
 
 def test_disable_while_merged_restores_merge(mlp):
@@ -243,7 +244,7 @@ def test_merge_and_unload_gives_plain_model(mixed, mixed_inputs):
     plain = lk.merge_and_unload(mixed).eval()
     assert list(plain.state_dict().keys()) == keys
     assert not any(isinstance(m, (lk.LoraLayer, lk.ModulesToSave)) for m in plain.modules())
-    torch.testing.assert_close(plain(*mixed_inputs), want, rtol=1e-5, atol=1e-5)
+    assert_close(plain(*mixed_inputs), want, reduction=80, depth=4)
 
 
 def test_state_dict_round_trip_of_injected_model(mixed, mixed_inputs):

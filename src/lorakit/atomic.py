@@ -43,7 +43,8 @@ def _save_error(err: OSError, target: Path) -> OSError:
     return OSError(err.errno, text, str(target)) if err.errno is not None else OSError(text)
 
 
-def _fsync_path(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's fsync makes the renames inside it durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -283,7 +284,7 @@ def write_folder(directory: str | os.PathLike[str], files: dict[str, bytes]) -> 
                 os.fsync(f.fileno())
             _same_owner(_lstat_or_none(target / name), tmp / name)
         if not why:
-            _fsync_path(tmp)
+            fsync_path(tmp)
             if target.is_dir():
                 shutil.copystat(target, tmp)  # the folder's mode and times
                 _same_owner(os.stat(target), tmp)  # and its owner (a save as root into a user's folder)
@@ -298,5 +299,5 @@ def write_folder(directory: str | os.PathLike[str], files: dict[str, bytes]) -> 
     if why:
         return _replace_each(target, files, why)
     with contextlib.suppress(OSError):  # durability of the rename; the new folder is already in place
-        _fsync_path(target.parent)
+        fsync_path(target.parent)
     return target

@@ -36,7 +36,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import nn
 
-from .atomic import remove_tree
+from .atomic import fsync_path, remove_tree
 
 logger = logging.getLogger(__name__)
 
@@ -64,14 +64,6 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def seal(tmp: Path, final: Path) -> Path:
     """Fsync every file of ``tmp``, list them with their SHA-256 in the manifest, and rename the
     folder to ``final``: after this, ``final`` is complete or absent, never half written."""
@@ -84,7 +76,7 @@ def seal(tmp: Path, final: Path) -> Path:
     with open(tmp / MANIFEST, "rb") as f:
         os.fsync(f.fileno())
     os.rename(tmp, final)
-    fsync_dir(final.parent)
+    fsync_path(final.parent)
     return final
 
 
