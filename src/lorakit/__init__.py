@@ -11,7 +11,7 @@ from .checkpoint import AdapterLoadError, load_adapter, read_config, save_adapte
 from .combine import combine_adapters, effective_rank, singular_values
 from .config import LoraConfig
 from .devices import init_distributed, move_to
-from .errors import InputError
+from .errors import ArgumentTypeError, InputError
 from .hub import model_card, push_to_hub, save_for_hub
 from .injection import (
     ParameterCount,
@@ -42,7 +42,6 @@ from .planner import MemoryEstimate, architecture, estimate_memory
 from .pretrained import save_adapters
 from .quantization import QuantizedSize, quantize, quantized_size
 from .routing import route, set_trainable
-from .targeting import ArgumentTypeError
 from .trainer import Trainer, TrainerConfig, TrainingError
 
 __version__ = "0.1.0"

@@ -12,9 +12,10 @@ import dataclasses
 import logging
 import math
 import re
-import reprlib
 from dataclasses import dataclass, field
 from typing import Any
+
+from .errors import short_repr
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 INIT_CHOICES = ("default", "gaussian")
@@ -48,13 +49,6 @@ KNOWN_PEFT_KEYS = frozenset({
 })  # fmt: skip
 _EMPTY, _warned_keys = (None, False, [], {}, ""), set[str]()
 logger = logging.getLogger(__name__)
-_SHORT = reprlib.Repr()
-_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlist, _SHORT.maxdict = 3, 60, 60, 6, 4
-
-
-def short_repr(value: Any) -> str:
-    """``repr`` cut to a readable length and depth (a 10,000-deep list prints as ``[[[...]]]``)."""
-    return _SHORT.repr(value)
 
 
 @dataclass

@@ -29,8 +29,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from .atomic import recover_folder
-from .config import LoraConfig, short_repr
-from .errors import InputError
+from .config import LoraConfig
+from .errors import InputError, short_repr
 
 logger = logging.getLogger(__name__)
 

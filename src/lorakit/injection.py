@@ -15,10 +15,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig
-from .errors import InputError
+from .errors import ArgumentTypeError, InputError, short_repr
 from .layers import LoraLayer, LoraLinear, ModulesToSave, apply_plan, plan_adapter, roll_back
 from .targeting import (
-    ArgumentTypeError,
     candidate_modules,
     is_conv1d,
     is_linear4bit,
@@ -31,7 +30,6 @@ from .targeting import (
     require_adapter_name,
     require_module,
     set_submodule,
-    shown,
 )
 
 CONFIGS_ATTR = "lorakit_configs"
@@ -50,7 +48,7 @@ def require_adapter(model: nn.Module, name: object, where: str, argument: str = 
     it holds none of that name (``ArgumentTypeError`` when ``name`` is not a string)."""
     configs = adapter_configs(model)
     if not isinstance(name, str):
-        raise ArgumentTypeError(f"{where}: {argument} = {shown(name)}; allowed: an adapter name (a string) among "
+        raise ArgumentTypeError(f"{where}: {argument} = {short_repr(name)}; allowed: an adapter name (a string) among "
                                 f"{sorted(configs)}")  # fmt: skip
     if name not in configs:
         raise UnknownAdapterError(f"{where}: {argument} = {name!r} is no adapter of this model; allowed: "
@@ -63,7 +61,7 @@ def require_config(config: object, where: str) -> LoraConfig:
     if isinstance(config, LoraConfig):
         return config
     hint = " (for a dict d: lorakit.LoraConfig(**d))" if isinstance(config, dict) else ""
-    raise ArgumentTypeError(f"{where}: config = {shown(config)}; allowed: a lorakit.LoraConfig{hint}")
+    raise ArgumentTypeError(f"{where}: config = {short_repr(config)}; allowed: a lorakit.LoraConfig{hint}")
 
 
 def _is_linear(module: nn.Module) -> bool:

@@ -13,6 +13,7 @@ import logging
 import torch
 from torch import nn
 
+from .errors import ArgumentTypeError, short_repr
 from .injection import (
     CONFIGS_ATTR,
     active_adapter,
@@ -25,7 +26,7 @@ from .injection import (
 )
 from .layers import LoraLayer
 from .quantization import dense_linear
-from .targeting import ArgumentTypeError, is_linear4bit, require_module, shown
+from .targeting import is_linear4bit, require_module
 
 logger = logging.getLogger(__name__)
 
@@ -102,9 +103,11 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False, dtype: torch.dt
     """
     require_module(model, "lorakit.merge_and_unload")
     if not isinstance(dequantize, bool):
-        raise ArgumentTypeError(f"lorakit.merge_and_unload: dequantize = {shown(dequantize)}; allowed: True or False")
+        raise ArgumentTypeError(
+            f"lorakit.merge_and_unload: dequantize = {short_repr(dequantize)}; allowed: True or False"
+        )
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ArgumentTypeError(f"lorakit.merge_and_unload: dtype = {shown(dtype)}; allowed: a floating-point "
+        raise ArgumentTypeError(f"lorakit.merge_and_unload: dtype = {short_repr(dtype)}; allowed: a floating-point "
                                 "torch.dtype such as torch.float32 or torch.bfloat16")  # fmt: skip
     wrappers = wrapper_list(model)
     if any(isinstance(w, LoraLayer) and w.route is not None for w in wrappers):

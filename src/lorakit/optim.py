@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .errors import InputError
+from .errors import InputError, is_whole
 
 TORCH_OPTIMIZERS = ("adamw", "sgd")
 BNB_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "paged_adamw32bit")
@@ -31,10 +31,6 @@ def check_optimizer_name(name: str) -> None:
             f"unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}, or pass "
             "Trainer(..., optimizer_factory=lambda params, config: ...) for any other"
         )
-
-
-def _int(v: Any) -> bool:
-    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
 
 def _num(v: Any) -> bool:
@@ -51,15 +47,15 @@ def _number(text: str) -> int | float | None:
     return None
 
 
-_AT_LEAST_1 = ("an integer >= 1", lambda v: _int(v) and v >= 1)
-_EVERY = ("an integer >= 1, or None", lambda v: v is None or (_int(v) and v >= 1))
+_AT_LEAST_1 = ("an integer >= 1", lambda v: is_whole(v) and v >= 1)
+_EVERY = ("an integer >= 1, or None", lambda v: v is None or (is_whole(v) and v >= 1))
 _BOOL = ("true or false (a boolean, not a string)", lambda v: isinstance(v, bool))
 # What each TrainerConfig field takes: (the allowed values in words, the check).
 FIELD_RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "out_dir": ("a non-empty path", lambda v: isinstance(v, (str, os.PathLike)) and str(v) != ""),
     "max_steps": _AT_LEAST_1, "batch_size": _AT_LEAST_1, "grad_accum": _AT_LEAST_1,
     "keep_last": _AT_LEAST_1, "log_every": _AT_LEAST_1, "save_every": _EVERY, "eval_every": _EVERY,
-    "warmup_steps": ("an integer >= 0", lambda v: _int(v) and v >= 0),
+    "warmup_steps": ("an integer >= 0", lambda v: is_whole(v) and v >= 0),
     "lr": ("a finite number > 0", lambda v: _num(v) and v > 0),
     "weight_decay": ("a finite number >= 0", lambda v: _num(v) and v >= 0),
     "max_grad_norm": ("a finite number > 0, or None (no clipping)", lambda v: v is None or (_num(v) and v > 0)),
@@ -67,7 +63,7 @@ FIELD_RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "schedule": ("one of 'cosine', 'linear', 'constant'", lambda v: v in ("cosine", "linear", "constant")),
     "on_nonfinite": ("'raise' or 'skip'", lambda v: v in ("raise", "skip")),
     "optimizer": (f"one of {', '.join(OPTIMIZERS)}", lambda v: isinstance(v, str)),
-    "seed": ("an integer in [0, 2**32)", lambda v: _int(v) and 0 <= v < 2**32),
+    "seed": ("an integer in [0, 2**32)", lambda v: is_whole(v) and 0 <= v < 2**32),
     "adapter": ("a non-empty string", lambda v: isinstance(v, str) and v != ""),
     "desc": ("a string", lambda v: isinstance(v, str)),
     "device": ("None, a torch.device or a string such as 'cpu', 'cuda', 'cuda:1'",

@@ -31,9 +31,9 @@ from typing import Any
 from torch import nn
 
 from .checkpoint import save_adapter
-from .errors import InputError
+from .errors import ArgumentTypeError, InputError, short_repr
 from .injection import CONFIGS_ATTR, adapter_configs, register_adapter_hook
-from .targeting import ArgumentTypeError, require_module, shown
+from .targeting import require_module
 
 logger = logging.getLogger(__name__)
 
@@ -48,14 +48,17 @@ def save_adapters(
     folders written."""
     require_module(model, "lorakit.save_adapters")
     if not isinstance(directory, (str, os.PathLike)):
-        raise ArgumentTypeError(f"lorakit.save_adapters: directory = {shown(directory)}; allowed: a folder path (str "
-                                "or os.PathLike)")  # fmt: skip
+        raise ArgumentTypeError(
+            f"lorakit.save_adapters: directory = {short_repr(directory)}; allowed: a folder path (str or os.PathLike)"
+        )
     configs = adapter_configs(model)
     if not configs:
         raise InputError("the model holds no adapters to save; lorakit.inject or lorakit.load_adapter adds one")
     if names is not None and not isinstance(names, (str, list, tuple)):
-        raise ArgumentTypeError(f"lorakit.save_adapters: names = {shown(names)}; allowed: None (every adapter), an "
-                                f"adapter name or a list of them, among {sorted(configs)}")  # fmt: skip
+        raise ArgumentTypeError(
+            f"lorakit.save_adapters: names = {short_repr(names)}; allowed: None (every adapter), an "
+            f"adapter name or a list of them, among {sorted(configs)}"
+        )
     wanted = list(configs) if names is None else [names] if isinstance(names, str) else list(names)
     unknown = [n for n in wanted if n not in configs]
     if unknown:

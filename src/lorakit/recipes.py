@@ -60,6 +60,7 @@ from torch import nn
 
 from .config import LoraConfig
 from .devices import init_distributed, stderr_is_terminal, world
+from .errors import is_whole
 from .injection import inject
 from .recipe_files import RecipeError, check_keys, check_type, read_config
 from .run_dir import check_out_dir
@@ -239,8 +240,7 @@ def build_data(spec: dict[str, Any], tokenizer: Any, vocab_size: int | None = No
         check_keys("data", spec, {"kind", "path", "files", "seq"})
         for key in ("path", "files"):
             check_type("data", spec, key, "a path string", lambda v: isinstance(v, str))
-        check_type("data", spec, "seq", "an integer >= 1",
-                    lambda v: isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1)  # fmt: skip
+        check_type("data", spec, "seq", "an integer >= 1", lambda v: is_whole(v, 1))
         if kind == "jsonl":
             path = Path(spec.get("path", ""))
             if not path.is_file():

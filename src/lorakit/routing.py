@@ -32,7 +32,6 @@ supported: a route is state of the model, like ``train()``/``eval()``.)
 from __future__ import annotations
 
 import contextlib
-import numbers
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
@@ -43,10 +42,10 @@ import torch
 from torch import nn
 
 from .bank import bag_indices, stack_factors
-from .errors import InputError
+from .errors import ArgumentTypeError, InputError, is_whole, short_repr
 from .injection import UnknownAdapterError, adapter_configs, lora_layers, wrapper_list
 from .layers import LoraLayer, ModulesToSave, accumulate
-from .targeting import ArgumentTypeError, require_module, shown
+from .targeting import require_module
 
 Routing = Sequence[str | None] | torch.Tensor
 
@@ -183,18 +182,18 @@ def _row_names(model: nn.Module, adapters: Routing) -> tuple[list[str], list[str
         raise ArgumentTypeError(f"lorakit.route: adapters = the string {adapters!r}; route takes one adapter name "
                                 f"per row (a list); {allowed}")  # fmt: skip
     elif not isinstance(adapters, Sequence):
-        raise ArgumentTypeError(f"lorakit.route: adapters = {shown(adapters)}; {allowed}")
+        raise ArgumentTypeError(f"lorakit.route: adapters = {short_repr(adapters)}; {allowed}")
     else:
         names = list(adapters)
         wrong = [n for n in names if n is not None and not isinstance(n, str)]
         if wrong:
-            raise ArgumentTypeError(f"lorakit.route: adapters holds {shown(wrong[0])}; {allowed}")
+            raise ArgumentTypeError(f"lorakit.route: adapters holds {short_repr(wrong[0])}; {allowed}")
         unknown = sorted({n for n in names if n is not None and n not in order})
         if unknown:
             raise UnknownAdapterError(f"lorakit.route: adapters names unknown adapters {unknown}; allowed: "
                                       f"{order or 'none (the model holds no adapters)'} or None")  # fmt: skip
     if not names:
-        raise InputError(f"lorakit.route: adapters = {shown(adapters)} (no rows); {allowed}, at least one row")
+        raise InputError(f"lorakit.route: adapters = {short_repr(adapters)} (no rows); {allowed}, at least one row")
     return order, names
 
 
@@ -245,9 +244,11 @@ def route(model: nn.Module, adapters: Routing, *, expand: int = 1) -> Iterator[n
     that all use one adapter run it whatever the layer's input shape.
     """
     require_module(model, "lorakit.route")
-    if isinstance(expand, bool) or not isinstance(expand, numbers.Integral) or expand < 1:
-        raise InputError(f"lorakit.route: expand = {shown(expand)}; allowed: a whole number >= 1 (each name covers "
-                         "that many consecutive rows)")  # fmt: skip
+    if not is_whole(expand, 1):
+        raise InputError(
+            f"lorakit.route: expand = {short_repr(expand)}; allowed: a whole number >= 1 "
+            "(each name covers that many consecutive rows)"
+        )
     order, names = _row_names(model, adapters)
     wrappers = wrapper_list(model)
     if any(isinstance(m, ModulesToSave) for m in wrappers):
@@ -304,7 +305,7 @@ def set_trainable(model: nn.Module, adapters: Sequence[str]) -> None:
     require_module(model, "lorakit.set_trainable")
     configs = adapter_configs(model)
     if isinstance(adapters, str) or not isinstance(adapters, Sequence | set | frozenset):
-        raise ArgumentTypeError(f"lorakit.set_trainable: adapters = {shown(adapters)}; allowed: a list of adapter "
+        raise ArgumentTypeError(f"lorakit.set_trainable: adapters = {short_repr(adapters)}; allowed: a list of adapter "
                                 f"names among {sorted(configs)}")  # fmt: skip
     unknown = sorted({a for a in adapters if a not in configs}, key=repr)
     if unknown:

@@ -14,25 +14,13 @@ import re
 
 from torch import nn
 
-from .errors import InputError
+from .errors import ArgumentTypeError, InputError, short_repr
 
 #: attribute names of the output head that ``"all-linear"`` leaves out when the model cannot tell
 OUTPUT_HEAD_NAMES = ("lm_head",)
 
 
 # ---------------------------------------------------------------------------------------- arguments
-class ArgumentTypeError(InputError, TypeError):
-    """An argument of the wrong Python type (``None``, a class instead of an instance, a dict for a
-    config). An ``InputError`` whose message names the argument, the value and what is allowed,
-    and a ``TypeError`` for code that catches that."""
-
-
-def shown(value: object, limit: int = 80) -> str:
-    """``repr(value)`` cut to ``limit`` characters, on one line (for error messages)."""
-    text = " ".join(repr(value).split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def require_module(model: object, where: str, argument: str = "model") -> nn.Module:
     """``model`` itself when it is an ``nn.Module`` instance, else ``ArgumentTypeError`` naming
     ``where`` (the public function, e.g. ``"lorakit.inject"``), the argument and the value."""
@@ -42,7 +30,7 @@ def require_module(model: object, where: str, argument: str = "model") -> nn.Mod
         hint = f" (got the class {model.__name__} itself: pass an instance, e.g. {model.__name__}(...))"
     else:
         hint = ""
-    raise ArgumentTypeError(f"{where}: {argument} = {shown(model)}; allowed: a torch.nn.Module instance{hint}")
+    raise ArgumentTypeError(f"{where}: {argument} = {short_repr(model)}; allowed: a torch.nn.Module instance{hint}")
 
 
 def require_adapter_name(name: object, where: str, argument: str = "name") -> str:
@@ -50,7 +38,7 @@ def require_adapter_name(name: object, where: str, argument: str = "name") -> st
     (``ArgumentTypeError`` for a non-string) naming ``where``, the argument and the value."""
     allowed = "a non-empty string without '.' (an adapter name such as 'default')"
     if not isinstance(name, str):
-        raise ArgumentTypeError(f"{where}: {argument} = {shown(name)}; allowed: {allowed}")
+        raise ArgumentTypeError(f"{where}: {argument} = {short_repr(name)}; allowed: {allowed}")
     if not name or "." in name:
         raise InputError(f"{where}: {argument} = {name!r}; allowed: {allowed}")
     return name

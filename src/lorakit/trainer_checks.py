@@ -9,7 +9,6 @@ checked at every micro-batch (a scalar tensor that carries a gradient), before `
 from __future__ import annotations
 
 import logging
-import numbers
 import warnings
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -17,18 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import short_repr
 from .devices import training_device
+from .errors import ArgumentTypeError, is_whole, short_repr
 from .optim import check_training_values
-from .targeting import ArgumentTypeError
 
 logger = logging.getLogger(__name__)
 
 LOSS = "loss_fn must return a scalar tensor with a gradient"
-
-
-def _is_count(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 1
 
 
 def check_config_values(values: Mapping[str, Any], label: Callable[[str], str]) -> None:
@@ -57,7 +51,7 @@ def check_trainer_args(model: Any, loss_fn: Any, collate: Any, num_examples: Any
         if not (callable(fn) or (optional and fn is None)):
             raise ArgumentTypeError(f"Trainer: {name} = {short_repr(fn)} ({type(fn).__name__}): expected a callable "
                                 f"{allowed}")  # fmt: skip
-    if not _is_count(num_examples):
+    if not is_whole(num_examples, 1):
         raise ArgumentTypeError(f"Trainer: num_examples = {short_repr(num_examples)} ({type(num_examples).__name__}): "
                             "expected an integer >= 1, the number of examples collate(indices) can index")  # fmt: skip
     return int(num_examples)

@@ -34,10 +34,10 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from ..errors import InputError
+from ..errors import ArgumentTypeError, InputError, short_repr
 from ..functional import Dropout
 from ..quantization import merge_into_4bit
-from ..targeting import ArgumentTypeError, is_linear4bit, shown
+from ..targeting import is_linear4bit
 
 
 class UnsupportedModuleError(InputError, TypeError):
@@ -301,10 +301,12 @@ def register_kind(cls: type[LoraLayer], accepts: Callable[[nn.Module], bool]) ->
     ``cls.variant``. Later registrations win, so a variant or a new base type is added without
     editing the others."""
     if not (isinstance(cls, type) and issubclass(cls, LoraLayer)):
-        raise ArgumentTypeError(f"lorakit.register_kind: cls = {shown(cls)}; allowed: a subclass of lorakit.LoraLayer")
+        raise ArgumentTypeError(
+            f"lorakit.register_kind: cls = {short_repr(cls)}; allowed: a subclass of lorakit.LoraLayer"
+        )
     if not callable(accepts):
         raise ArgumentTypeError(
-            f"lorakit.register_kind: accepts = {shown(accepts)}; allowed: a callable (module) -> bool"
+            f"lorakit.register_kind: accepts = {short_repr(accepts)}; allowed: a callable (module) -> bool"
         )
     if not cls.kind:
         raise ValueError(f"{cls.__name__} must set the class attribute 'kind'")
