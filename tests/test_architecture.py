@@ -24,7 +24,7 @@ MAX_LINES = 400
 TIERS: list[set[str]] = [
     {"errors"},
     {"config", "targeting", "functional", "loss_plot", "planner", "atomic"},
-    {"files", "quantization", "bank", "devices", "optim", "train_state"},
+    {"files", "quantization", "bank", "devices", "distributed", "optim", "train_state"},
     {"run_dir", "trainer_checks", "recipe_files"},  # what training and recipes check before they run
     {"layers"},
     {"injection"},

@@ -256,12 +256,33 @@ def test_state_dict_round_trip_of_injected_model(mixed, mixed_inputs):
     assert torch.equal(other(*mixed_inputs), mixed(*mixed_inputs))
 
 
-def test_torch_compile_traces_an_injected_model(mlp):
+def _has_cpp_compiler() -> bool:
+    import shutil
+
+    return any(shutil.which(cc) for cc in ("c++", "g++", "clang++"))
+
+
+@pytest.mark.parametrize(
+    "backend",
+    ["aot_eager", pytest.param("inductor", marks=pytest.mark.skipif(not _has_cpp_compiler(),
+                                                                   reason="inductor on CPU needs a C++ compiler"))],
+)  # fmt: skip
+def test_torch_compile_gives_the_eager_outputs_and_gradients(mlp, backend):
+    """``torch.compile`` (its default backend, inductor, where the machine has a compiler) traces an
+    injected model in one graph; outputs and every adapter's gradient equal eager mode's."""
     lk.inject(mlp, lk.LoraConfig(r=4, target_modules=["fc1", "fc2", "fc3"]))
     randomize_adapters(mlp)
     x = torch.randn(4, 784)
+    trainable = {n: p for n, p in mlp.named_parameters() if p.requires_grad}
     want = mlp(x)
-    compiled = torch.compile(mlp, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(compiled(x), want)
-    compiled(x).sum().backward()
-    assert mlp.fc1.lora_A["default"].grad is not None
+    want.square().sum().backward()
+    eager = {n: p.grad.clone() for n, p in trainable.items()}
+    mlp.zero_grad(set_to_none=True)
+    compiled = torch.compile(mlp, backend=backend, fullgraph=True)
+    got = compiled(x)
+    assert_close(got, want, reduction=784, depth=3)
+    got.square().sum().backward()
+    assert set(eager) == {n for n, p in trainable.items() if p.grad is not None} and len(eager) == 6
+    for name, grad in eager.items():  # backward: the forward's three layers again, and the batch sum
+        assert_close(trainable[name].grad, grad, reduction=784, depth=7, msg=name)
+        assert grad.abs().max() > 0, name

@@ -1,11 +1,9 @@
-"""The trainer: kill -9 and resume bit-identically, DDP equivalence, non-finite steps, bad checkpoints."""
+"""The trainer: kill -9 and resume bit-identically, non-finite steps, bad checkpoints (data-parallel
+runs: tests/test_parallel.py)."""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,12 +16,6 @@ import lorakit as lk
 from .helpers.train_worker import Child
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _worker(out: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "tests.helpers.train_worker", str(out), *extra]
-    return subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)  # fmt: skip
 
 
 def _final_adapter(out: Path) -> dict[str, torch.Tensor]:
@@ -66,21 +58,6 @@ def test_kill_9_and_resume_is_bit_identical(tmp_path):
         assert torch.equal(got[key], want[key]), key
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-00000036", "step-00000040"]
     assert _metric_steps(killed) == list(range(1, 41)) == _metric_steps(tmp_path / "reference")
-
-
-def test_ddp_two_processes_equal_one_with_double_batch(tmp_path):
-    single = tmp_path / "single"
-    proc = _worker(single, "--batch", "16", "--dropout", "0", "--steps", "40")
-    assert proc.wait(120) == 0, proc.stderr.read()
-    init = tmp_path / "dist_init"
-    ddp = tmp_path / "ddp"
-    procs = [_worker(ddp, "--batch", "8", "--dropout", "0", "--steps", "40", "--world", "2", "--rank", str(r),
-                     "--init", str(init)) for r in range(2)]  # fmt: skip
-    for p in procs:
-        assert p.wait(180) == 0, p.stderr.read()
-    a, b = _final_adapter(single), _final_adapter(ddp)
-    for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
 
 
 def _tiny(tmp_path: Path, loss_fn, **cfg):
@@ -225,21 +202,3 @@ def test_bad_config_values_name_the_field_the_value_and_what_is_allowed(field, v
     with pytest.raises(lk.InputError) as err:
         lk.TrainerConfig(out_dir="x", **{"max_steps": 3, field: value})
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
-
-
-def test_fsdp2_shards_a_model_with_frozen_and_trainable_parameters(tmp_path):
-    """PEFT users hit "Must flatten tensors with uniform requires_grad" with FSDP1's flat
-    parameters; FSDP2 shards per parameter, so adapters inside the model just work (CPU, gloo)."""
-    out = tmp_path / "fsdp.pt"
-    proc = subprocess.run([sys.executable, "-m", "tests.helpers.fsdp_worker", str(tmp_path / "init"), str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=180)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    sharded = torch.load(out, weights_only=True)
-    from tests.helpers.fsdp_worker import model_and_data, train
-
-    model, x, y = model_and_data()
-    train(model, x, y)
-    single = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    assert set(sharded) == set(single)
-    for name in single:
-        torch.testing.assert_close(sharded[name], single[name], rtol=1e-5, atol=1e-6)

@@ -2,9 +2,10 @@
 
 Each optimizer step: ``grad_accum`` micro-batches moved to the training device (``move_to``)
 under autocast (bf16 on any device, fp16 with a gradient scaler on CUDA), adapter gradients
-averaged across processes under ``torch.distributed`` (one flattened all-reduce; frozen weights
-never join it), clipping, a non-finite check (stop naming the step, or skip it), the optimizer
-(``lorakit.optim``), the schedule (linear warmup, then cosine / linear / constant).
+averaged across processes under ``torch.distributed`` (the model plain, wrapped by DDP, or
+sharded by FSDP2's ``fully_shard`` before the trainer is built: ``lorakit.distributed``),
+clipping, a non-finite check (stop naming the step, or skip it), the optimizer (``lorakit.optim``),
+the schedule (linear warmup, then cosine / linear / constant).
 
 The device is ``TrainerConfig.device`` (the model is moved there), or, when None, where the
 model's first parameter lives; under ``torchrun`` call ``lorakit.devices.init_distributed()``
@@ -40,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import run_dir, train_state, trainer_checks
+from . import distributed, run_dir, train_state, trainer_checks
 from .atomic import remove_tree
 from .checkpoint import load_adapter_tensors, save_adapter
 from .devices import autocast_settings, move_to, resolve_device, stderr_is_terminal, world
@@ -126,12 +127,13 @@ class Trainer:
         self.num_examples = trainer_checks.check_trainer_args(model, loss_fn, collate, num_examples, config,
                                                               TrainerConfig, eval_fn, optimizer_factory)  # fmt: skip
         self.model, self.loss_fn, self.collate, self.config, self.eval_fn = model, loss_fn, collate, config, eval_fn
+        self.core = distributed.unwrap(model)  # the user's module under DDP / torch.compile: what is saved
         self.record = dict(record) if record is not None else None
         self.rank, self.world = world()
         run_dir.check_layout(config.out_dir, inside=not config.overwrite)
         trainer_checks.check_batch_fits(self.num_examples, config.batch_size, self.world)
         trainer_checks.warn_schedule(config.warmup_steps, config.max_steps)
-        self.params = trainer_checks.check_trainable(model, len(adapter_configs(model)))
+        self.params = trainer_checks.check_trainable(model, len(adapter_configs(self.core)))
         self.device = resolve_device(config.device, model)
         if config.device is not None:
             model.to(self.device)
@@ -149,7 +151,7 @@ class Trainer:
     def base_fingerprint(self) -> dict[str, Any]:
         """``train_state.base_fingerprint`` of the model's frozen parameters (computed once)."""
         if self._base is None:
-            self._base = train_state.base_fingerprint(self.model)
+            self._base = train_state.base_fingerprint(self.core)
         return self._base
 
     # ------------------------------------------------------------------ schedule and data
@@ -170,20 +172,6 @@ class Trainer:
         return chunk[self.rank * c.batch_size : (self.rank + 1) * c.batch_size].tolist()
 
     # ------------------------------------------------------------------ one step
-    def _all_reduce_grads(self) -> None:
-        """Average the trainable gradients over the processes: one flattened all-reduce, on the
-        device the gradients live on (NCCL needs CUDA tensors there, gloo takes either)."""
-        if self.world == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for p, g in zip(self.params, grads, strict=True):
-            p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype)
-            offset += g.numel()
-
     def _autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp else contextlib.nullcontext()
 
@@ -197,15 +185,16 @@ class Trainer:
         total = 0.0
         for micro in range(c.grad_accum):
             batch = move_to(self.collate(self.micro_batch_indices(self.step, micro)), self.device)
-            with self._autocast():
-                loss = self.loss_fn(self.model, batch)
-            trainer_checks.check_loss(loss, self.step + 1)
-            if not torch.isfinite(loss):
-                return self._nonfinite(f"loss is {loss.item()}")
-            scaled = loss / c.grad_accum
-            (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
+            with distributed.sync_context(self.model, micro == c.grad_accum - 1):
+                with self._autocast():
+                    loss = self.loss_fn(self.model, batch)
+                trainer_checks.check_loss(loss, self.step + 1)
+                if not torch.isfinite(loss):
+                    return self._nonfinite(f"loss is {loss.item()}")
+                scaled = loss / c.grad_accum
+                (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
             total += loss.item() / c.grad_accum
-        self._all_reduce_grads()
+        distributed.average_gradients(self.model, self.params, self.world)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm else float("inf"))
@@ -238,28 +227,32 @@ class Trainer:
 
     def save_checkpoint(self) -> Path | None:
         """Write the newest checkpoint atomically (rank 0 only) and keep the last ``keep_last``;
-        temporary folders that killed writes left behind are removed first."""
-        if self.rank != 0:
-            return None
+        temporary folders that killed writes left behind are removed first. Every process calls
+        it: FSDP2's sharded adapter and optimizer state is gathered from all of them first."""
+        state = distributed.optimizer_state(self.model, self.optimizer)  # before the parameters swap
+        with distributed.full_trainable(self.core):
+            return self._save_gathered(state) if self.rank == 0 else None
+
+    def _save_gathered(self, optimizer_state: dict[str, Any]) -> Path:
         train_state.remove_stale_temps(self.ckpt_dir)
         final = self.ckpt_dir / self.checkpoint_name(self.step)
         problem = train_state.checkpoint_problem(final) if final.exists() else None
         if final.exists() and problem is None:
             return final
         if problem:  # damaged on disk since: written again
-            warnings.warn(f"lorakit: rewriting damaged checkpoint {final} ({problem})", UserWarning, stacklevel=2)
+            warnings.warn(f"lorakit: rewriting damaged checkpoint {final} ({problem})", UserWarning, stacklevel=3)
             train_state.remove_path(final)
-        train_state.write_sealed(self.ckpt_dir, self.step, self._write_checkpoint)
+        train_state.write_sealed(self.ckpt_dir, self.step, lambda tmp: self._write_checkpoint(tmp, optimizer_state))
         for old in self.complete_checkpoints()[self.config.keep_last :]:
             remove_tree(old)
         return final
 
-    def _write_checkpoint(self, tmp: Path) -> None:
-        if self.config.adapter in adapter_configs(self.model):
-            save_adapter(self.model, tmp, name=self.config.adapter)
+    def _write_checkpoint(self, tmp: Path, optimizer_state: dict[str, Any]) -> None:
+        if self.config.adapter in adapter_configs(self.core):
+            save_adapter(self.core, tmp, name=self.config.adapter)
         else:  # no adapter (full fine-tuning, a head): keep what trains
-            train_state.save_trainable(self.model, tmp)
-        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+            train_state.save_trainable(self.core, tmp)
+        state = {**optimizer_state, "scheduler": self.scheduler.state_dict(),
                  **train_state.rng_state(self.device), "step": self.step}  # fmt: skip
         if self.scaler is not None:
             state["scaler"] = self.scaler.state_dict()
@@ -304,15 +297,16 @@ class Trainer:
         return step
 
     def _load(self, path: Path) -> int:
-        if (path / TRAINABLE).is_file():
-            try:
-                train_state.load_trainable(self.model, path, self.device)
-            except ValueError as err:
-                raise TrainingError(str(err)) from None
-        else:
-            load_adapter_tensors(self.model, path, name=self.config.adapter)
+        with distributed.full_trainable(self.core, write_back=True):  # FSDP2: every process loads
+            if (path / TRAINABLE).is_file():
+                try:
+                    train_state.load_trainable(self.core, path, self.device)
+                except ValueError as err:
+                    raise TrainingError(str(err)) from None
+            else:
+                load_adapter_tensors(self.core, path, name=self.config.adapter)
         state = train_state.load_state(path)
-        self.optimizer.load_state_dict(state["optimizer"])  # moves the state to the parameters' device
+        distributed.load_optimizer_state(self.model, self.optimizer, state)
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])

@@ -3,7 +3,12 @@ in-process resume check that the CPU and CUDA tests share, and recipe factories 
 global RNG (so that only the recipe's seed makes them repeatable).
 
 python -m tests.helpers.train_worker OUT_DIR [--resume] [--world N --rank R --init FILE] [--batch B]
-                                             [--device cpu|cuda] [--steps S]
+                                             [--device cpu|cuda] [--steps S] [--parallel ddp|fsdp] [--cut K]
+                                             [--grad-accum G]
+
+``--parallel`` wraps the model in ``DistributedDataParallel`` or shards it with FSDP2's
+``fully_shard`` before the trainer is built; ``--cut K`` trains K steps, saves, and resumes the
+rest in a fresh trainer on a fresh model (and a disturbed RNG).
 """
 
 from __future__ import annotations
@@ -39,10 +44,26 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def trainer(out: str | Path, steps: int, dropout: float = 0.1, batch: int = 16, **cfg: Any) -> lk.Trainer:
+def parallel_model(model: nn.Module, parallel: str, device: torch.device) -> nn.Module:
+    """``model`` as a data-parallel run holds it: plain, in a DDP wrapper, or sharded by FSDP2."""
+    if parallel == "ddp":
+        model.to(device)
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        model.to(device)
+        for layer in (model[0], model[2]):
+            fully_shard(layer)
+        fully_shard(model)
+    return model
+
+
+def trainer(out: str | Path, steps: int, dropout: float = 0.1, batch: int = 16, parallel: str = "none",
+            **cfg: Any) -> lk.Trainer:  # fmt: skip
     """The worker's run in this process: the model built fresh (seed 0), data on the CPU (the
     trainer moves each batch to its device)."""
-    model = build(dropout)
+    model = parallel_model(build(dropout), parallel, torch.device(cfg.get("device") or "cpu"))
     x, y = data()
     settings = {"lr": 5e-3, "warmup_steps": 3, "save_every": 4, "keep_last": 2, "progress": False, "log_every": 1}
     config = lk.TrainerConfig(out_dir=str(out), max_steps=steps, batch_size=batch, **{**settings, **cfg})
@@ -100,6 +121,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rank", type=int, default=0)
     ap.add_argument("--init", default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default="none")
+    ap.add_argument("--cut", type=int, default=0)
+    ap.add_argument("--grad-accum", type=int, default=1)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # the trainer's "resumed from" line
     torch.set_num_threads(1)
@@ -109,7 +133,16 @@ def main(argv: list[str] | None = None) -> None:
     if args.world > 1:
         torch.distributed.init_process_group(distributed_backend(device), init_method=f"file://{args.init}",
                                              rank=args.rank, world_size=args.world)  # fmt: skip
-    t = trainer(args.out, args.steps, dropout=args.dropout, batch=args.batch, device=device)
+    run = {"dropout": args.dropout, "batch": args.batch, "parallel": args.parallel, "device": device,
+           "grad_accum": args.grad_accum}  # fmt: skip
+    t = trainer(args.out, args.steps, **run)
+    if args.cut:
+        for _ in range(args.cut):
+            t.train_step()
+        t.save_checkpoint()
+        torch.manual_seed(12345)  # resume must restore the RNG
+        t = trainer(args.out, args.steps, **run)
+        args.resume = True
     t.train(resume=args.resume)
     if args.world > 1:
         torch.distributed.barrier()
