@@ -202,3 +202,13 @@ def test_bad_config_values_name_the_field_the_value_and_what_is_allowed(field, v
     with pytest.raises(lk.InputError) as err:
         lk.TrainerConfig(out_dir="x", **{"max_steps": 3, field: value})
     assert str(err.value).startswith(message) and "\n" not in str(err.value)
+
+
+def test_parameters_replaced_after_the_trainer_was_built_are_refused(tmp_path):
+    """FSDP2's fully_shard (or to_empty, load_state_dict(assign=True)) after building the Trainer
+    replaces the parameters the optimizer holds: stepping would train nothing the model uses."""
+    trainer = _tiny(tmp_path, lambda m, b: m(b).pow(2).mean(), max_steps=2)
+    layer = trainer.model[0]
+    layer.lora_A["default"] = nn.Parameter(layer.lora_A["default"].detach().clone())
+    with pytest.raises(lk.InputError, match="parameters were replaced after the Trainer was built"):
+        trainer.train_step()

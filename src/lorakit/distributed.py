@@ -40,6 +40,9 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def is_ddp(model: nn.Module) -> bool:
+    """True for a ``DistributedDataParallel`` wrapper, compiled by ``torch.compile`` or not."""
+    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = model._orig_mod
     return torch.distributed.is_available() and isinstance(model, nn.parallel.DistributedDataParallel)
 
 
@@ -62,20 +65,63 @@ def sync_context(model: nn.Module, last_micro_batch: bool) -> contextlib.Abstrac
 def average_gradients(model: nn.Module, params: list[nn.Parameter], world: int) -> None:
     """Average over the processes the gradients nobody has averaged yet: none under DDP, the
     plain (unsharded) parameters' under FSDP2, all of them otherwise; one flattened all-reduce,
-    on the device the gradients live on (NCCL needs CUDA tensors, gloo takes either)."""
+    on the device the gradients live on (NCCL needs CUDA tensors, gloo takes either). A parameter
+    no process computed a gradient for (an adapter a routed batch did not use) keeps ``None``, as
+    in one process, so that momentum and weight decay leave it alone."""
     if world == 1 or is_ddp(model):
         return
     plain = [p for p in params if not is_sharded(p)]
     if not plain:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in plain]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    device, dtype = grads[0].device, torch.promote_types(grads[0].dtype, torch.float32)
+    has = torch.tensor([p.grad is not None for p in plain], dtype=dtype, device=device)
+    flat = torch.cat([*(g.reshape(-1).to(dtype) for g in grads), has])
     torch.distributed.all_reduce(flat)
     flat /= world
     offset = 0
     for p, g in zip(plain, grads, strict=True):
         p.grad = flat[offset : offset + g.numel()].view_as(g).to(g.dtype)
         offset += g.numel()
+    for p, seen in zip(plain, flat[offset:].tolist(), strict=True):
+        if seen == 0:
+            p.grad = None
+
+
+def agree_on_loss(loss: torch.Tensor, world: int) -> tuple[float, bool]:
+    """``(mean loss over the processes, whether every process's loss is finite)``: one small
+    all-reduce, so that all processes skip or stop together (one process leaving a step alone
+    would leave the others waiting in the gradients' collective)."""
+    value = loss.detach().float()
+    if world == 1:
+        return float(value), bool(torch.isfinite(value))
+    both = torch.stack([torch.nan_to_num(value, nan=0.0, posinf=0.0, neginf=0.0), (~torch.isfinite(value)).float()])
+    torch.distributed.all_reduce(both)
+    return float(both[0]) / world, float(both[1]) == 0
+
+
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> torch.Tensor:
+    """``torch.nn.utils.clip_grad_norm_`` that also takes FSDP2 shards beside plain parameters
+    (torch refuses the mix): the total norm of each group, combined, clips both. Returns the norm."""
+    sharded = [p for p in params if is_sharded(p)]
+    if not sharded or len(sharded) == len(params):
+        return torch.nn.utils.clip_grad_norm_(params, max_norm)
+    plain = [p for p in params if not is_sharded(p)]
+    parts = [torch.nn.utils.get_total_norm([p.grad for p in group if p.grad is not None]) for group in (sharded, plain)]
+    norms = [n.full_tensor() if is_sharded(n) else n for n in parts]
+    total = torch.linalg.vector_norm(torch.stack([n.to(norms[1].device, torch.float32) for n in norms]))
+    for group in (sharded, plain):
+        torch.nn.utils.clip_grads_with_norm_([p for p in group if p.grad is not None], max_norm, total)
+    return total
+
+
+def gather_objects(obj: Any, world: int) -> list[Any]:
+    """Every process's ``obj``, by rank (a collective: every process must call it)."""
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
 
 
 def _sharded_trainable(model: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
@@ -125,8 +171,24 @@ def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, sta
     """Restore what ``optimizer_state`` saved, sharded or not, into this run's optimizer."""
     if OPTIMIZER_BY_NAME not in state:
         optimizer.load_state_dict(state["optimizer"])  # moves the state to the parameters' device
+        _shard_plain_state(optimizer)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     set_optimizer_state_dict(unwrap(model), optimizer, state[OPTIMIZER_BY_NAME],
                              options=StateDictOptions(full_state_dict=True))  # fmt: skip
+
+
+def _shard_plain_state(optimizer: torch.optim.Optimizer) -> None:
+    """A checkpoint of an unsharded run resumed with FSDP2: each full state tensor of a sharded
+    parameter (AdamW's moments) becomes the shard this process owns."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not is_sharded(p):
+                continue
+            from torch.distributed.tensor import distribute_tensor
+
+            state = optimizer.state.get(p, {})
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and not is_sharded(value) and value.shape == p.shape:
+                    state[key] = distribute_tensor(value.to(p.device), p.device_mesh, p.placements)

@@ -38,7 +38,7 @@ from .train_state import CHECKPOINTS, LOSS_CURVE, METRICS, fingerprint_mismatch,
 logger = logging.getLogger(__name__)
 
 REFUSED = ("batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "schedule", "max_grad_norm", "bf16",
-           "fp16", "optimizer", "seed", "adapter")  # fmt: skip
+           "fp16", "optimizer", "seed", "adapter", "world_size")  # fmt: skip
 WARNED = ("max_steps", "on_nonfinite")
 AFRESH = ("train into another out_dir, or start afresh with overwrite (lorakit train --overwrite, [train] "
           "overwrite = true, TrainerConfig(overwrite=True)), which deletes the earlier run")  # fmt: skip

@@ -181,6 +181,7 @@ class Trainer:
         With fp16, gradients that overflow are the gradient scaler's business (as in any fp16
         training): the update is skipped, the scale lowered, and the step still counts."""
         c = self.config
+        trainer_checks.check_same_parameters(self.model, self.params)
         self.model.train()
         total = 0.0
         for micro in range(c.grad_accum):
@@ -189,15 +190,17 @@ class Trainer:
                 with self._autocast():
                     loss = self.loss_fn(self.model, batch)
                 trainer_checks.check_loss(loss, self.step + 1)
-                if not torch.isfinite(loss):
-                    return self._nonfinite(f"loss is {loss.item()}")
+                mean, finite = distributed.agree_on_loss(loss, self.world)  # every process skips or stops
+                if not finite:
+                    here = f"loss is {loss.item()}" if not torch.isfinite(loss) else "loss is not finite"
+                    return self._nonfinite(here if self.world == 1 else f"{here} (process {self.rank})")
                 scaled = loss / c.grad_accum
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
-            total += loss.item() / c.grad_accum
+            total += mean / c.grad_accum
         distributed.average_gradients(self.model, self.params, self.world)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(self.params, c.max_grad_norm if c.max_grad_norm else float("inf"))
+        norm = distributed.clip_grad_norm(self.params, c.max_grad_norm if c.max_grad_norm else float("inf"))
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skips the update when the gradients overflowed
             self.scaler.update()
@@ -230,8 +233,9 @@ class Trainer:
         temporary folders that killed writes left behind are removed first. Every process calls
         it: FSDP2's sharded adapter and optimizer state is gathered from all of them first."""
         state = distributed.optimizer_state(self.model, self.optimizer)  # before the parameters swap
+        rngs = distributed.gather_objects(train_state.rng_state(self.device), self.world)  # each process's
         with distributed.full_trainable(self.core):
-            return self._save_gathered(state) if self.rank == 0 else None
+            return self._save_gathered({**state, "rng_by_rank": rngs}) if self.rank == 0 else None
 
     def _save_gathered(self, optimizer_state: dict[str, Any]) -> Path:
         train_state.remove_stale_temps(self.ckpt_dir)
@@ -259,9 +263,13 @@ class Trainer:
         buffer = io.BytesIO()  # written by Python: a full disk is OSError(ENOSPC), not torch's zip-writer error
         torch.save(state, buffer)
         (tmp / train_state.STATE).write_bytes(buffer.getbuffer())
-        meta = {"step": self.step, "config": asdict(self.config), "base": self.base_fingerprint(),
+        meta = {"step": self.step, "config": self._settings(), "base": self.base_fingerprint(),
                 "examples": self.num_examples, "record": self.record}  # fmt: skip
         (tmp / train_state.META).write_text(json.dumps(meta, indent=2, default=str))
+
+    def _settings(self) -> dict[str, Any]:
+        """The config a checkpoint records and a resume must match, with the number of processes."""
+        return {**asdict(self.config), "world_size": self.world}
 
     def complete_checkpoints(self) -> list[Path]:
         """Checkpoint folders that are complete (``train_state.checkpoint_problem``), newest first."""
@@ -282,7 +290,7 @@ class Trainer:
         step = 0
         if good:
             path = good[0]
-            run_dir.check_resumable(path, train_state.read_meta(path) or {}, self.base_fingerprint, asdict(c),
+            run_dir.check_resumable(path, train_state.read_meta(path) or {}, self.base_fingerprint, self._settings(),
                                     self.record, self.num_examples)  # fmt: skip
             for bad, why in damaged if self.rank == 0 else []:
                 warnings.warn(f"lorakit: skipping incomplete or damaged checkpoint {bad} ({why}); removing it",
@@ -310,7 +318,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
-        train_state.restore_rng(state, self.device)
+        by_rank = state.get("rng_by_rank")
+        train_state.restore_rng(by_rank[self.rank] if by_rank and len(by_rank) == self.world else state, self.device)
         return int(state["step"])
 
     # ------------------------------------------------------------------ the loop

@@ -114,3 +114,15 @@ def skipped_message(skipped: int, taken: int, first: int) -> str:
             "non-finite (on_nonfinite='skip'): the adapter did not change; check the data, the loss and lr"
         )
     return f"lorakit: {skipped} of the {taken} steps of this run were skipped as non-finite (on_nonfinite='skip')"
+
+
+def check_same_parameters(model: nn.Module, params: list[nn.Parameter]) -> None:
+    """Refuse to step when the model's trainable parameters are no longer the optimizer's (replaced
+    after the Trainer was built: the optimizer would update tensors the model no longer uses)."""
+    now = [p for p in model.parameters() if p.requires_grad]
+    if len(now) != len(params) or any(a is not b for a, b in zip(now, params, strict=False)):
+        raise ArgumentTypeError(
+            "Trainer: the model's trainable parameters were replaced after the Trainer was built (by "
+            "fully_shard, to_empty, load_state_dict(assign=True), a new requires_grad, ...); the optimizer "
+            "would train tensors the model no longer uses: build the Trainer after such changes"
+        )

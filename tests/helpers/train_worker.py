@@ -49,13 +49,14 @@ def parallel_model(model: nn.Module, parallel: str, device: torch.device) -> nn.
     if parallel == "ddp":
         model.to(device)
         return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    if parallel == "fsdp":
+    if parallel in ("fsdp", "fsdp-part"):  # fsdp-part: only the first layer sharded, the last one plain
         from torch.distributed.fsdp import fully_shard
 
         model.to(device)
-        for layer in (model[0], model[2]):
+        for layer in (model[0], model[2]) if parallel == "fsdp" else (model[0],):
             fully_shard(layer)
-        fully_shard(model)
+        if parallel == "fsdp":
+            fully_shard(model)
     return model
 
 
@@ -65,10 +66,20 @@ def trainer(out: str | Path, steps: int, dropout: float = 0.1, batch: int = 16, 
     trainer moves each batch to its device)."""
     model = parallel_model(build(dropout), parallel, torch.device(cfg.get("device") or "cpu"))
     x, y = data()
-    settings = {"lr": 5e-3, "warmup_steps": 3, "save_every": 4, "keep_last": 2, "progress": False, "log_every": 1}
+    nan_at = os.environ.get("LORAKIT_TEST_NAN_AT")  # "STEP:RANK": that process's loss is NaN at that step
+    bad = tuple(int(v) for v in nan_at.split(":")) if nan_at else None
+
+    def loss_fn(m: nn.Module, b: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        loss = nn.functional.cross_entropy(m(b[0]), b[1])
+        step = trainer_.step + 1
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        return loss * float("nan") if bad == (step, rank) else loss
+
+    settings = {"lr": 5e-3, "warmup_steps": 3, "save_every": 4, "keep_last": 2, "progress": False, "log_every": 1,
+                "on_nonfinite": os.environ.get("LORAKIT_TEST_ON_NONFINITE", "raise")}  # fmt: skip
     config = lk.TrainerConfig(out_dir=str(out), max_steps=steps, batch_size=batch, **{**settings, **cfg})
-    return lk.Trainer(model, lambda m, b: nn.functional.cross_entropy(m(b[0]), b[1]),
-                      lambda idx: (x[idx], y[idx]), len(y), config)  # fmt: skip
+    trainer_ = lk.Trainer(model, loss_fn, lambda idx: (x[idx], y[idx]), len(y), config)
+    return trainer_
 
 
 def seed_mlp() -> nn.Module:
@@ -121,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--rank", type=int, default=0)
     ap.add_argument("--init", default=None)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--parallel", choices=["none", "ddp", "fsdp"], default="none")
+    ap.add_argument("--parallel", choices=["none", "ddp", "fsdp", "fsdp-part"], default="none")
+    ap.add_argument("--rank-seed", action="store_true", help="seed each process's RNG (dropout) with 100 + rank")
     ap.add_argument("--cut", type=int, default=0)
     ap.add_argument("--grad-accum", type=int, default=1)
     args = ap.parse_args(argv)
@@ -136,11 +148,13 @@ def main(argv: list[str] | None = None) -> None:
     run = {"dropout": args.dropout, "batch": args.batch, "parallel": args.parallel, "device": device,
            "grad_accum": args.grad_accum}  # fmt: skip
     t = trainer(args.out, args.steps, **run)
+    if args.rank_seed:  # after build()'s manual_seed(0)
+        torch.manual_seed(100 + args.rank)
     if args.cut:
         for _ in range(args.cut):
             t.train_step()
         t.save_checkpoint()
-        torch.manual_seed(12345)  # resume must restore the RNG
+        torch.manual_seed(12345 + args.rank)  # resume must restore every process's RNG
         t = trainer(args.out, args.steps, **run)
         args.resume = True
     t.train(resume=args.resume)
