@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 import warnings
 
 import pytest
@@ -44,21 +45,64 @@ def test_bits_per_weight_of_a_4096_square_layer(double_quant, bits):
     assert size.bits_per_weight == pytest.approx(bits, abs=5e-4)
 
 
-def test_quantize_replaces_linears_and_stays_close():
-    dense, q = _quantized_mlp()
-    x = torch.rand(64, 784)
+#: NF4's 16 code values, as published with QLoRA (Dettmers et al. 2023, appendix E)
+NF4 = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+])  # fmt: skip
+
+
+def _nf4_by_hand(w: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """NF4 written out: blocks of 64 consecutive weights (row after row), each weight divided by its
+    block's absmax and replaced by the nearest code value, times the block's scale (its absmax, or
+    ``scale`` [blocks]: the absmax as double quantization stores it). Returns (the dequantized
+    weight, where ties are): a weight within rounding of the midpoint between two code values may
+    round to either, and there the second nearest is accepted too (returned in the second tensor)."""
+    blocks = w.detach().reshape(-1, 64)
+    absmax = blocks.abs().amax(dim=1, keepdim=True)
+    scale = absmax if scale is None else scale.reshape(-1, 1)
+    distance = (blocks.double().div(absmax.double()).unsqueeze(-1) - NF4.double()).abs()
+    nearest = distance.topk(2, dim=-1, largest=False)
+    tie = nearest.values[..., 1] - nearest.values[..., 0] <= 8 * torch.finfo(torch.float32).eps
+    first, second = (NF4[nearest.indices[..., k]] * scale for k in (0, 1))
+    return first.reshape(w.shape), torch.where(tie, second, first).reshape(w.shape)
+
+
+def _assert_nf4(got: torch.Tensor, want: tuple[torch.Tensor, torch.Tensor], what: str) -> None:
+    ok = (got == want[0]) | (got == want[1])
+    assert ok.all(), f"{what}: {int((~ok).sum())} of {got.numel()} weights are not the NF4 value written out here"
+
+
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_quantize_replaces_linears_with_nf4_written_out(double_quant):
+    dense, q = _quantized_mlp(double_quant)
+    reference = copy.deepcopy(dense)
     for name in ("fc1", "fc2", "fc3"):  # 784 inputs: rows that are not a whole number of blocks
         layer, ref = getattr(q, name), getattr(dense, name)
         assert lk.quantization.is_linear4bit(layer)
+        assert torch.equal(layer.code, NF4), "the NF4 code table"
+        blocks = ref.weight.detach().reshape(-1, 64)
+        absmax = blocks.abs().amax(dim=1)
+        stored = layer.block_absmax()
+        if double_quant:  # (absmax - their mean) / level-2 absmax (blocks of 256) → one of 256 code values in 8 bits
+            level2 = layer.absmax2.repeat_interleave(256)[: absmax.numel()]
+            code2 = layer.code2  # sorted; bitsandbytes picks one of the two values around (not always the nearest)
+            above = torch.searchsorted(code2, (absmax - layer.offset) / level2).clamp(1, code2.numel() - 1)
+            bound = (code2[above] - code2[above - 1]) * level2 + 2 * torch.finfo(torch.float32).eps * absmax
+            assert ((stored - absmax).abs() <= bound).all(), f"{name}: double-quantized absmax"
+        else:
+            assert torch.equal(stored, absmax), f"{name}: absmax of each block of 64"
         w = lk.quantization.dequantize_weight(layer)
-        err = float((w - ref.weight).norm() / ref.weight.norm())
-        assert err < 0.11, f"{name}: NF4 relative weight error {err:.3f} (about 0.09 expected)"
+        _assert_nf4(w, _nf4_by_hand(ref.weight, stored), name)
+        getattr(reference, name).weight.data = w
         h = torch.rand(8, layer.in_features)
         with torch.no_grad():
             assert_close(layer(h), nn.functional.linear(h, w, layer.bias), reduction=layer.in_features)
     assert lk.count_parameters(q).base == 235_146  # the 4-bit weights count as the weights they stand for
-    with torch.no_grad():
-        assert (q(x) - dense(x)).norm() / dense(x).norm() < 0.3
+    x = torch.rand(64, 784)
+    with torch.no_grad():  # the 4-bit model is the dense model with the NF4 weights written out above
+        assert_close(q(x), reference(x), reduction=784, depth=3)
 
 
 def test_our_dequantization_matches_bitsandbytes_on_whole_blocks():
@@ -117,20 +161,33 @@ def test_merge_and_unload_dequantize_is_exact_and_plain():
 
 
 def test_merge_back_into_4bit_warns_with_its_error():
-    _, q = _quantized_mlp()
+    """Merging into a 4-bit base re-quantizes W0 + ΔW (NF4 written out here) and reports the error added."""
+    _, q = _quantized_mlp(double_quant=False)
     lk.inject(q, lk.LoraConfig(r=4, target_modules=["fc1"]))
     randomize_adapters(q, scale=0.05)
     q.eval()
+    layer = q.fc1
+    A, B, s = layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"]
+    delta = layer.delta_weight("default").detach()
+    assert_close(delta, s * (B @ A).detach(), reduction=4)
+    target = lk.quantization.dequantize_weight(layer.base_layer) + delta
+    want = _nf4_by_hand(target)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lk.merge(q)
+    (message,) = [str(w.message) for w in caught if "re-quantizes" in str(w.message)]
+    merged = lk.quantization.dequantize_weight(layer.base_layer)
+    _assert_nf4(merged, want, "fc1 after the merge")
+    error = float((merged - target).norm() / target.norm())
+    reported = re.search(r"relative error (\S+) added", message)
+    assert reported is not None, message
+    assert float(reported[1]) == pytest.approx(error, rel=5e-3)  # printed with 3 significant digits
+    assert lk.quantization.is_linear4bit(layer.base_layer)
     x = torch.rand(16, 784)
-    with torch.no_grad():
-        want = q(x)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            lk.merge(q)
-        assert any("re-quantizes" in str(w.message) and "relative error" in str(w.message) for w in caught)
-        got = q(x)
-    assert (got - want).norm() / want.norm() < 0.3
-    assert lk.quantization.is_linear4bit(q.fc1.base_layer)
+    with torch.no_grad():  # the merged model runs the re-quantized weight, and the adapter no more
+        h = torch.relu(nn.functional.linear(x, merged, layer.bias))
+        assert_close(q.fc1(x), nn.functional.linear(x, merged, layer.bias), reduction=784)
+        assert_close(q(x), q.fc3(torch.relu(q.fc2(h))), reduction=784, depth=3)
 
 
 def test_qlora_adapter_round_trip(tmp_path):

@@ -7,8 +7,9 @@ import torch
 
 import lorakit as lk
 
+from .conftest import randomize_adapters
 from .models import logits, tiny_bert, tiny_gpt2, tiny_llama, token_batch
-from .tolerance import assert_close
+from .tolerance import assert_close, close_tol
 
 pytest.importorskip("transformers")
 
@@ -71,8 +72,29 @@ def test_inject_train_merge_unload(name, build, targets, n_adapter, by):
 
 
 def test_gpt2_generate_with_adapter():
+    """Greedy ``generate`` (KV cache) with an adapter is the argmax loop written out here, without a
+    cache; merged and unloaded it gives the same tokens; and they are not the base model's."""
     model = tiny_gpt2()
-    lk.inject(model, lk.LoraConfig(r=4, target_modules=["c_attn"]))
     ids = token_batch(batch=2, length=4)
-    out = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    assert out.shape == (2, 9)
+    kw = {"max_new_tokens": 5, "do_sample": False, "pad_token_id": 0}
+    with torch.no_grad():
+        base = model.generate(ids, **kw)
+    lk.inject(model, lk.LoraConfig(r=4, target_modules=["c_attn"]))
+    randomize_adapters(model, scale=0.5)
+    with torch.no_grad():
+        out = model.generate(ids, **kw)
+        seq = ids
+        for _ in range(kw["max_new_tokens"]):
+            last = model(input_ids=seq).logits[:, -1]
+            top = last.topk(2, dim=-1).values
+            # the argmax is decided by more than the rounding that separates a cached from an uncached
+            # (or a merged from an unmerged) evaluation, so the tokens must agree exactly
+            noise = close_tol(torch.float32, reduction=128, magnitude=float(last.abs().max()), depth=10)
+            assert (top[:, 0] - top[:, 1] > 2 * noise).all()
+            seq = torch.cat([seq, last.argmax(dim=-1, keepdim=True)], dim=1)
+    assert torch.equal(out, seq)
+    assert (out[:, ids.shape[1] :] != base[:, ids.shape[1] :]).any(), "the adapter changes the greedy tokens"
+    plain = lk.merge_and_unload(model)
+    assert not list(lk.lora_layers(plain))
+    with torch.no_grad():
+        assert torch.equal(plain.generate(ids, **kw), out)

@@ -21,7 +21,7 @@ from lorakit import count_parameters, lora_layers
 
 from .data.text import fixed_split, review_snippets
 from .demos.measure import write_results
-from .demos.sentiment import LR, Settings, pad, predict, prepare, tokenize, train
+from .demos.sentiment import LR, Settings, pad, predict, prepare, spread, tokenize, train
 from .sweep import SweepSettings, alpha_for_rank, format_table, plot_sweep, spectrum, summarize_ranks
 
 # Two layers' query and value matrices are enough to see the shape of the spectra.
@@ -48,7 +48,7 @@ def sweep_sentiment(settings: SweepSettings, epochs: int = 1, train_limit: int |
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     train_set, test_set = fixed_split(review_snippets(), test_every=5)
-    train_set, test_set = train_set[:train_limit], test_set[:test_limit]
+    train_set, test_set = spread(train_set, train_limit), spread(test_set, test_limit)
     task = Settings(out=str(out), epochs=epochs, progress=settings.progress)
     rows_cache: dict = {}
 

@@ -11,6 +11,7 @@ import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -106,7 +107,7 @@ def train(
 
 
 @torch.no_grad()
-def generate(
+def generate_ids(
     model: nn.Module,
     tokenizer,
     prompts: Sequence[list[int]],
@@ -117,11 +118,11 @@ def generate(
     desc: str = "generate",
     adapters: Sequence[str | None] | None = None,
     sort_by_length: bool = True,
-) -> list[str]:
-    """Greedy answers for tokenized prompts, batched by similar length (less padding), returned in
-    the prompts' order, decoded without special tokens (``sort_by_length=False``: batches in the
-    given order). With ``adapters``, prompt ``k`` runs
-    adapter ``adapters[k]`` (None: the base model), mixed freely within each batch."""
+) -> list[list[int]]:
+    """The greedy tokens generated for tokenized prompts (at most ``max_new_tokens`` each; end-of-turn
+    and the padding after it included), batched by similar length (less padding), returned in the
+    prompts' order (``sort_by_length=False``: batches in the given order). With ``adapters``, prompt
+    ``k`` runs adapter ``adapters[k]`` (None: the base model), mixed freely within each batch."""
     from contextlib import nullcontext
 
     from tqdm.auto import tqdm
@@ -130,7 +131,7 @@ def generate(
 
     model.eval()
     order = sorted(range(len(prompts)), key=lambda k: len(prompts[k])) if sort_by_length else list(range(len(prompts)))
-    out: list[str] = [""] * len(prompts)
+    out: list[list[int]] = [[] for _ in prompts]
     pad = tokenizer.pad_token_id
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
         chunk = order[start : start + batch_size]
@@ -147,5 +148,16 @@ def generate(
                 pad_token_id=pad, eos_token_id=tokenizer.eos_token_id,
             )  # fmt: skip
         for row, k in enumerate(chunk):
-            out[k] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
+            out[k] = generated[row, width:].tolist()
     return out
+
+
+def decode(tokenizer, ids: list[int]) -> str:
+    """Generated tokens as text, without special tokens."""
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+def generate(model: nn.Module, tokenizer, prompts: Sequence[list[int]], **kwargs: Any) -> list[str]:
+    """Greedy answers for tokenized prompts, decoded without special tokens (``generate_ids``'
+    arguments)."""
+    return [decode(tokenizer, ids) for ids in generate_ids(model, tokenizer, prompts, **kwargs)]

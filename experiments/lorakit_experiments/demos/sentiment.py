@@ -53,6 +53,14 @@ def quick(settings: Settings) -> Settings:
     return settings
 
 
+def spread(items: list, limit: int | None) -> list:
+    """At most ``limit`` items taken evenly across ``items`` (all of them for None). The snippets come
+    ordered by label (positive first), so a prefix would be almost all one class."""
+    if limit is None or limit >= len(items):
+        return items
+    return [items[k * len(items) // limit] for k in range(limit)]
+
+
 def tokenize(tokenizer, texts: list[str], max_tokens: int) -> list[list[int]]:
     return tokenizer(texts, truncation=True, max_length=max_tokens).input_ids
 
@@ -116,7 +124,7 @@ def run(settings: Settings, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     train_set, test_set = fixed_split(review_snippets(), test_every=5)
-    train_set, test_set = train_set[: settings.train_limit], test_set[: settings.test_limit]
+    train_set, test_set = spread(train_set, settings.train_limit), spread(test_set, settings.test_limit)
     results: dict = {"settings": asdict(settings), "train_snippets": len(train_set), "test_snippets": len(test_set),
                      "test_positive_fraction": sum(y for _, y in test_set) / len(test_set), "methods": {}}  # fmt: skip
     for method in settings.methods:
@@ -142,7 +150,8 @@ def run(settings: Settings, log=print) -> dict:
             "accuracy": round(100 * accuracy, 2), "train_seconds": round(seconds, 1),
             "median_step_s": round(statistics.median(trainer.step_seconds), 4), "steps": trainer.step,
             "test_seconds": round(time.perf_counter() - start, 2), "train_peak_rss_mb": memory.peak_mb,
-            "checkpoint_weight_bytes": folder_bytes(checkpoint), "losses": trainer.losses,
+            "checkpoint": str(checkpoint), "checkpoint_weight_bytes": folder_bytes(checkpoint),
+            "losses": trainer.losses,
         }  # fmt: skip
         log(f"{method}: accuracy {100 * accuracy:.2f}%, trainable {counts.trainable:,}, {seconds:.0f} s")
     m = results["methods"]
