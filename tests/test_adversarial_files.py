@@ -173,7 +173,8 @@ CASES = {
     "alpha-pattern-string": (config_set(alpha_pattern={"fc1": "a"}), "alpha_pattern['fc1'] must be a finite number"),
     "target-modules-number": (config_set(target_modules=5), "'target_modules' must be a list of module names"),
     "peft-type-prefix": (config_set(peft_type="PREFIX_TUNING"), "peft_type='PREFIX_TUNING'; lorakit reads only"),
-    "dora": (config_set(use_dora=True), "sets use_dora=True, which lorakit does not support"),
+    # a plain LoRA folder whose config says DoRA lacks the magnitudes DoRA needs
+    "dora-without-magnitudes": (config_set(use_dora=True), "missing key base_model.model.fc1.lora_magnitude_vector"),
     "huge-r": (config_set(r=10**6), f"shape mismatch for {A1}: model expects (1000000, 784), file has (4, 784)"),
     "huge-rank-pattern": (config_set(rank_pattern={"fc2": 10**6}), "model expects (1000000, 256), file has (4, 256)"),
     "modules-to-save-missing": (config_set(modules_to_save=["head"]), "modules_to_save: 'head' matches no module"),

@@ -88,9 +88,10 @@ def test_peft_dict_round_trip():
     assert back.replace(target_modules=["fc2", "fc1"]) == cfg
 
 
-def test_peft_dict_refuses_dora():
-    with pytest.raises(ValueError, match="use_dora"):
-        lk.LoraConfig.from_peft_dict({"peft_type": "LORA", "target_modules": ["q"], "use_dora": True})
+def test_peft_dict_reads_dora_and_refuses_other_types():
+    cfg = lk.LoraConfig.from_peft_dict({"peft_type": "LORA", "target_modules": ["q"], "use_dora": True})
+    assert cfg.use_dora and cfg.variant == "dora" and cfg.to_peft_dict()["use_dora"] is True
+    assert lk.LoraConfig(target_modules=["q"]).to_peft_dict()["use_dora"] is False
     with pytest.raises(ValueError, match="peft_type"):
         lk.LoraConfig.from_peft_dict({"peft_type": "IA3", "target_modules": ["q"]})
 

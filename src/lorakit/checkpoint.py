@@ -87,9 +87,8 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     for path, layer in lora_layers(model):
         if name in layer.lora_A:
-            key_a, key_b = layer.peft_keys
-            state[f"{PREFIX}{path}.{key_a}"] = layer.lora_A[name]
-            state[f"{PREFIX}{path}.{key_b}"] = layer.lora_B[name]
+            for key, p in layer.adapter_params(name).items():
+                state[f"{PREFIX}{path}.{key}"] = p
             if config.bias == "lora_only" and isinstance(getattr(layer.base_layer, "bias", None), nn.Parameter):
                 state[f"{PREFIX}{path}.base_layer.bias"] = layer.base_layer.bias
     for path, module in model.named_modules():
@@ -273,7 +272,7 @@ def _check_before_allocating(
         layer = module if isinstance(module, LoraLayer) else _wrapper_or_none(module, path, config)
         if layer is not None:
             r = config.rank_for(path)
-            for key, shape in zip(layer.peft_keys, layer.factor_shapes(r), strict=True):
+            for key, shape in layer.param_shapes(r).items():
                 expected[f"{PREFIX}{path}.{key}"] = (tuple(shape), r)
     stored = {k for k in tensors if ".lora_" in k}
     lines += [f"  missing key {k} (expected shape {expected[k][0]})" for k in sorted(set(expected) - stored)]

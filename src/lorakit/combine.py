@@ -138,6 +138,10 @@ def combine_adapters(
                              "use density)")  # fmt: skip
         if isinstance(density, bool) or not isinstance(density, numbers.Real) or not 0 < density <= 1:
             raise InputError(f"density = {density!r}; allowed: a number in (0, 1]")
+    dora = sorted(s for s in sources if configs[s].use_dora)
+    if dora:
+        raise InputError(f"sources {dora} are DoRA adapters: their magnitudes rescale the whole weight, so ΔW does not "
+                         "add up across adapters; combine plain LoRA adapters only")  # fmt: skip
     density = 0.5 if density is None else float(density)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise InputError(f"seed = {seed!r}; allowed: an integer")

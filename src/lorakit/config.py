@@ -22,15 +22,13 @@ INIT_CHOICES = ("default", "gaussian")
 ALL_LINEAR = "all-linear"
 #: PEFT's prefix of every tensor key (``base_model.model.<module path>.lora_A.weight``)
 PREFIX = "base_model.model."
-#: the (A, B) key suffixes of LoRA factors: linear and conv layers, embeddings
-FACTOR_SUFFIXES = ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B"))
 #: PEFT's task types (``peft.TaskType``): the model class ``AutoPeftModel`` builds for an adapter
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 #: PEFT 0.21 ``LoraConfig`` keys whose set value changes what the adapter computes or needs layers lorakit
-#: does not build (the first seven are PEFT's ``is_lora_variant`` fields): refused, never read as plain LoRA
+#: does not build (PEFT's ``is_lora_variant`` fields other than ``use_dora`` come first): refused, never read as LoRA
 UNSUPPORTED_PEFT_KEYS = {
-    "use_dora": "DoRA (weight-decomposed LoRA)", "velora_config": "VeLoRA",
+    "velora_config": "VeLoRA",
     "alora_invocation_tokens": "activated LoRA (aLoRA)", "monteclora_config": "MonteCLoRA",
     "use_bdlora": "block-diagonal LoRA (BD-LoRA)", "arrow_config": "Arrow routing", "kasa_config": "KaSA",
     "lora_bias": "LoRA bias vectors", "layer_replication": "layer replication",
@@ -41,7 +39,7 @@ UNSUPPORTED_PEFT_KEYS = {
 #: PEFT keys lorakit reads, and those that do not change a loaded adapter (descriptive, runtime, or
 #: used only to initialise before training, or only together with a key refused above)
 KNOWN_PEFT_KEYS = frozenset({
-    "r", "lora_alpha", "alpha", "lora_dropout", "target_modules", "exclude_modules", "bias", "use_rslora",
+    "r", "lora_alpha", "alpha", "lora_dropout", "use_dora", "target_modules", "exclude_modules", "bias", "use_rslora",
     "init_lora_weights", "fan_in_fan_out", "modules_to_save", "rank_pattern", "alpha_pattern",
     "layers_to_transform", "layers_pattern", "base_model_name_or_path", "task_type", "peft_type", "auto_mapping",
     "peft_version", "revision", "inference_mode", "megatron_core", "loftq_config", "eva_config", "corda_config",
@@ -76,6 +74,8 @@ class LoraConfig:
             module whose path ends with it (``re.match(rf"(.*\\.)?({key})$", path)``), as in PEFT.
         layers_to_transform: only adapt modules inside these numbered layers (``layers.3.…``).
         layers_pattern: the name of the layer list (``"layers"``, ``"h"``); default: any.
+        use_dora: DoRA (weight-decomposed LoRA): the adapted weight is ``m ⊙ (W0 + ΔW) / ‖W0 + ΔW‖``
+            with a trained magnitude ``m`` per output feature (``lorakit.layers.dora``).
     """
 
     r: int = 8
@@ -94,6 +94,7 @@ class LoraConfig:
     layers_pattern: list[str] | str | None = None
     base_model_name_or_path: str | None = None
     task_type: str | None = None
+    use_dora: bool = False
 
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
@@ -102,7 +103,7 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.dropout must be a number in [0, 1), got {short_repr(self.dropout)}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {short_repr(self.dropout)}")
-        for flag in ("use_rslora", "fan_in_fan_out"):
+        for flag in ("use_rslora", "fan_in_fan_out", "use_dora"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"LoraConfig.{flag} must be True or False, got {short_repr(getattr(self, flag))}")
         for text in ("base_model_name_or_path", "task_type"):
@@ -160,9 +161,9 @@ class LoraConfig:
 
     @property
     def variant(self) -> str:
-        """The layer variant these adapters need (plain ``"lora"``; a variant such as DoRA
-        registers layer classes under its own name)."""
-        return "lora"
+        """The layer variant these adapters need (``"lora"`` or ``"dora"``): each variant
+        registers its own layer classes under its name."""
+        return "dora" if self.use_dora else "lora"
 
     # ------------------------------------------------------------------ per-module values
     def rank_for(self, module_path: str) -> int:
@@ -207,7 +208,7 @@ class LoraConfig:
             "revision": None,
             "target_modules": sorted(target) if isinstance(target, list) else target,
             "task_type": self.task_type,
-            "use_dora": False,
+            "use_dora": self.use_dora,
             "use_rslora": self.use_rslora,
         }
 
@@ -217,8 +218,8 @@ class LoraConfig:
 
         Every value must have the type PEFT writes (``"false"`` is not a boolean, ``"8"`` or ``8.5``
         not a rank): a wrong type is a ``ValueError`` naming the key and the allowed type, never a
-        guess. Options that change the adapter's maths and that lorakit does not implement (DoRA,
-        LoRA bias vectors, layer replication, ...) raise ``ValueError`` rather than load silently wrong.
+        guess. Options that change the adapter's maths and that lorakit does not implement
+        (LoRA bias vectors, layer replication, ...) raise ``ValueError`` rather than load silently wrong.
         """
         if not isinstance(data, dict):
             raise ValueError(f"adapter config must be a JSON object {{...}}, got a {_json_type(data)}")
@@ -267,6 +268,7 @@ class LoraConfig:
                 data, "base_model_name_or_path", None, (str, type(None)), "a string or null"
             ),
             task_type=_peft_value(data, "task_type", None, (str, type(None)), f"null or one of {TASK_TYPES}"),
+            use_dora=data.get("use_dora", False),
         )
 
     @classmethod
@@ -361,34 +363,3 @@ def _pattern_key(patterns: dict[str, Any], module_path: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", module_path):
             return key
     return None
-
-
-def factor_pairs(config: LoraConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[str, str]]:
-    """Module path → (A key, B key) of every LoRA factor pair among stored tensor ``shapes`` (PEFT
-    keys). Raises one ``ValueError`` listing every unknown or unpaired factor key and every pair
-    whose rank is not the one ``config`` gives its module: checked on shapes, nothing allocated."""
-    pairs: dict[str, tuple[str, str]] = {}
-    problems = []
-    for key in sorted(k for k in shapes if ".lora_" in k):
-        found = [(a, b, key.endswith(a)) for a, b in FACTOR_SUFFIXES if key.endswith((a, b))]
-        if not found:
-            known = ", ".join(s for pair in FACTOR_SUFFIXES for s in pair)
-            problems.append(f"{key}: not a LoRA factor key lorakit knows ({known})")
-            continue
-        a, b, is_a = found[0]
-        stem = key[: -len(a if is_a else b)]
-        partner = stem + (b if is_a else a)
-        if partner not in shapes:
-            problems.append(f"{key} has no matching {partner}")
-        elif is_a:
-            pairs[stem.removeprefix(PREFIX)] = (key, partner)
-    for path, (key_a, key_b) in pairs.items():
-        sa, sb = shapes[key_a], shapes[key_b]
-        if len(sa) not in (2, 4) or len(sb) != len(sa) or sa[0] != sb[1]:
-            problems.append(f"{path}: {key_a} {sa} and {key_b} {sb} do not form a LoRA pair")
-        elif sa[0] != config.rank_for(path):
-            rank = config.rank_for(path)
-            problems.append(f"{path}: the factors have rank {sa[0]} ({sa}, {sb}) but the config gives r={rank}")
-    if problems:
-        raise ValueError("\n  " + "\n  ".join(problems))
-    return pairs

@@ -239,7 +239,7 @@ def read_adapter(
 ) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """The config and the tensors of an adapter folder, both checked: the config parses, the
     weights' header (dtypes; the config is the one saved with the weights; at least one LoRA factor)
-    before any data is read, then the values (finite). ``config.factor_pairs`` checks the factors
+    before any data is read, then the values (finite). ``offline.factor_pairs`` checks the factors
     against the config. ``metadata``, when given, receives the weights' ``__metadata__``."""
     directory = Path(directory)
     if not directory.is_dir():

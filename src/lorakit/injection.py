@@ -262,9 +262,8 @@ def set_adapter(model: nn.Module, name: str) -> None:
         module.active_adapter = name
         if isinstance(module, LoraLayer):
             for other in module.lora_A:
-                train = other == name
-                module.lora_A[other].requires_grad_(train)
-                module.lora_B[other].requires_grad_(train)
+                for p in module.adapter_params(other).values():
+                    p.requires_grad_(other == name)
         else:
             for other, copy in module.modules_to_save.items():
                 copy.requires_grad_(other == name)
@@ -365,7 +364,7 @@ def count_parameters(model: nn.Module) -> ParameterCount:
     packed: dict[int, int] = {}  # a packed 4-bit weight stands for in·out weights, two per byte
     for module in model.modules():
         if isinstance(module, LoraLayer):
-            adapter_ids.update(id(p) for p in (*module.lora_A.values(), *module.lora_B.values()))
+            adapter_ids.update(id(p) for name in module.lora_A for p in module.adapter_params(name).values())
         elif isinstance(module, ModulesToSave):
             adapter_ids.update(id(p) for p in module.modules_to_save.parameters())
         elif getattr(module, "is_lorakit_adapter", False):  # e.g. bottleneck adapters

@@ -66,7 +66,7 @@ def _dequantize_merge(model: nn.Module, dtype: torch.dtype) -> None:
             name = module.active_adapter
             if name is not None and name in module.lora_A:
                 with torch.no_grad():  # W + ΔW in float32, rounded once to dtype
-                    dense.weight.add_(module.delta_weight(name).float())
+                    dense.weight.add_(module.merge_delta(name).float())
                 module.merged_adapters.append(name)
             module.base_layer = dense.to(dtype)
         elif is_linear4bit(module) and not path.endswith("base_layer"):

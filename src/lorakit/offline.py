@@ -25,11 +25,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from .atomic import atomic_write
-from .config import ALL_LINEAR, PREFIX, LoraConfig, factor_pairs
+from .config import ALL_LINEAR, PREFIX, LoraConfig
 from .errors import InputError
 from .files import IN_OUT_KEY, WEIGHTS_NAME, AdapterLoadError, read_adapter, save_tensors
 from .layers import layer_class
 from .targeting import layer_index, name_matches
+
+#: the (A, B) key suffixes of LoRA factors: linear and conv layers, embeddings
+FACTOR_SUFFIXES = ((".lora_A.weight", ".lora_B.weight"), (".lora_embedding_A", ".lora_embedding_B"))
 
 
 @dataclass
@@ -81,6 +84,11 @@ def _read(
     directory: str | os.PathLike[str], metadata: dict[str, str] | None = None
 ) -> tuple[LoraConfig, dict[str, torch.Tensor], list[AdaptedMatrix]]:
     config, tensors = read_adapter(directory, metadata=metadata)
+    if config.use_dora:
+        raise AdapterLoadError(
+            f"{directory}: a DoRA adapter (use_dora); inspecting and merging files without the model handle plain LoRA "
+            "only: load it into the model (lorakit.load_adapter) and use lorakit.merge_and_unload"
+        )
     try:
         return config, tensors, adapted_matrices(config, tensors)
     except AdapterLoadError as err:
@@ -210,3 +218,34 @@ def merge_files(
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, save_tensors(merged))
     return {"out": str(out), "updated": sorted(updates), "tensors": len(merged)}
+
+
+def factor_pairs(config: LoraConfig, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[str, str]]:
+    """Module path → (A key, B key) of every LoRA factor pair among stored tensor ``shapes`` (PEFT
+    keys). Raises one ``ValueError`` listing every unknown or unpaired factor key and every pair
+    whose rank is not the one ``config`` gives its module: checked on shapes, nothing allocated."""
+    pairs: dict[str, tuple[str, str]] = {}
+    problems = []
+    for key in sorted(k for k in shapes if ".lora_" in k):
+        found = [(a, b, key.endswith(a)) for a, b in FACTOR_SUFFIXES if key.endswith((a, b))]
+        if not found:
+            known = ", ".join(s for pair in FACTOR_SUFFIXES for s in pair)
+            problems.append(f"{key}: not a LoRA factor key lorakit knows ({known})")
+            continue
+        a, b, is_a = found[0]
+        stem = key[: -len(a if is_a else b)]
+        partner = stem + (b if is_a else a)
+        if partner not in shapes:
+            problems.append(f"{key} has no matching {partner}")
+        elif is_a:
+            pairs[stem.removeprefix(PREFIX)] = (key, partner)
+    for path, (key_a, key_b) in pairs.items():
+        sa, sb = shapes[key_a], shapes[key_b]
+        if len(sa) not in (2, 4) or len(sb) != len(sa) or sa[0] != sb[1]:
+            problems.append(f"{path}: {key_a} {sa} and {key_b} {sb} do not form a LoRA pair")
+        elif sa[0] != config.rank_for(path):
+            rank = config.rank_for(path)
+            problems.append(f"{path}: the factors have rank {sa[0]} ({sa}, {sb}) but the config gives r={rank}")
+    if problems:
+        raise ValueError("\n  " + "\n  ".join(problems))
+    return pairs

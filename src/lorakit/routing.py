@@ -269,6 +269,11 @@ def route(model: nn.Module, adapters: Routing, *, expand: int = 1) -> Iterator[n
         if len(used) == 1 or not present:
             routes.append(LayerRoute(adapter=next(iter(present), None)))
             continue
+        if layer.variant != "lora":
+            raise NotImplementedError(
+                f"lorakit.route: {layer.variant} adapters cannot be mixed per row (each rescales the whole weight); "
+                "route plain LoRA adapters, or run one adapter per batch with lorakit.set_adapter"
+            )
         # Layers holding the same adapters share one slot tensor (and its cached indices).
         device = layer.base_layer.weight.device
         key = ("slots", tuple(layer.lora_A.keys()), device)
@@ -314,5 +319,5 @@ def set_trainable(model: nn.Module, adapters: Sequence[str]) -> None:
     wanted = set(adapters)
     for _, layer in lora_layers(model):
         for name in layer.lora_A:
-            layer.lora_A[name].requires_grad_(name in wanted)
-            layer.lora_B[name].requires_grad_(name in wanted)
+            for p in layer.adapter_params(name).values():
+                p.requires_grad_(name in wanted)

@@ -1,6 +1,6 @@
 """LoRA layers: one file per layer kind, each registered with ``register_kind``.
 
-Importing this package registers the built-in kinds (linear, embedding, conv2d); a variant is one
+Importing this package registers the built-in kinds (linear, embedding, conv2d, and their DoRA forms); a variant is one
 more file that subclasses a kind and calls ``register_kind`` with its variant name.
 """
 
@@ -11,12 +11,13 @@ from .base import (
     accumulate,
     adapter_dtype,
     layer_class,
-    plain_weight_problem,
     register_kind,
     unregister_kind,
     wrap_module,
 )
 from .conv import LoraConv2d
+from .dora import DoraConv2d, DoraEmbedding, DoraLayer, DoraLinear
+from .eligibility import plain_weight_problem
 from .embedding import LoraEmbedding
 from .linear import LoraLinear
 from .modules_to_save import ModulesToSave
@@ -24,6 +25,10 @@ from .placement import AdapterPlan, apply_plan, plan_adapter, roll_back
 
 __all__ = [
     "AdapterPlan",
+    "DoraConv2d",
+    "DoraEmbedding",
+    "DoraLayer",
+    "DoraLinear",
     "LayerKind",
     "LoraConv2d",
     "LoraEmbedding",

@@ -32,12 +32,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from ..errors import ArgumentTypeError, InputError, short_repr
 from ..functional import Dropout
 from ..quantization import merge_into_4bit
 from ..targeting import is_linear4bit
+from .eligibility import plain_weight_problem, type_name
 
 
 class UnsupportedModuleError(InputError, TypeError):
@@ -140,9 +140,13 @@ class LoraLayer(nn.Module):
         delta = cls.factor_delta(A, B, scaling)
         return delta.T if fan_in_fan_out else delta
 
+    def low_rank(self, h: torch.Tensor, name: str) -> torch.Tensor:
+        """``s · B A h`` of adapter ``name`` for an input ``h`` (dropout already applied)."""
+        raise NotImplementedError
+
     def adapter_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         """The adapter term ``s · B A dropout(x)`` of adapter ``name``."""
-        raise NotImplementedError
+        return self.low_rank(self.lora_dropout[name](x), name)
 
     def bank_layout(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stacked ``A [S, R, ...]`` and ``B [S, out, R, ...]`` rearranged as ``bank_delta`` reads
@@ -167,6 +171,14 @@ class LoraLayer(nn.Module):
     def weight(self) -> torch.Tensor:
         return self.base_layer.weight
 
+    def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
+        """Adapter ``name``'s own tensors by their PEFT key suffix (a variant adds its own)."""
+        return {self.peft_keys[0]: self.lora_A[name], self.peft_keys[1]: self.lora_B[name]}
+
+    def param_shapes(self, r: int) -> dict[str, tuple[int, ...]]:
+        """The shapes ``adapter_params`` will have at rank ``r``, known before anything is allocated."""
+        return dict(zip(self.peft_keys, self.factor_shapes(r), strict=True))
+
     def delta_weight(self, name: str) -> torch.Tensor:
         """``ΔW`` of adapter ``name`` in the layout of ``base_layer.weight``, in the adapter's dtype."""
         return self.weight_delta(self.lora_A[name], self.lora_B[name], self.scaling[name], self.fan_in_fan_out)
@@ -190,10 +202,15 @@ class LoraLayer(nn.Module):
             raise RuntimeError(f"cannot delete adapter {name!r} inside lorakit.route; leave the route first")
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is merged into the base weights; unmerge it before deleting it")
-        del self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-        del self.r[name], self.scaling[name]
+        self.forget_adapter(name)
         if self.active_adapter == name:
             self.active_adapter = None
+
+    def forget_adapter(self, name: str) -> None:
+        """Drop every table entry of adapter ``name`` (those that exist: also undoes a partial add)."""
+        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.r, self.scaling):
+            if name in table:
+                del table[name]
 
     def dropout_p(self, name: str) -> float:
         """The input-dropout probability of adapter ``name`` (0 without dropout)."""
@@ -210,8 +227,16 @@ class LoraLayer(nn.Module):
             raise RuntimeError("cannot merge inside lorakit.route (routed rows would add ΔW a second time)")
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is already merged; merging twice would add ΔW twice")
-        self.add_to_base(self.delta_weight(name), sign=1.0)
+        self.add_to_base(self.merge_delta(name), sign=1.0)
         self.merged_adapters.append(name)
+
+    def merge_delta(self, name: str) -> torch.Tensor:
+        """What merging adapter ``name`` adds to the (unmerged) base weight: ``ΔW``."""
+        return self.delta_weight(name)
+
+    def unmerge_delta(self, name: str) -> torch.Tensor:
+        """What unmerging adapter ``name`` (the last merged) subtracts from the base weight."""
+        return self.delta_weight(name)
 
     def unmerge(self) -> None:
         """``W0 ← W0 − ΔW`` for every merged adapter (restores W0 up to rounding; a weight that
@@ -223,7 +248,7 @@ class LoraLayer(nn.Module):
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            self.add_to_base(self.delta_weight(name), sign=-1.0)
+            self.add_to_base(self.unmerge_delta(name), sign=-1.0)
 
     @torch.no_grad()
     def add_to_base(self, delta: torch.Tensor, sign: float) -> None:
@@ -327,58 +352,6 @@ def layer_class(kind: str, variant: str = "lora") -> type[LoraLayer]:
     raise KeyError(f"no LoRA layer kind {kind!r} of variant {variant!r}; registered: {known}")
 
 
-def _type_name(module: nn.Module) -> str:
-    return f"{type(module).__module__}.{type(module).__qualname__}"
-
-
-def own_forward_problem(module: nn.Module, base: type[nn.Module]) -> str | None:
-    """A subclass of ``base`` with its own ``forward``: nothing says that merging ``ΔW`` into its
-    weight reproduces the adapter beside it (e.g. bitsandbytes' StableEmbedding normalizes)."""
-    if isinstance(module, base) and type(module).forward is not base.forward:
-        return (
-            f"it subclasses {base.__module__}.{base.__qualname__} with its own forward, so merging ΔW into its "
-            "weight may not equal the adapter beside it; if its output is what its base class computes, register "
-            "a wrapper for it with lorakit.register_kind (a subclass of the lorakit layer whose base_problem "
-            "returns None)"
-        )
-    return None
-
-
-def plain_weight_problem(module: nn.Module) -> str | None:
-    """Why ``module.weight`` is not a tensor that merging can write ``ΔW`` into (None: it is)."""
-    if parametrize.is_parametrized(module):
-        return (
-            "its weight is computed by a parametrization (torch.nn.utils.parametrize, e.g. weight_norm), so a "
-            "merge could not write ΔW into it; bake it in first: "
-            "torch.nn.utils.parametrize.remove_parametrizations(module, 'weight')"
-        )
-    weight = dict(module.named_parameters(recurse=False)).get("weight")
-    if weight is None:
-        weight = dict(module.named_buffers(recurse=False)).get("weight")
-    if weight is None:
-        hint = (
-            "torch.nn.utils.remove_weight_norm(module) first (old-style weight_norm recomputes it before every forward)"
-            if hasattr(module, "weight_g") else "register it as an nn.Parameter named 'weight'"
-        )  # fmt: skip
-        return (
-            f"its weight is not a parameter (or buffer) registered on the module, so a merge could not write ΔW "
-            f"into it; {hint}"
-        )
-    if type(weight) not in (nn.Parameter, torch.Tensor) or not weight.dtype.is_floating_point:
-        return (
-            f"its weight is a {type(weight).__module__}.{type(weight).__name__} of dtype {weight.dtype}, not a plain "
-            "floating-point tensor (a quantized weight, e.g. bitsandbytes 8-bit), so merging ΔW into it would be "
-            "wrong; use a 4-bit NF4 base (lorakit.quantize(model, bits=4), or transformers' "
-            "BitsAndBytesConfig(load_in_4bit=True)) or a dense base"
-        )
-    if weight.is_meta:
-        return (
-            "its weight is on the meta device (no values yet, e.g. built under init_empty_weights); "
-            "load the model's weights first, then add adapters"
-        )
-    return None
-
-
 def wrap_module(module: nn.Module, path: str, variant: str = "lora") -> LoraLayer:
     """The LoRA wrapper for ``module``; ``UnsupportedModuleError`` (a ``TypeError``) naming the
     path, the type and the reason when no kind wraps it exactly."""
@@ -386,12 +359,12 @@ def wrap_module(module: nn.Module, path: str, variant: str = "lora") -> LoraLaye
         if entry.variant == variant and entry.accepts(module):
             problem = entry.cls.base_problem(module)
             if problem is not None:
-                reason = f"({_type_name(module)}) cannot take a LoRA adapter: {problem}"
+                reason = f"({type_name(module)}) cannot take a LoRA adapter: {problem}"
                 raise UnsupportedModuleError(f"module {path!r} {reason}", path, reason)
             return entry.cls(module)
     supported = sorted({e.cls.__name__ for e in _KINDS if e.variant == variant})
     reason = (
-        f"is a {_type_name(module)}, which LoRA cannot wrap; "
+        f"is a {type_name(module)}, which LoRA cannot wrap; "
         "supported types: nn.Linear, nn.Embedding, nn.Conv2d, transformers Conv1D, bitsandbytes Linear4bit "
         f"(wrappers registered for variant {variant!r}: {', '.join(supported) or 'none'})"
     )

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..bank import routed_input_dropout
-from .base import LoraLayer, own_forward_problem, plain_weight_problem, register_kind
+from .base import LoraLayer, register_kind
+from .eligibility import own_forward_problem, plain_weight_problem
 
 
 class LoraConv2d(LoraLayer):
@@ -42,11 +43,10 @@ class LoraConv2d(LoraLayer):
     def factor_delta(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
         return torch.einsum("or,rihw->oihw", B[:, :, 0, 0], A) * scaling
 
-    def adapter_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def low_rank(self, h: torch.Tensor, name: str) -> torch.Tensor:
         base = self.base_layer
         A, B = self.lora_A[name], self.lora_B[name]
-        h = self.lora_dropout[name](x).to(A.dtype)
-        t = F.conv2d(h, A, None, base.stride, base.padding, base.dilation) * self.scaling[name]
+        t = F.conv2d(h.to(A.dtype), A, None, base.stride, base.padding, base.dilation) * self.scaling[name]
         return F.conv2d(t, B)
 
     def bank_delta(

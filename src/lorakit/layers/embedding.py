@@ -14,7 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LoraLayer, own_forward_problem, plain_weight_problem, register_kind
+from .base import LoraLayer, register_kind
+from .eligibility import own_forward_problem, plain_weight_problem
 
 
 class LoraEmbedding(LoraLayer):
@@ -47,8 +48,11 @@ class LoraEmbedding(LoraLayer):
         return cls.factor_delta(A, B, scaling).T  # the table stores [num, dim], whatever the flag says
 
     def adapter_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+        return self.low_rank(x, name)  # no dropout on ids
+
+    def low_rank(self, h: torch.Tensor, name: str) -> torch.Tensor:
         A, B = self.lora_A[name], self.lora_B[name]
-        t = F.embedding(x, A.T, padding_idx=self.base_layer.padding_idx) * self.scaling[name]
+        t = F.embedding(h, A.T, padding_idx=self.base_layer.padding_idx) * self.scaling[name]
         return F.linear(t, B)
 
     def bank_layout(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

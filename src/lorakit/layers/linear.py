@@ -21,7 +21,8 @@ from torch import nn
 from ..bank import bank_delta_gathered, routed_input_dropout
 from ..functional import lora_linear
 from ..targeting import is_conv1d, is_linear4bit
-from .base import LoraLayer, own_forward_problem, plain_weight_problem, register_kind
+from .base import LoraLayer, register_kind
+from .eligibility import own_forward_problem, plain_weight_problem
 
 
 class LoraLinear(LoraLayer):
@@ -57,9 +58,8 @@ class LoraLinear(LoraLayer):
     def factor_delta(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
         return (B @ A) * scaling
 
-    def adapter_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
+    def low_rank(self, h: torch.Tensor, name: str) -> torch.Tensor:
         A, B = self.lora_A[name], self.lora_B[name]
-        h = self.lora_dropout[name](x)
         # Scale the rank-r intermediate, the smallest tensor on the path.
         return F.linear(F.linear(h.to(A.dtype), A) * self.scaling[name], B)
 
@@ -88,8 +88,8 @@ class LoraLinear(LoraLayer):
         return bank_delta_gathered(h, A, B, slots, indices).reshape(*x.shape[:-1], B.shape[2])
 
 
-def _is_linear(module: nn.Module) -> bool:
+def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module) or is_linear4bit(module)
 
 
-register_kind(LoraLinear, _is_linear)
+register_kind(LoraLinear, is_linear)

@@ -126,8 +126,8 @@ def apply_plan(
         assert isinstance(layer, LoraLayer)
         r, scaling = plan.ranks[path]
         layer.add_adapter(name, r, scaling, float(config.dropout), config.init)
-        layer.lora_A[name].requires_grad_(False)
-        layer.lora_B[name].requires_grad_(False)
+        for p in layer.adapter_params(name).values():
+            p.requires_grad_(False)
         if path in plan.wrappers:
             layer.active_adapter = active
     for path in plan.saved:
@@ -166,12 +166,8 @@ def roll_back(model: nn.Module, name: str, undo: Undo, flags: list[tuple[nn.Para
     """Undo a partly applied plan: adapter ``name`` leaves the wrappers that held other adapters
     before, new wrappers give way to the modules they wrapped, ``requires_grad`` flags return."""
     for module in model.modules():
-        if isinstance(module, LoraLayer) and (name in module.lora_A or name in module.r):
-            for table in (module.lora_A, module.lora_B, module.lora_dropout):
-                if name in table:
-                    del table[name]
-            module.r.pop(name, None)
-            module.scaling.pop(name, None)
+        if isinstance(module, LoraLayer):
+            module.forget_adapter(name)
         elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
             del module.modules_to_save[name]
     for path, old in reversed(undo):
