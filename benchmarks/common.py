@@ -53,7 +53,8 @@ TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"], "llama": "all-linear", "smollm2
 
 
 def apply_method(model: nn.Module, model_name: str, method: str, r: int = 8) -> nn.Module:
-    """``full``: every parameter trains; ``lorakit`` / ``peft``: LoRA r=8, alpha 16; ``floor``: the
+    """``full``: every parameter trains; ``lorakit`` / ``peft``: LoRA r=8, alpha 16 (``lorakit-dora`` /
+    ``peft-dora``: the same as DoRA); ``floor``: the
     whole model frozen and only the input embeddings' output needing a gradient, i.e. the forward
     and input-gradient backward that any LoRA step must do, with no adapter at all."""
     targets = TARGETS[model_name]
@@ -64,14 +65,16 @@ def apply_method(model: nn.Module, model_name: str, method: str, r: int = 8) -> 
         emb = model.get_input_embeddings()
         emb.register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
         return model
-    if method == "lorakit":
+    if method in ("lorakit", "lorakit-dora"):
         import lorakit as lk
 
-        return lk.inject(model, lk.LoraConfig(r=r, alpha=2.0 * r, target_modules=targets))
-    if method == "peft":
+        config = lk.LoraConfig(r=r, alpha=2.0 * r, target_modules=targets, use_dora=method.endswith("dora"))
+        return lk.inject(model, config)
+    if method in ("peft", "peft-dora"):
         import peft
 
-        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, fan_in_fan_out=model_name == "gpt2")
+        cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, fan_in_fan_out=model_name == "gpt2",
+                              use_dora=method.endswith("dora"))  # fmt: skip
         return peft.get_peft_model(model, cfg)
     raise ValueError(f"unknown method {method!r}")
 

@@ -11,6 +11,7 @@ its own (median over rounds); with ``--device cuda``, the CUDA allocator's peak
 
     .venv/bin/python benchmarks/train_step.py                   # GPT-2 and Llama, the defaults
     .venv/bin/python benchmarks/train_step.py --models gpt2 --steps 6 --rounds 1
+    .venv/bin/python benchmarks/train_step.py --methods peft-dora lorakit-dora floor --name train_step_dora
     .venv/bin/python benchmarks/train_step.py --models smollm2 --steps 5 --rounds 1 --name train_step_smollm2
     python benchmarks/train_step.py --device cuda                # on a GPU: train_step_cuda.{json,md}
 """
@@ -41,7 +42,7 @@ from common import (
     time_ms,
 )
 
-METHODS = ("full", "peft", "lorakit", "floor")
+METHODS = ("full", "peft", "lorakit", "floor", "peft-dora", "lorakit-dora")
 
 
 def _stepper(model, ids):
@@ -131,6 +132,8 @@ def main() -> None:
                 k: x["step_ms_median"] / res[k]["step_ms_median"] if k in res else float("nan")
                 for k in ("full", "peft")
             }
+            if m.endswith("-dora") and "peft-dora" in res:  # DoRA against PEFT's DoRA
+                vs["peft"] = x["step_ms_median"] / res["peft-dora"]["step_ms_median"]
             rows.append(
                 f"| {model_name} | {m} | {x['trainable']:,} | {x['step_ms_median']:.{digits}f} | {vs['full']:.2f} | "
                 f"{vs['peft']:.2f} | {x[f'{mem_key}_median']:.0f} |"
@@ -147,7 +150,8 @@ def main() -> None:
         f"torch {info['torch']}.\n\n"
         f"| model | method | trainable | step ms | × full | × PEFT | {memory_label(args.device)} |\n"
         "|---|---|---:|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n\n"
-        "`floor`: frozen model, input gradient only (no adapter): the least work any LoRA step can do.\n"
+        "`floor`: frozen model, input gradient only (no adapter): the least work any LoRA step can do. "
+        "The DoRA rows' × PEFT column is against PEFT's DoRA (`peft-dora`).\n"
     )
     print("\n" + md)
     settings = {**vars(args), "device": str(args.device)}

@@ -63,8 +63,8 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "conv-ignores-stride", "layers/conv.py",
-        "t = F.conv2d(h, A, None, base.stride, base.padding, base.dilation)",
-        "t = F.conv2d(h, A, None, 1, base.padding, base.dilation)",
+        "t = F.conv2d(h.to(A.dtype), A, None, base.stride, base.padding, base.dilation)",
+        "t = F.conv2d(h.to(A.dtype), A, None, 1, base.padding, base.dilation)",
         "the conv adapter's A convolution ignores the base layer's stride",
         (T + "test_layers.py::test_conv2d_matches_merged_weight",),
     ),
@@ -85,17 +85,38 @@ MUTANTS: tuple[Mutant, ...] = (
     # ------------------------------------------------------------------ merging
     Mutant(
         "merge-sign", "layers/base.py",
-        "self.add_to_base(self.delta_weight(name), sign=1.0)",
-        "self.add_to_base(self.delta_weight(name), sign=-1.0)",
+        "self.add_to_base(self.merge_delta(name), sign=1.0)",
+        "self.add_to_base(self.merge_delta(name), sign=-1.0)",
         "merge subtracts ΔW instead of adding it",
         (T + "test_injection.py::test_merge_unmerge_and_state",),
     ),
     Mutant(
         "unmerge-sign", "layers/base.py",
-        "self.add_to_base(self.delta_weight(name), sign=-1.0)",
-        "self.add_to_base(self.delta_weight(name), sign=1.0)",
+        "self.add_to_base(self.unmerge_delta(name), sign=-1.0)",
+        "self.add_to_base(self.unmerge_delta(name), sign=1.0)",
         "unmerge adds ΔW a second time instead of subtracting it",
         (T + "test_injection.py::test_merge_unmerge_and_state",),
+    ),
+    Mutant(
+        "dora-norm-cross-term-sign", "layers/dora.py",
+        "squared = positive + 2 * scaling * cross",
+        "squared = positive - 2 * scaling * cross",
+        "DoRA's expanded weight norm subtracts the cross term ⟨W0, ΔW⟩ instead of adding it",
+        (T + "test_dora.py::test_row_norms_equal_the_direct_norm_including_cancelling_rows",),
+    ),
+    Mutant(
+        "dora-merge-unscaled-delta", "layers/dora.py",
+        "return (fw - 1) * W0 + fw * delta",
+        "return (fw - 1) * W0 + delta",
+        "a DoRA merge adds ΔW without the magnitude's rescaling",
+        (T + "test_dora.py::test_merge_unmerge_and_unload",),
+    ),
+    Mutant(
+        "dora-cache-ignores-factors", "layers/dora.py",
+        "key = (name, self.scaling[name], *((id(t), t._version) for t in (A, B, W)))",
+        "key = (name, self.scaling[name], *((id(t), t._version) for t in (W,)))",
+        "the cached DoRA norm survives a change of the adapter's factors (stale in inference)",
+        (T + "test_dora.py::test_the_norm_kept_for_inference_follows_changes_to_factors_and_base",),
     ),
     Mutant(
         "merge-and-unload-skips-merge", "merging.py",

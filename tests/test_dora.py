@@ -283,3 +283,21 @@ def test_dora_refuses_routing_combining_and_offline_merges(tmp_path):
 
     with pytest.raises(lk.AdapterLoadError, match="DoRA adapter"):
         inspect_adapter(tmp_path / "a")
+
+
+def test_the_norm_kept_for_inference_follows_changes_to_factors_and_base():
+    """Without autograd the norm ‖W0 + ΔW‖ is kept between calls (generation); an in-place change of
+    A, B or W0 (an optimizer step, a loaded checkpoint) must be seen by the next call."""
+    torch.manual_seed(0)
+    model = SeedMLP().eval()
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8.0, target_modules=["fc1", "fc2"], use_dora=True))
+    x = _image()[0]
+    for change in ("lora_A", "lora_B", "base_layer.weight"):
+        with torch.no_grad():
+            model(x)  # keeps the norm
+            for name, p in model.named_parameters():
+                if name.startswith("fc1.") and change in name:
+                    p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+            kept = model(x)
+        fresh = model(x).detach()  # with autograd: computed afresh
+        assert_close(kept, fresh, reduction=784, depth=4, msg=lambda m, c=change: f"after changing {c}: {m}")
