@@ -59,12 +59,15 @@ def test_conv2d_matches_merged_weight(stride, padding, dilation):
     assert_close(layer(x), want, reduction=3 * 3 * 3, depth=2)
 
 
-def test_conv2d_groups_unsupported_is_clear():
+def test_grouped_conv_rank_not_divisible_and_dora_are_clear_errors():
     root = nn.Module()
     root.dw = nn.Conv2d(4, 4, 3, groups=4)
-    with pytest.raises(TypeError, match="groups=4"):
-        lk.inject(root, lk.LoraConfig(target_modules=["dw"]))
+    with pytest.raises(ValueError, match="rank 6 is not divisible by the convolution's groups=4"):
+        lk.inject(root, lk.LoraConfig(r=6, target_modules=["dw"]))
     assert isinstance(root.dw, nn.Conv2d), "a failed inject must leave the model untouched"
+    with pytest.raises(TypeError, match=r"DoRA on a grouped convolution \(groups=4\)"):
+        lk.inject(root, lk.LoraConfig(r=4, target_modules=["dw"], use_dora=True))
+    assert isinstance(root.dw, nn.Conv2d) and not any(p.requires_grad is False for p in root.parameters())
 
 
 def test_unsupported_type_names_the_type():

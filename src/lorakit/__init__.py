@@ -28,7 +28,9 @@ from .injection import (
     set_adapter,
 )
 from .layers import (
+    LoraConv1d,
     LoraConv2d,
+    LoraConv3d,
     LoraEmbedding,
     LoraLayer,
     LoraLinear,
@@ -51,7 +53,9 @@ __all__ = [
     "ArgumentTypeError",
     "InputError",
     "LoraConfig",
+    "LoraConv1d",
     "LoraConv2d",
+    "LoraConv3d",
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",

@@ -64,7 +64,8 @@ def adapted_matrices(config: LoraConfig, tensors: dict[str, torch.Tensor]) -> li
     out = []
     for path, (key_a, key_b) in sorted(pairs.items()):
         A, B = tensors[key_a], tensors[key_b]
-        kind = "conv2d" if A.dim() == 4 else "embedding" if key_a.endswith(".lora_embedding_A") else "linear"
+        kind = {3: "conv1d", 4: "conv2d", 5: "conv3d"}.get(A.dim(), "linear")
+        kind = "embedding" if key_a.endswith(".lora_embedding_A") else kind
         r = A.shape[0]
         out.append(AdaptedMatrix(path, kind, r, config.scaling(r, config.alpha_for(path)), A, B))
     return out
@@ -241,7 +242,8 @@ def factor_pairs(config: LoraConfig, shapes: dict[str, tuple[int, ...]]) -> dict
             pairs[stem.removeprefix(PREFIX)] = (key, partner)
     for path, (key_a, key_b) in pairs.items():
         sa, sb = shapes[key_a], shapes[key_b]
-        if len(sa) not in (2, 4) or len(sb) != len(sa) or sa[0] != sb[1]:
+        grouped = len(sa) > 2 and sb[1] > 0 and sa[0] % sb[1] == 0  # a conv's B holds r / groups per group
+        if len(sa) not in (2, 3, 4, 5) or len(sb) != len(sa) or not (sa[0] == sb[1] or grouped):
             problems.append(f"{path}: {key_a} {sa} and {key_b} {sb} do not form a LoRA pair")
         elif sa[0] != config.rank_for(path):
             rank = config.rank_for(path)

@@ -1,7 +1,7 @@
 """LoRA layers: one file per layer kind, each registered with ``register_kind``.
 
-Importing this package registers the built-in kinds (linear, embedding, conv2d, and their DoRA forms); a variant is one
-more file that subclasses a kind and calls ``register_kind`` with its variant name.
+Importing this package registers the built-in kinds (linear, embedding, conv1d/2d/3d, and their
+DoRA forms); a variant is one more file that subclasses the kinds and calls ``register_kind``.
 """
 
 from .base import (
@@ -15,8 +15,8 @@ from .base import (
     unregister_kind,
     wrap_module,
 )
-from .conv import LoraConv2d
-from .dora import DoraConv2d, DoraEmbedding, DoraLayer, DoraLinear
+from .conv import LoraConv, LoraConv1d, LoraConv2d, LoraConv3d
+from .dora import DoraConv, DoraConv1d, DoraConv2d, DoraConv3d, DoraEmbedding, DoraLayer, DoraLinear
 from .eligibility import plain_weight_problem
 from .embedding import LoraEmbedding
 from .linear import LoraLinear
@@ -25,12 +25,18 @@ from .placement import AdapterPlan, apply_plan, plan_adapter, roll_back
 
 __all__ = [
     "AdapterPlan",
+    "DoraConv",
+    "DoraConv1d",
     "DoraConv2d",
+    "DoraConv3d",
     "DoraEmbedding",
     "DoraLayer",
     "DoraLinear",
     "LayerKind",
+    "LoraConv",
+    "LoraConv1d",
     "LoraConv2d",
+    "LoraConv3d",
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",

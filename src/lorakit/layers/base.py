@@ -365,7 +365,7 @@ def wrap_module(module: nn.Module, path: str, variant: str = "lora") -> LoraLaye
     supported = sorted({e.cls.__name__ for e in _KINDS if e.variant == variant})
     reason = (
         f"is a {type_name(module)}, which LoRA cannot wrap; "
-        "supported types: nn.Linear, nn.Embedding, nn.Conv2d, transformers Conv1D, bitsandbytes Linear4bit "
+        "supported types: nn.Linear, nn.Embedding, nn.Conv1d/2d/3d, transformers Conv1D, bitsandbytes Linear4bit "
         f"(wrappers registered for variant {variant!r}: {', '.join(supported) or 'none'})"
     )
     raise UnsupportedModuleError(f"module {path!r} {reason}", path, reason)

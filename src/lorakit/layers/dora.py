@@ -1,5 +1,5 @@
-"""DoRA (weight-decomposed low-rank adaptation, Liu et al. 2024) on linear, embedding and conv2d
-layers: the LoRA layers of this package plus a trained magnitude ``m`` per output feature.
+"""DoRA (weight-decomposed low-rank adaptation, Liu et al. 2024) on linear, embedding and
+convolution layers: the LoRA layers of this package plus a trained magnitude ``m`` per output feature.
 
 The adapted weight is a direction, ``W0 + ΔW`` (``ΔW = s · B A`` exactly as in LoRA), rescaled to
 the magnitude ``m``::
@@ -25,7 +25,7 @@ under 1% of its positive parts, so rounding would show) are recomputed directly.
 
 Merging writes ``W'`` into the base weight (it adds ``(f − 1) ⊙ W0 + f ⊙ ΔW``); unmerging restores
 ``W0 = W' / f − ΔW`` with the ``f`` of that merge. Checkpoints hold ``m`` under PEFT's key
-``lora_magnitude_vector`` (shape ``[out]``; ``[1, out, 1, 1]`` for conv2d; ``[dim]`` for embeddings).
+``lora_magnitude_vector`` (shape ``[out]``; ``[1, out, 1…]`` for convolutions; ``[dim]`` for embeddings).
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from ..functional import lora_linear
 from ..quantization import dequantize_weight
 from ..targeting import is_linear4bit
 from .base import LoraLayer, accumulate, register_kind
-from .conv import LoraConv2d
+from .conv import LoraConv, LoraConv1d, LoraConv2d, LoraConv3d
 from .embedding import LoraEmbedding
 from .linear import LoraLinear, is_linear
 
@@ -210,18 +210,24 @@ class DoraLinear(DoraLayer, LoraLinear):
         return super().undropped(name, x, args, kwargs)
 
 
-class DoraConv2d(DoraLayer, LoraConv2d):
-    """DoRA on ``nn.Conv2d``; ``m`` has PEFT's shape ``[1, out, 1, 1]``."""
+class DoraConv(DoraLayer, LoraConv):
+    """DoRA on N-d convolutions (groups 1); ``m`` has PEFT's shape ``[1, out, 1…]``."""
+
+    @classmethod
+    def base_problem(cls, module: nn.Module) -> str | None:
+        if isinstance(module, cls.base_type) and module.groups != 1:
+            return f"DoRA on a grouped convolution (groups={module.groups}) is not supported (plain LoRA is)"
+        return super().base_problem(module)
 
     def magnitude_shape(self) -> tuple[int, ...]:
-        return (1, self.out_channels, 1, 1)
+        return (1, self.out_channels, *(1,) * self.dims)
 
     def weight_layout(self, f: torch.Tensor) -> torch.Tensor:
-        return f.reshape(-1, 1, 1, 1)
+        return f.reshape(-1, *(1,) * (self.dims + 1))
 
     def output_bias(self) -> torch.Tensor | None:
         bias = self.base_layer.bias
-        return None if bias is None else bias.reshape(1, -1, 1, 1)
+        return None if bias is None else bias.reshape(1, -1, *(1,) * self.dims)
 
     def norm_operands(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         A, B = self.lora_A[name], self.lora_B[name]
@@ -249,5 +255,18 @@ class DoraEmbedding(DoraLayer, LoraEmbedding):
 
 
 register_kind(DoraLinear, is_linear)
-register_kind(DoraConv2d, lambda module: isinstance(module, nn.Conv2d))
+class DoraConv1d(DoraConv, LoraConv1d):
+    """DoRA on ``nn.Conv1d``."""
+
+
+class DoraConv2d(DoraConv, LoraConv2d):
+    """DoRA on ``nn.Conv2d``."""
+
+
+class DoraConv3d(DoraConv, LoraConv3d):
+    """DoRA on ``nn.Conv3d``."""
+
+
+for _cls in (DoraConv1d, DoraConv2d, DoraConv3d):
+    register_kind(_cls, lambda module, t=_cls.base_type: isinstance(module, t))
 register_kind(DoraEmbedding, lambda module: isinstance(module, nn.Embedding))
