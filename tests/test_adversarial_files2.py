@@ -55,7 +55,7 @@ def _state(model: torch.nn.Module) -> dict:
 VARIANT_VALUES = {
     "velora_config": {"num_groups": 2}, "alora_invocation_tokens": [5, 6],
     "monteclora_config": {"n_samples": 4}, "use_bdlora": {"nblocks": 2}, "arrow_config": {"top_k": 2},
-    "kasa_config": {"diag": True}, "lora_bias": True, "layer_replication": [[0, 1]],
+    "kasa_config": {"diag": True}, "layer_replication": [[0, 1]],
     "target_parameters": ["fc1.weight"], "trainable_token_indices": [1, 2], "use_qalora": True,
     "megatron_config": {"tensor_model_parallel_size": 2}, "ensure_weight_tying": True,
 }  # fmt: skip
@@ -88,7 +88,7 @@ def test_peft_lora_variants_are_refused_by_name(tmp_path, key):
 
 @pytest.mark.parametrize("key", sorted(VARIANT_VALUES))
 def test_peft_lora_variants_left_at_their_default_load(key):
-    empty = {"lora_bias": False, "use_qalora": False, "ensure_weight_tying": False}
+    empty = {"use_qalora": False, "ensure_weight_tying": False}
     assert LoraConfig.from_peft_dict({**BASE, key: empty.get(key)}).r == 2
 
 

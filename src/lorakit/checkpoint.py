@@ -272,7 +272,7 @@ def _check_before_allocating(
         layer = module if isinstance(module, LoraLayer) else _wrapper_or_none(module, path, config)
         if layer is not None:
             r = config.rank_for(path)
-            for key, shape in layer.param_shapes(r).items():
+            for key, shape in layer.param_shapes(r, config.lora_bias).items():
                 expected[f"{PREFIX}{path}.{key}"] = (tuple(shape), r)
     stored = {k for k in tensors if ".lora_" in k}
     lines += [f"  missing key {k} (expected shape {expected[k][0]})" for k in sorted(set(expected) - stored)]

@@ -142,6 +142,10 @@ def combine_adapters(
     if dora:
         raise InputError(f"sources {dora} are DoRA adapters: their magnitudes rescale the whole weight, so ΔW does not "
                          "add up across adapters; combine plain LoRA adapters only")  # fmt: skip
+    biased = sorted(s for s in sources if configs[s].lora_bias)
+    if biased:
+        raise InputError(f"sources {biased} have lora biases, which a combined adapter (factors only) cannot hold; "
+                         "combine adapters without lora_bias")  # fmt: skip
     density = 0.5 if density is None else float(density)
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise InputError(f"seed = {seed!r}; allowed: an integer")

@@ -31,7 +31,7 @@ UNSUPPORTED_PEFT_KEYS = {
     "velora_config": "VeLoRA",
     "alora_invocation_tokens": "activated LoRA (aLoRA)", "monteclora_config": "MonteCLoRA",
     "use_bdlora": "block-diagonal LoRA (BD-LoRA)", "arrow_config": "Arrow routing", "kasa_config": "KaSA",
-    "lora_bias": "LoRA bias vectors", "layer_replication": "layer replication",
+    "layer_replication": "layer replication",
     "target_parameters": "LoRA on nn.Parameter targets", "trainable_token_indices": "trainable tokens",
     "use_qalora": "QALoRA", "megatron_config": "Megatron parallel layers",
     "ensure_weight_tying": "adapters tied across tied layers (embeddings and output head)",
@@ -39,8 +39,8 @@ UNSUPPORTED_PEFT_KEYS = {
 #: PEFT keys lorakit reads, and those that do not change a loaded adapter (descriptive, runtime, or
 #: used only to initialise before training, or only together with a key refused above)
 KNOWN_PEFT_KEYS = frozenset({
-    "r", "lora_alpha", "alpha", "lora_dropout", "use_dora", "target_modules", "exclude_modules", "bias", "use_rslora",
-    "init_lora_weights", "fan_in_fan_out", "modules_to_save", "rank_pattern", "alpha_pattern",
+    "r", "lora_alpha", "alpha", "lora_dropout", "use_dora", "lora_bias", "target_modules", "exclude_modules",
+    "bias", "use_rslora", "init_lora_weights", "fan_in_fan_out", "modules_to_save", "rank_pattern", "alpha_pattern",
     "layers_to_transform", "layers_pattern", "base_model_name_or_path", "task_type", "peft_type", "auto_mapping",
     "peft_version", "revision", "inference_mode", "megatron_core", "loftq_config", "eva_config", "corda_config",
     "lora_ga_config", "qalora_group_size", "runtime_config",
@@ -76,6 +76,8 @@ class LoraConfig:
         layers_pattern: the name of the layer list (``"layers"``, ``"h"``); default: any.
         use_dora: DoRA (weight-decomposed LoRA): the adapted weight is ``m ⊙ (W0 + ΔW) / ‖W0 + ΔW‖``
             with a trained magnitude ``m`` per output feature (``lorakit.layers.dora``).
+        lora_bias: B gets a trained bias ``b_B`` (zero at the start): ``y += s · (B A x + b_B)``;
+            merging adds ``s · b_B`` to the base bias (PEFT's ``lora_bias``; not with DoRA or embeddings).
     """
 
     r: int = 8
@@ -95,6 +97,7 @@ class LoraConfig:
     base_model_name_or_path: str | None = None
     task_type: str | None = None
     use_dora: bool = False
+    lora_bias: bool = False
 
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
@@ -103,12 +106,14 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.dropout must be a number in [0, 1), got {short_repr(self.dropout)}")
         if not 0.0 <= float(self.dropout) < 1.0:
             raise ValueError(f"LoraConfig.dropout must be in [0, 1), got {short_repr(self.dropout)}")
-        for flag in ("use_rslora", "fan_in_fan_out", "use_dora"):
+        for flag in ("use_rslora", "fan_in_fan_out", "use_dora", "lora_bias"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"LoraConfig.{flag} must be True or False, got {short_repr(getattr(self, flag))}")
         for text in ("base_model_name_or_path", "task_type"):
             if getattr(self, text) is not None and not isinstance(getattr(self, text), str):
                 raise ValueError(f"LoraConfig.{text} must be a string or None, got {short_repr(getattr(self, text))}")
+        if self.use_dora and self.lora_bias:
+            raise ValueError("LoraConfig: lora_bias=True with use_dora=True is not supported (as in PEFT)")
         if self.bias not in BIAS_CHOICES:
             raise ValueError(f"LoraConfig.bias must be one of {BIAS_CHOICES}, got {short_repr(self.bias)}")
         if self.init not in INIT_CHOICES:
@@ -199,7 +204,7 @@ class LoraConfig:
             "layers_pattern": self.layers_pattern,
             "layers_to_transform": self.layers_to_transform,
             "lora_alpha": alpha,
-            "lora_bias": False,
+            "lora_bias": self.lora_bias,
             "lora_dropout": float(self.dropout),
             "modules_to_save": self.modules_to_save,
             "peft_type": "LORA",
@@ -269,6 +274,7 @@ class LoraConfig:
             ),
             task_type=_peft_value(data, "task_type", None, (str, type(None)), f"null or one of {TASK_TYPES}"),
             use_dora=data.get("use_dora", False),
+            lora_bias=data.get("lora_bias", False),
         )
 
     @classmethod

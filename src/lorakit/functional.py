@@ -189,3 +189,11 @@ def lora_linear(
     if torch.is_grad_enabled() and (needs_graph or (bias is not None and bias.requires_grad)):
         return LoraLinearFunction.apply(x, weight, bias, A, B, scaling, dropout, weight_t)
     return _forward(x, weight, bias, A, B, scaling, dropout, weight_t)[0]
+
+
+def accumulate(out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``out + delta`` in ``out``'s dtype. In inference it adds in place (no second full-size
+    tensor); under autograd it stays out of place so the graph never sees a mutated tensor."""
+    if not torch.is_grad_enabled() and not out.requires_grad:
+        return out.add_(delta)
+    return out + delta.to(out.dtype)

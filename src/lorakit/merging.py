@@ -48,9 +48,22 @@ def merge(model: nn.Module) -> nn.Module:
     merged = [layer.merged_adapters for layer in layers if layer.merged_adapters]
     if merged:
         raise RuntimeError(f"adapter {merged[0][0]!r} is already merged; merging twice would add ΔW twice")
-    for layer in layers:
-        layer.merge()
+    _merge_all(layers)
     return model
+
+
+def _merge_all(layers: list[LoraLayer]) -> None:
+    """Merge every layer, or none: a layer that refuses (a grouped convolution, a lora bias without
+    a base bias) leaves the layers merged before it unmerged again."""
+    done = []
+    try:
+        for layer in layers:
+            layer.merge()
+            done.append(layer)
+    except BaseException:
+        for layer in reversed(done):
+            layer.unmerge()
+        raise
 
 
 def _dequantize_merge(model: nn.Module, dtype: torch.dtype) -> None:
@@ -116,9 +129,7 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False, dtype: torch.dt
     if dequantize:
         _dequantize_merge(model, dtype)
     if active_adapter(model) is not None:
-        for _, layer in lora_layers(model):
-            if not layer.merged_adapters:
-                layer.merge()
+        _merge_all([layer for _, layer in lora_layers(model) if not layer.merged_adapters])
     for module in wrappers:
         if isinstance(module, LoraLayer):
             module.base_layer.requires_grad_(False)

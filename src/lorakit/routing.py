@@ -269,9 +269,10 @@ def route(model: nn.Module, adapters: Routing, *, expand: int = 1) -> Iterator[n
         if len(used) == 1 or not present:
             routes.append(LayerRoute(adapter=next(iter(present), None)))
             continue
-        if layer.variant != "lora":
+        if layer.variant != "lora" or any(n in layer.lora_bias for n in present):
+            what = f"{layer.variant} adapters" if layer.variant != "lora" else "adapters with a lora bias"
             raise NotImplementedError(
-                f"lorakit.route: {layer.variant} adapters cannot be mixed per row (each rescales the whole weight); "
+                f"lorakit.route: {what} cannot be mixed per row (the bank holds plain A and B factors only); "
                 "route plain LoRA adapters, or run one adapter per batch with lorakit.set_adapter"
             )
         # Layers holding the same adapters share one slot tensor (and its cached indices).

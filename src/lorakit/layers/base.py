@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from ..errors import ArgumentTypeError, InputError, short_repr
-from ..functional import Dropout
+from ..functional import Dropout, accumulate
 from ..quantization import merge_into_4bit
 from ..targeting import is_linear4bit
 from .eligibility import plain_weight_problem, type_name
@@ -61,14 +61,6 @@ def init_lora_a(weight: torch.Tensor, init: str, r: int) -> None:
         nn.init.normal_(weight, mean=0.0, std=1.0 / r)
     else:
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
-
-
-def accumulate(out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-    """``out + delta`` in ``out``'s dtype. In inference it adds in place (no second full-size
-    tensor); under autograd it stays out of place so the graph never sees a mutated tensor."""
-    if not torch.is_grad_enabled() and not out.requires_grad:
-        return out.add_(delta)
-    return out + delta.to(out.dtype)
 
 
 class LoraLayer(nn.Module):
@@ -103,6 +95,8 @@ class LoraLayer(nn.Module):
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
         self.lora_dropout = nn.ModuleDict()
+        #: PEFT's ``lora_bias``: a trained bias on B (``y += s · (B A x + b_B)``), for some adapters
+        self.lora_bias = nn.ParameterDict()
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         self.active_adapter: str | None = None
@@ -173,11 +167,25 @@ class LoraLayer(nn.Module):
 
     def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
         """Adapter ``name``'s own tensors by their PEFT key suffix (a variant adds its own)."""
-        return {self.peft_keys[0]: self.lora_A[name], self.peft_keys[1]: self.lora_B[name]}
+        bias = {"lora_B.bias": self.lora_bias[name]} if name in self.lora_bias else {}
+        return {self.peft_keys[0]: self.lora_A[name], self.peft_keys[1]: self.lora_B[name], **bias}
 
-    def param_shapes(self, r: int) -> dict[str, tuple[int, ...]]:
+    def param_shapes(self, r: int, lora_bias: bool = False) -> dict[str, tuple[int, ...]]:
         """The shapes ``adapter_params`` will have at rank ``r``, known before anything is allocated."""
-        return dict(zip(self.peft_keys, self.factor_shapes(r), strict=True))
+        shape_a, shape_b = self.factor_shapes(r)
+        bias = {"lora_B.bias": shape_b[:1]} if lora_bias else {}
+        return {self.peft_keys[0]: shape_a, self.peft_keys[1]: shape_b, **bias}
+
+    def add_lora_bias(self, name: str) -> None:
+        """Give adapter ``name`` a trained bias on B, starting at zero (PEFT's ``lora_bias``)."""
+        if self.peft_keys[1] != "lora_B.weight":
+            raise ValueError(f"lora_bias is not supported on {type(self).__name__} (PEFT has none there either)")
+        B = self.lora_B[name]
+        self.lora_bias[name] = nn.Parameter(torch.zeros(B.shape[0], dtype=B.dtype, device=B.device))
+
+    def scaled_lora_bias(self, name: str) -> torch.Tensor | None:
+        """``s · b_B`` of adapter ``name`` (None without a lora bias)."""
+        return self.lora_bias[name] * self.scaling[name] if name in self.lora_bias else None
 
     def delta_weight(self, name: str) -> torch.Tensor:
         """``ΔW`` of adapter ``name`` in the layout of ``base_layer.weight``, in the adapter's dtype."""
@@ -208,7 +216,7 @@ class LoraLayer(nn.Module):
 
     def forget_adapter(self, name: str) -> None:
         """Drop every table entry of adapter ``name`` (those that exist: also undoes a partial add)."""
-        for table in (self.lora_A, self.lora_B, self.lora_dropout, self.r, self.scaling):
+        for table in (self.lora_A, self.lora_B, self.lora_bias, self.lora_dropout, self.r, self.scaling):
             if name in table:
                 del table[name]
 
@@ -227,8 +235,19 @@ class LoraLayer(nn.Module):
             raise RuntimeError("cannot merge inside lorakit.route (routed rows would add ΔW a second time)")
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is already merged; merging twice would add ΔW twice")
+        if name in self.lora_bias and getattr(self.base_layer, "bias", None) is None:
+            raise RuntimeError(f"adapter {name!r} has a lora bias but the base layer has no bias to merge it into; "
+                               "keep it unmerged")  # fmt: skip
         self.add_to_base(self.merge_delta(name), sign=1.0)
+        self.merge_bias(name, 1.0)
         self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def merge_bias(self, name: str, sign: float) -> None:
+        """``b ← b + sign · s · b_B`` when adapter ``name`` has a lora bias."""
+        if name in self.lora_bias:
+            bias = self.base_layer.bias
+            bias.copy_(bias.float().add_(self.scaled_lora_bias(name).float(), alpha=sign))
 
     def merge_delta(self, name: str) -> torch.Tensor:
         """What merging adapter ``name`` adds to the (unmerged) base weight: ``ΔW``."""
@@ -243,12 +262,15 @@ class LoraLayer(nn.Module):
         was untied by the merge gets the shared tensor back, exactly)."""
         shared = self.__dict__.pop("tied_original", None)
         if shared is not None:
+            for name in self.merged_adapters:
+                self.merge_bias(name, -1.0)
             self.merged_adapters.clear()
             self.base_layer.weight = shared
             return
         while self.merged_adapters:
             name = self.merged_adapters.pop()
             self.add_to_base(self.unmerge_delta(name), sign=-1.0)
+            self.merge_bias(name, -1.0)
 
     @torch.no_grad()
     def add_to_base(self, delta: torch.Tensor, sign: float) -> None:

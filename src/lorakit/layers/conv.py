@@ -72,7 +72,7 @@ class LoraConv(LoraLayer):
         base = self.base_layer
         A, B = self.lora_A[name], self.lora_B[name]
         t = self.conv(h.to(A.dtype), A, None, base.stride, base.padding, base.dilation) * self.scaling[name]
-        return self.conv(t, B, None, 1, 0, 1, self.groups)
+        return self.conv(t, B, self.scaled_lora_bias(name), 1, 0, 1, self.groups)
 
     def bank_delta(
         self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor, keep: torch.Tensor | None,

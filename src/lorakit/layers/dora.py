@@ -107,8 +107,11 @@ class DoraLayer(LoraLayer):
     def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
         return {**super().adapter_params(name), MAGNITUDE_KEY: self.lora_magnitude[name]}
 
-    def param_shapes(self, r: int) -> dict[str, tuple[int, ...]]:
-        return {**super().param_shapes(r), MAGNITUDE_KEY: self.magnitude_shape()}
+    def param_shapes(self, r: int, lora_bias: bool = False) -> dict[str, tuple[int, ...]]:
+        return {**super().param_shapes(r, lora_bias), MAGNITUDE_KEY: self.magnitude_shape()}
+
+    def add_lora_bias(self, name: str) -> None:
+        raise ValueError("lora_bias with DoRA is not supported (as in PEFT)")
 
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: str) -> None:
         super().add_adapter(name, r, scaling, dropout, init)

@@ -61,13 +61,14 @@ class LoraLinear(LoraLayer):
     def low_rank(self, h: torch.Tensor, name: str) -> torch.Tensor:
         A, B = self.lora_A[name], self.lora_B[name]
         # Scale the rank-r intermediate, the smallest tensor on the path.
-        return F.linear(F.linear(h.to(A.dtype), A) * self.scaling[name], B)
+        return F.linear(F.linear(h.to(A.dtype), A) * self.scaling[name], B, self.scaled_lora_bias(name))
 
     def forward_with(self, name: str | None, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         base = self.base_layer
         if name is None:
             return base(x, *args, **kwargs)
         fused = self.fused and not args and not kwargs and not torch.is_autocast_enabled(x.device.type)
+        fused = fused and name not in self.lora_bias
         if fused and not base._forward_hooks and not base._forward_pre_hooks:
             p = self.dropout_p(name) if self.training else 0.0
             A, B = self.lora_A[name], self.lora_B[name]

@@ -126,6 +126,8 @@ def apply_plan(
         assert isinstance(layer, LoraLayer)
         r, scaling = plan.ranks[path]
         layer.add_adapter(name, r, scaling, float(config.dropout), config.init)
+        if config.lora_bias:
+            layer.add_lora_bias(name)
         for p in layer.adapter_params(name).values():
             p.requires_grad_(False)
         if path in plan.wrappers:
