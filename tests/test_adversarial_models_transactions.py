@@ -151,10 +151,13 @@ def test_merge_and_unload_inside_a_route_is_refused():
     assert isinstance(model.fc1, lk.LoraLinear) and lk.active_adapter(model) == "a"
 
 
-@pytest.mark.parametrize("names", [["a", "b"], ("a",), None])
-def test_set_adapter_takes_one_name(names):
+@pytest.mark.parametrize("names", [["b", "b"], [], None, 3, ["a", 3], {"a"}])
+def test_set_adapter_takes_a_name_or_a_list_of_distinct_names(names):
     model = _holding_adapter_a()
     lk.add_adapter(model, lk.LoraConfig(target_modules=["fc3"]), name="b")
-    with pytest.raises(lk.InputError, match=r"set_adapter\(model, name\) takes one adapter name.*lorakit.route"):
+    with pytest.raises(lk.InputError, match=r"set_adapter: name = .*allowed: an adapter name or a non-empty list"):
         lk.set_adapter(model, names)
-    assert lk.active_adapter(model) == "a"
+    assert lk.active_adapters(model) == ["a"]
+    with pytest.raises(lk.InputError, match=r"\['a'\] use DoRA or modules_to_save"):  # a trains a copy of a module
+        lk.set_adapter(model, ("b", "a"))
+    assert lk.active_adapters(model) == ["a"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from torch import nn
@@ -241,32 +241,49 @@ def _refuse_switch_while_merged(model: nn.Module, name: str) -> None:
             )
 
 
-def set_adapter(model: nn.Module, name: str) -> None:
+def set_adapter(model: nn.Module, name: str | Sequence[str]) -> None:
     """Make ``name`` the adapter that runs and trains; every other adapter is frozen.
 
-    One adapter is active at a time: a list (PEFT's ``set_adapter([a, b])``) is refused. To run
-    several adapters in one batch use ``lorakit.route``; to add them up, ``lorakit.combine_adapters``.
+    A list of names (PEFT's ``set_adapter([a, b])``) makes all of them run and train at once, their
+    outputs summed (``y = base(x) + Σ_k s_k B_k A_k x``); not for DoRA adapters (each rescales the
+    whole weight) or adapters with ``modules_to_save``. For one adapter per row use ``lorakit.route``.
     An unknown name raises ``UnknownAdapterError`` (an ``InputError`` and a ``KeyError``).
     """
     require_module(model, "lorakit.set_adapter")
-    if not isinstance(name, str):
-        raise ArgumentTypeError(
-            f"lorakit.set_adapter(model, name) takes one adapter name, got {name!r}: lorakit runs one active "
-            "adapter at a time (several active adapters are not supported yet); use lorakit.route(model, names) "
-            "for one adapter per row, or lorakit.combine_adapters(...) to make one adapter out of several"
-        )
-    require_adapter(model, name, "lorakit.set_adapter")
+    names = [name] if isinstance(name, str) else list(name) if isinstance(name, (list, tuple)) else None
+    if not names or not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
+        raise ArgumentTypeError(f"lorakit.set_adapter: name = {short_repr(name)}; allowed: an adapter name or a "
+                                "non-empty list of distinct names")  # fmt: skip
+    for n in names:
+        require_adapter(model, n, "lorakit.set_adapter")
     refuse_when_disabled(model, f"lorakit.set_adapter(model, {name!r})")
-    _refuse_switch_while_merged(model, name)
+    configs = adapter_configs(model)
+    special = [n for n in names if configs[n].use_dora or configs[n].modules_to_save] if len(names) > 1 else []
+    if special:
+        raise InputError(f"lorakit.set_adapter: {special} use DoRA or modules_to_save, which cannot run together "
+                         "with other adapters; activate them alone")  # fmt: skip
+    if len(names) > 1 and any(isinstance(m, LoraLayer) and m.merged_adapters for m in _wrappers(model)):
+        raise RuntimeError("an adapter is merged into the base weights: call lorakit.unmerge(model) before "
+                           f"activating {names}")  # fmt: skip
+    _refuse_switch_while_merged(model, names[0])
     for module in _wrappers(model):
-        module.active_adapter = name
+        module.active_adapter = names[0]
         if isinstance(module, LoraLayer):
+            module.also_active = tuple(n for n in names[1:] if n in module.lora_A)
             for other in module.lora_A:
                 for p in module.adapter_params(other).values():
-                    p.requires_grad_(other == name)
+                    p.requires_grad_(other in names)
         else:
             for other, copy in module.modules_to_save.items():
-                copy.requires_grad_(other == name)
+                copy.requires_grad_(other in names)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """Every adapter that currently runs (several after ``set_adapter([a, b])``; empty when none)."""
+    first = active_adapter(model)
+    if first is None:
+        return []
+    return [first, *dict.fromkeys(n for _, layer in lora_layers(model) for n in layer.also_active)]
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:

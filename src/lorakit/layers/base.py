@@ -9,16 +9,14 @@ so the effective weight is ``W0 + ΔW_k`` with ``ΔW_k = s_k · B_k A_k`` of ran
 model's output unchanged (bitwise). Merging adds ``ΔW_k`` into ``W0`` (zero added latency);
 unmerging subtracts it again.
 
-Each layer kind (linear, embedding, conv2d; a variant such as DoRA is one more) is one subclass in
-its own file that defines, once, the shapes of its factors, ``ΔW`` from the factors
-(:meth:`LoraLayer.factor_delta`, used by merging, offline merging, combining), the single-adapter
-forward (:meth:`LoraLayer.adapter_delta`) and the per-row bank forward (:meth:`LoraLayer.bank_delta`,
-used by ``lorakit.route``). A kind registers itself with :func:`register_kind`; :func:`wrap_module`
-picks the class for a module.
+Each layer kind (linear, embedding, conv; a variant such as DoRA adds its own) is one subclass in its
+own file that defines, once, its factors' shapes, ``ΔW`` from the factors (:meth:`factor_delta`, for
+merging, offline merging, combining), the adapter forward (:meth:`low_rank`) and the per-row bank
+forward (:meth:`bank_delta`, for ``lorakit.route``); it registers with :func:`register_kind`.
 
 Each wrapper keeps the original module as ``base_layer`` (the same attribute name PEFT uses, so
 trained biases get PEFT's keys) and the factors in ``lora_A`` / ``lora_B`` parameter dicts keyed
-by adapter name. Only the active adapter runs: there is no loop over adapters in ``forward``.
+by adapter name. Only the active adapters run (one, unless ``set_adapter`` was given several).
 Adapter factors are float32 (float64 for a float64 base) whatever the base's dtype; the output
 keeps the base output's dtype.
 """
@@ -100,6 +98,8 @@ class LoraLayer(nn.Module):
         self.r: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
         self.active_adapter: str | None = None
+        #: further adapters that run too, their outputs added (``set_adapter([a, b, ...])``)
+        self.also_active: tuple[str, ...] = ()
         self.merged_adapters: list[str] = []
         self.adapters_disabled = False
         self.route: Any = None
@@ -216,6 +216,7 @@ class LoraLayer(nn.Module):
 
     def forget_adapter(self, name: str) -> None:
         """Drop every table entry of adapter ``name`` (those that exist: also undoes a partial add)."""
+        self.also_active = tuple(n for n in self.also_active if n != name)
         for table in (self.lora_A, self.lora_B, self.lora_bias, self.lora_dropout, self.r, self.scaling):
             if name in table:
                 del table[name]
@@ -227,10 +228,12 @@ class LoraLayer(nn.Module):
 
     # ------------------------------------------------------------------ merge / unmerge
     def merge(self) -> None:
-        """``W0 ← W0 + ΔW`` for the active adapter, computed in float32 and rounded once."""
-        name = self.active_adapter
-        if name is None or name not in self.lora_A:
-            return
+        """``W0 ← W0 + ΔW`` for each active adapter, computed in float32 and rounded once."""
+        for name in (self.active_adapter, *self.also_active):
+            if name is not None and name in self.lora_A:
+                self.merge_one(name)
+
+    def merge_one(self, name: str) -> None:
         if self.route is not None:
             raise RuntimeError("cannot merge inside lorakit.route (routed rows would add ΔW a second time)")
         if name in self.merged_adapters:
@@ -309,7 +312,11 @@ class LoraLayer(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.route is not None and not self.adapters_disabled:
             return self.route.forward(self, x, *args, **kwargs)
-        return self.forward_with(self.adapter_to_run(), x, *args, **kwargs)
+        out = self.forward_with(self.adapter_to_run(), x, *args, **kwargs)
+        if self.also_active and not self.adapters_disabled and not self.merged_adapters:
+            for name in self.also_active:  # set_adapter([a, b, ...]): the further adapters' outputs
+                out = accumulate(out, self.adapter_delta(x, name))
+        return out
 
     def forward_with(self, name: str | None, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The base layer plus adapter ``name`` (None: the base layer alone)."""
