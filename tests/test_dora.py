@@ -106,5 +106,11 @@ def test_the_norm_kept_for_inference_follows_changes_to_factors_and_base():
                 if name.startswith("fc1.") and change in name:
                     p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
             kept = model(x)
-        fresh = model(x).detach()  # with autograd: computed afresh
+        fresh = model(x).detach()  # with autograd: the norm computed afresh (W0's own row norms are kept too)
         assert_close(kept, fresh, reduction=784, depth=4, msg=lambda m, c=change: f"after changing {c}: {m}")
+        layer = model.fc1
+        W0, A, B = layer.base_layer.weight, layer.lora_A["default"], layer.lora_B["default"]
+        direct = torch.linalg.vector_norm(W0 + layer.scaling["default"] * B @ A, dim=1).detach()
+        for grad in (False, True):
+            with torch.set_grad_enabled(grad):
+                assert_close(layer.weight_norm("default"), direct, reduction=784, depth=3)

@@ -49,12 +49,18 @@ CANCELLATION = 0.01
 
 
 @torch.no_grad()
-def row_norms(W0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
+def row_norms(
+    W0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float, own: torch.Tensor | None = None
+) -> torch.Tensor:
     """``‖W0_o + s · (B A)_o‖`` for every row ``o`` of ``W0 [rows, cols]`` (``A [r, cols]``,
-    ``B [rows, r]``), computed in the factors' dtype without forming ``B A``."""
+    ``B [rows, r]``), computed in the factors' dtype without forming ``B A`` (``own``: the known
+    ``‖W0_o‖²``, which a frozen base keeps from step to step)."""
     W0 = W0.to(A.dtype)
-    own = torch.linalg.vector_norm(W0, dim=1).square()
-    cross = (W0 @ A.T).mul_(B).sum(1)
+    if own is None:
+        own = squared_row_norms(W0)
+    transposed = W0.T.is_contiguous() and not W0.is_contiguous()  # Conv1D, embeddings: read W0 in storage order
+    W0A = (A @ W0.T).T if transposed else W0 @ A.T
+    cross = W0A.mul_(B).sum(1) if W0A.is_contiguous() else (W0A * B).sum(1)
     quad = (B @ (A @ A.T)).mul_(B).sum(1)
     positive = own + scaling * scaling * quad
     squared = positive + 2 * scaling * cross
@@ -62,6 +68,46 @@ def row_norms(W0: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: float
     if rows.numel():
         squared[rows] = torch.linalg.vector_norm(W0[rows] + scaling * (B[rows] @ A), dim=1).square()
     return squared.clamp_min_(0).sqrt_()
+
+
+def squared_row_norms(W0: torch.Tensor) -> torch.Tensor:
+    """``‖W0_o‖²`` for every row of ``W0`` (read in storage order when ``W0`` is a transposed view)."""
+    if W0.T.is_contiguous() and not W0.is_contiguous():
+        return torch.linalg.vector_norm(W0.T, dim=0).square()
+    return torch.linalg.vector_norm(W0, dim=1).square()
+
+
+class _Rescale(torch.autograd.Function):
+    """``y = c + z ⊙ f`` (``f``, ``c`` broadcast over ``z``) in one pass; keeps ``z`` for ``∂L/∂f``."""
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, f: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(z, f)
+        ctx.has_c = c is not None
+        return torch.addcmul(c, z, f) if c is not None else z * f
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        z, f = ctx.saved_tensors
+        need_z, need_f, need_c = ctx.needs_input_grad
+        grad_f = _sum_to(g * z, f.shape) if need_f else None
+        grad_c = _sum_to(g, f.shape) if need_c and ctx.has_c else None
+        return (g * f if need_z else None), grad_f, grad_c
+
+
+def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """``t`` summed over the dimensions a tensor of ``shape`` was broadcast along."""
+    lead = t.dim() - len(shape)
+    dims = [d for d in range(t.dim()) if d < lead or shape[d - lead] == 1]
+    return t.sum(dims).reshape(shape) if dims else t
+
+
+def rescale(z: torch.Tensor, f: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    """``c + z ⊙ f``: in place without autograd, else one fused pass that keeps only ``z``."""
+    if not torch.is_grad_enabled():
+        z.mul_(f)
+        return z if c is None else z.add_(c)
+    return _Rescale.apply(z, f, c)
 
 
 class DoraLayer(LoraLayer):
@@ -138,10 +184,25 @@ class DoraLayer(LoraLayer):
             cached = self.__dict__.get("dora_norm_cache")
             if key is not None and cached is not None and cached[0] == key:
                 return cached[1]
-        norm = row_norms(*self.norm_operands(name), self.scaling[name]).reshape(self.magnitude_shape())
+        W0, A2, B2 = self.norm_operands(name)
+        own = self.own_norms(W0, A2.dtype)
+        norm = row_norms(W0, A2, B2, self.scaling[name], own).reshape(self.magnitude_shape())
         if key is not None:
             self.__dict__["dora_norm_cache"] = (key, norm)
         return norm
+
+    def own_norms(self, W0: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``‖W0_o‖²`` per output feature in ``dtype``, kept while the base weight is unchanged (it
+        is frozen while the adapter trains: the same tensor at the same version)."""
+        W = self.base_layer.weight
+        try:
+            key = (id(W), W._version, W.device, dtype)
+        except RuntimeError:  # inference tensors keep no version counter
+            return squared_row_norms(W0.to(dtype))
+        cached = self.__dict__.get("dora_own_norms")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["dora_own_norms"] = (key, squared_row_norms(W0.to(dtype)))
+        return cached[1]
 
     def scale(self, name: str) -> torch.Tensor:
         """``f = m / ‖W0 + ΔW‖`` (the gradient reaches ``m`` only)."""
@@ -156,10 +217,13 @@ class DoraLayer(LoraLayer):
             return self.base_layer(x, *args, **kwargs)
         f = self.scale(name)
         h = self.input_dropout(name, x)
-        if h is x:  # no dropout (or eval): y = z + (f − 1) ⊙ (z − b) with z the LoRA output
+        if h is x:  # no dropout (or eval): y = f ⊙ (z − b) + b = f ⊙ z + (1 − f) ⊙ b, z the LoRA output
             z = self.undropped(name, x, args, kwargs)
-            # Written as a correction of z, so f = 1 (a fresh adapter) gives z, the base output, bitwise.
-            return accumulate(z, (f - 1) * self.without_bias(z).to(f.dtype))
+            bias = self.output_bias()
+            if z.dtype != f.dtype:  # a half-precision base: rescale in the adapter's precision, round once
+                return accumulate(z, (f - 1) * self.without_bias(z).to(f.dtype))
+            # f = 1 (a fresh adapter) gives z · 1 + 0 = z, the base output, bitwise.
+            return rescale(z, f, None if bias is None else (1 - f) * bias)
         out = self.base_layer(x, *args, **kwargs)
         dropped = self.without_bias(self.base_layer(h, *args, **kwargs))
         return accumulate(out, (f - 1) * dropped.to(f.dtype) + f * self.low_rank(h, name))
