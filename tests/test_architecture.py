@@ -28,7 +28,7 @@ TIERS: list[set[str]] = [
     {"run_dir", "trainer_checks", "recipe_files"},  # what training and recipes check before they run
     {"layers"},
     {"injection"},
-    {"merging", "routing", "checkpoint", "combine", "offline", "family", "soft_prompts"},
+    {"merging", "routing", "checkpoint", "combine", "offline", "family", "soft_prompts", "loraplus"},
     {"hub", "trainer", "pretrained"},
     {"recipes"},
     {"cli"},

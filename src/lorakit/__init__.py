@@ -39,6 +39,7 @@ from .layers import (
     UnsupportedModuleError,
     register_kind,
 )
+from .loraplus import loraplus, loraplus_groups
 from .merging import is_merged, merge, merge_and_unload, unmerge
 from .optim import make_optimizer, paged_adamw
 from .planner import MemoryEstimate, architecture, estimate_memory
@@ -86,6 +87,8 @@ __all__ = [
     "is_merged",
     "load_adapter",
     "lora_layers",
+    "loraplus",
+    "loraplus_groups",
     "make_optimizer",
     "merge",
     "merge_and_unload",
