@@ -50,6 +50,7 @@ from .injection import (
     set_adapter,
 )
 from .layers import LoraLayer, LoraLinear, ModulesToSave, wrap_module
+from .layers.principal import convert_state
 from .targeting import candidate_modules, is_suffix, name_matches, output_head, require_adapter_name, require_module
 
 _REPO_ID = re.compile(r"^(hf://)?[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -156,13 +157,17 @@ def _config_for_saving(model: nn.Module, config: LoraConfig, name: str, base_mod
     return probe.replace(target_modules="|".join(re.escape(p) for p in adapted))
 
 
-def adapter_state_files(model: nn.Module, name: str = "default", base_model: str | None = None) -> dict[str, bytes]:
+def adapter_state_files(
+    model: nn.Module, name: str = "default", base_model: str | None = None, convert_to_lora: bool = False
+) -> dict[str, bytes]:
     """The bytes of ``adapter_config.json`` and ``adapter_model.safetensors`` for adapter ``name``
     (the weights record the config's SHA-256 and, under ``IN_OUT_KEY``, the adapted matrices stored
     ``[in, out]``: ``fan_in_fan_out`` is one flag for the whole config, which PEFT corrects per
     layer type but a merge without the model cannot), for ``files.write_folder``."""
     state = adapter_state(model, name)
     config = _config_for_saving(model, adapter_configs(model)[name], name, base_model)
+    if convert_to_lora:
+        config = convert_state(lora_layers(model), name, config, state)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     in_out = sorted(p for p, layer in lora_layers(model) if name in layer.lora_A and _stored_in_out(layer))
     return adapter_files(config.to_peft_dict(), tensors, {IN_OUT_KEY: json.dumps(in_out)})
@@ -172,8 +177,14 @@ def _stored_in_out(layer: LoraLayer) -> bool:
     return isinstance(layer, LoraLinear) and bool(layer.fan_in_fan_out)
 
 
-def save_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str = "default") -> Path:
+def save_adapter(
+    model: nn.Module, directory: str | os.PathLike[str], name: str = "default", *, convert_to_lora: bool = False
+) -> Path:
     """Write adapter ``name`` to ``directory`` in PEFT's format; returns the weights file path.
+
+    A PiSSA / OLoRA adapter is saved as it is (it loads into the original model, which re-runs the
+    init to rebuild the residual base); ``convert_to_lora=True`` saves it instead as a plain LoRA
+    adapter of rank 2r that applies to the original weights anywhere (PEFT's conversion).
 
     Only the adapter's own tensors are written (for the seed MLP at r=4: 6,248 numbers). Both
     files are replaced together (a kill at any moment leaves the old pair or the new one); other
@@ -182,7 +193,9 @@ def save_adapter(model: nn.Module, directory: str | os.PathLike[str], name: str 
     """
     require_module(model, "lorakit.save_adapter")
     check_folder_kind(directory, "LoRA")
-    write_folder(directory, adapter_state_files(model, name))
+    if not isinstance(convert_to_lora, bool):
+        raise InputError(f"lorakit.save_adapter: convert_to_lora = {convert_to_lora!r}; allowed: True or False")
+    write_folder(directory, adapter_state_files(model, name, convert_to_lora=convert_to_lora))
     return Path(directory) / WEIGHTS_NAME
 
 

@@ -18,7 +18,9 @@ from typing import Any
 from .errors import short_repr
 
 BIAS_CHOICES = ("none", "all", "lora_only")
-INIT_CHOICES = ("default", "gaussian")
+INIT_CHOICES = ("default", "gaussian", "pissa", "olora")
+#: PEFT inits that also rewrite the base weights from data or randomness lorakit cannot reproduce on load
+BASE_CHANGING_INITS = {"loftq": "LoftQ", "corda": "CorDA", "lora_ga": "LoRA-GA", "pissa_niter_": "fast PiSSA"}
 ALL_LINEAR = "all-linear"
 #: PEFT's prefix of every tensor key (``base_model.model.<module path>.lora_A.weight``)
 PREFIX = "base_model.model."
@@ -66,7 +68,9 @@ class LoraConfig:
             (biases of adapted layers train). Trained biases are saved with the adapter.
         use_rslora: rank-stabilised scale ``alpha / sqrt(r)``.
         init: ``"default"`` (A kaiming-uniform with a=√5, B = 0) or ``"gaussian"``
-            (A ~ N(0, 1/r), B = 0). Either way ΔW = 0 at the start.
+            (A ~ N(0, 1/r), B = 0): ΔW = 0 at the start. ``"pissa"`` / ``"olora"`` (linear layers):
+            A, B from W0's top singular vectors / QR, and W0 becomes the residual ``W0 − s·B A``
+            (``lorakit.layers.principal``), so the output is unchanged but the base is not.
         fan_in_fan_out: the target stores its weight as ``[in, out]`` (GPT-2's ``Conv1D``).
             Detected automatically for ``Conv1D``; kept for PEFT compatibility.
         modules_to_save: modules trained in full and saved with the adapter (e.g. a new head).
@@ -242,8 +246,16 @@ class LoraConfig:
             _peft_value(data, key, False, (bool,), "true or false")
         _check_peft_keys(data)
         init = _peft_value(data, "init_lora_weights", True, (bool, str), "true, false or an init name")
-        # Any other PEFT init (False, "pissa", ...) only matters before training; weights are loaded.
-        init_name = "gaussian" if init == "gaussian" else "default"
+        changes_base = [v for k, v in BASE_CHANGING_INITS.items() if isinstance(init, str) and init.startswith(k)]
+        if changes_base:
+            raise ValueError(
+                f"adapter config has init_lora_weights={init!r} ({changes_base[0]}): that init also rewrote the base "
+                "weights, which lorakit cannot rebuild on load; convert the adapter to plain LoRA with PEFT first "
+                "(save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+            )
+        # pissa / olora rebuild their residual base on load (deterministic); other PEFT inits (False, "eva",
+        # "orthogonal", ...) only set A and B before training, and the weights are loaded.
+        init_name = init if init in ("gaussian", "pissa", "olora") else "default"
         names, opt_names = (list, str), (list, str, type(None))
         alpha_key = "lora_alpha" if "lora_alpha" in data or "alpha" not in data else "alpha"
         target = data.get("target_modules")

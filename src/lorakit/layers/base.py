@@ -55,6 +55,8 @@ def adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 
 def init_lora_a(weight: torch.Tensor, init: str, r: int) -> None:
     """``"default"``: kaiming-uniform with a=√5 (nn.Linear's own init); ``"gaussian"``: N(0, 1/r)."""
+    if init not in ("default", "gaussian"):
+        raise ValueError(f"init={init!r} initialises linear layers only (as in PEFT); use 'default' or 'gaussian'")
     if init == "gaussian":
         nn.init.normal_(weight, mean=0.0, std=1.0 / r)
     else:
@@ -129,8 +131,7 @@ class LoraLayer(nn.Module):
 
     @classmethod
     def weight_delta(cls, A: torch.Tensor, B: torch.Tensor, scaling: float, fan_in_fan_out: bool) -> torch.Tensor:
-        """``ΔW`` in the layout of the base weight: ``factor_delta``, transposed when the weight
-        is stored ``[in, out]``."""
+        """``ΔW`` in the base weight's layout: ``factor_delta``, transposed for ``[in, out]`` weights."""
         delta = cls.factor_delta(A, B, scaling)
         return delta.T if fan_in_fan_out else delta
 
@@ -223,8 +224,7 @@ class LoraLayer(nn.Module):
 
     def dropout_p(self, name: str) -> float:
         """The input-dropout probability of adapter ``name`` (0 without dropout)."""
-        module = self.lora_dropout[name]
-        return module.p if isinstance(module, nn.Dropout) else 0.0
+        return module.p if isinstance(module := self.lora_dropout[name], nn.Dropout) else 0.0
 
     # ------------------------------------------------------------------ merge / unmerge
     def merge(self) -> None:

@@ -36,6 +36,8 @@ class LoraEmbedding(LoraLayer):
         return (r, self.num_embeddings), (self.embedding_dim, r)
 
     def reset_adapter(self, name: str, init: str) -> None:
+        if init not in ("default", "gaussian"):
+            raise ValueError(f"init={init!r} initialises linear layers only (as in PEFT); use 'default' or 'gaussian'")
         nn.init.zeros_(self.lora_A[name])
         nn.init.normal_(self.lora_B[name])
 

@@ -21,6 +21,7 @@ from torch import nn
 from ..bank import bank_delta_gathered, routed_input_dropout
 from ..functional import lora_linear
 from ..targeting import is_conv1d, is_linear4bit
+from . import principal
 from .base import LoraLayer, register_kind
 from .eligibility import own_forward_problem, plain_weight_problem
 
@@ -53,6 +54,24 @@ class LoraLinear(LoraLayer):
 
     def factor_shapes(self, r: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         return (r, self.in_features), (self.out_features, r)
+
+    def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: str) -> None:
+        if principal.holds_principal(self):
+            raise ValueError(
+                f"this layer holds a PiSSA/OLoRA adapter {list(self.__dict__['initial_factors'])}, whose residual "
+                f"base another adapter ({name!r}) would silently share; delete it first or use another model"
+            )
+        super().add_adapter(name, r, scaling, dropout, init)
+
+    def reset_adapter(self, name: str, init: str) -> None:
+        if init in principal.PRINCIPAL_INITS:
+            principal.initialize(self, name, init)
+        else:
+            super().reset_adapter(name, init)
+
+    def forget_adapter(self, name: str) -> None:
+        principal.restore_base(self, name)  # a PiSSA/OLoRA adapter gives W0 back
+        super().forget_adapter(name)
 
     @staticmethod
     def factor_delta(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
