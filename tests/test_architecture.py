@@ -27,7 +27,7 @@ TIERS: list[set[str]] = [
     {"files", "quantization", "bank", "devices", "distributed", "optim", "train_state"},
     {"run_dir", "trainer_checks", "recipe_files"},  # what training and recipes check before they run
     {"layers"},
-    {"injection"},
+    {"injection", "counting"},
     {"merging", "routing", "checkpoint", "combine", "offline", "family", "soft_prompts", "loraplus"},
     {"hub", "trainer", "pretrained"},
     {"recipes"},

@@ -10,17 +10,16 @@ lk.save_adapter(model, "out/adapter")      # PEFT-compatible safetensors + adapt
 from .checkpoint import AdapterLoadError, load_adapter, read_config, save_adapter
 from .combine import combine_adapters, effective_rank, singular_values
 from .config import LoraConfig
+from .counting import ParameterCount, count_parameters
 from .devices import init_distributed, move_to
 from .errors import ArgumentTypeError, InputError
 from .hub import model_card, push_to_hub, save_for_hub
 from .injection import (
-    ParameterCount,
     UnknownAdapterError,
     active_adapter,
     active_adapters,
     adapter_configs,
     add_adapter,
-    count_parameters,
     delete_adapter,
     disable_adapters,
     find_targets,

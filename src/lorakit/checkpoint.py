@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .atomic import recover_folder, write_folder
+from .atomic import write_folder
 from .config import ALL_LINEAR, PREFIX, LoraConfig
 from .errors import InputError
 from .files import (
@@ -38,6 +38,7 @@ from .files import (
     read_adapter,
     read_config,
     read_tensors,
+    resolve_adapter,
 )
 from .injection import (
     CONFIGS_ATTR,
@@ -49,11 +50,10 @@ from .injection import (
     require_adapter,
     set_adapter,
 )
-from .layers import LoraLayer, LoraLinear, ModulesToSave, wrap_module
+from .layers import LoraLayer, LoraLinear, ModulesToSave, UnsupportedModuleError, wrap_module
 from .layers.principal import convert_state
 from .targeting import candidate_modules, is_suffix, name_matches, output_head, require_adapter_name, require_module
 
-_REPO_ID = re.compile(r"^(hf://)?[A-Za-z0-9][\w.-]*/[\w.-]+$")
 #: transformers' auto-model tables → PEFT's task type, most specific first
 _TASKS = (
     ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "CAUSAL_LM"),
@@ -280,14 +280,25 @@ def _check_before_allocating(
         if not any(is_suffix(name, p) for p, _ in candidate_modules(model))
     ]
     expected: dict[str, tuple[tuple[int, ...], int]] = {}
+    explained: list[str] = []  # modules whose keys a line below already accounts for
     for path in targets:
         module = model.get_submodule(path)
-        layer = module if isinstance(module, LoraLayer) else _wrapper_or_none(module, path, config)
-        if layer is not None:
+        layer, reason = (module, None) if isinstance(module, LoraLayer) else _wrapper_or_none(module, path, config)
+        if isinstance(layer, LoraLayer) and layer.variant != config.variant:
+            reason = (f"it holds {layer.variant} adapters {sorted(layer.lora_A)} and this file is a {config.variant} "
+                      "adapter; lorakit keeps one variant per layer: load it into a model without them")  # fmt: skip
+        if layer is not None and reason is None:
             r = config.rank_for(path)
-            for key, shape in layer.param_shapes(r, config.lora_bias).items():
-                expected[f"{PREFIX}{path}.{key}"] = (tuple(shape), r)
-    stored = {k for k in tensors if ".lora_" in k}
+            try:
+                shapes = layer.param_shapes(r, config.lora_bias)
+            except ValueError as err:  # e.g. a rank the convolution's groups do not divide
+                reason = str(err)
+            else:
+                expected.update({f"{PREFIX}{path}.{key}": (tuple(shape), r) for key, shape in shapes.items()})
+        if reason is not None:
+            lines.append(f"  module {path!r}: {reason}")
+            explained.append(f"{PREFIX}{path}.")
+    stored = {k for k in tensors if ".lora_" in k and not k.startswith(tuple(explained))}
     lines += [f"  missing key {k} (expected shape {expected[k][0]})" for k in sorted(set(expected) - stored)]
     lines += [
         f"  unexpected key {k} (shape {tuple(tensors[k].shape)}): no module of this model that the config adapts"
@@ -301,14 +312,16 @@ def _check_before_allocating(
         raise AdapterLoadError("\n".join([head, *lines]))
 
 
-def _wrapper_or_none(module: nn.Module, path: str, config: LoraConfig) -> LoraLayer | None:
+def _wrapper_or_none(module: nn.Module, path: str, config: LoraConfig) -> tuple[LoraLayer | None, str | None]:
     """A throwaway wrapper of ``module``, to ask it the factor shapes (wrapping freezes the base
-    layer: its flags are put back)."""
+    layer: its flags are put back), or why there is none."""
     flags = [(p, p.requires_grad) for p in module.parameters()]
     try:
-        return wrap_module(module, path, config.variant)
+        return wrap_module(module, path, config.variant), None
+    except UnsupportedModuleError as err:
+        return None, err.reason or str(err)
     except TypeError:
-        return None  # add_adapter names the unsupported type
+        return None, None  # add_adapter names the unsupported type
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
@@ -342,46 +355,11 @@ def load_adapter_tensors(model: nn.Module, directory: str | os.PathLike[str], na
     checks as ``load_adapter``); returns how many tensors were loaded. Used to resume training."""
     if name not in adapter_configs(model):
         raise AdapterLoadError(f"the model holds no adapter named {name!r} to load into")
+    merged = [p for p, layer in lora_layers(model) if name in layer.merged_adapters]
+    if merged:  # unmerging later would subtract the new ΔW from a base that holds the old one
+        raise AdapterLoadError(f"adapter {name!r} is merged into the base weights ({merged[0]!r}, ...); call "
+                               "lorakit.unmerge(model) before loading new values into it")  # fmt: skip
     paired = (Path(directory) / CONFIG_NAME).exists()  # then the config must be the one saved with the weights
     tensors = read_adapter(directory)[1] if paired else read_tensors(directory)
     _copy_tensors(model, name, tensors, directory)
     return len(tensors)
-
-
-def resolve_adapter(
-    source: str | os.PathLike[str], *, revision: str | None = None, subfolder: str | None = None
-) -> Path:
-    """The local folder of an adapter given as a folder or as a hub id (``owner/name`` or
-    ``hf://owner/name``). Hub ids go through ``huggingface_hub.snapshot_download`` (imported only
-    here), which reads the local cache first and only that when ``HF_HUB_OFFLINE=1``."""
-    if not isinstance(source, (str, os.PathLike)) or not os.fspath(source):
-        raise AdapterLoadError(f"adapter = {source!r}: name an adapter folder or hub id (an empty path is refused)")
-    path = Path(source)
-    if not path.is_dir():
-        recover_folder(path)  # a save killed between its two renames left the folder aside
-    if path.is_dir():
-        return path / subfolder if subfolder else path
-    text = str(source)
-    if not _REPO_ID.match(text):
-        raise AdapterLoadError(
-            f"{text}: no such adapter folder (no {CONFIG_NAME} here), and not a hub id of the form 'owner/name'"
-        )
-    repo_id = text.removeprefix("hf://")
-    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    try:
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-    except ImportError:
-        raise AdapterLoadError(f"{text}: no such folder; loading from the hub needs huggingface_hub") from None
-    try:
-        folder = snapshot_download(
-            repo_id, revision=revision, allow_patterns=[prefix + CONFIG_NAME, prefix + WEIGHTS_NAME]
-        )
-    except LocalEntryNotFoundError as err:
-        raise AdapterLoadError(
-            f"{repo_id}: not a local folder and not in the Hugging Face cache "
-            f"({'offline mode is on' if os.environ.get('HF_HUB_OFFLINE') else 'and the hub was not reachable'}): {err}"
-        ) from None
-    except (HfHubHTTPError, OSError) as err:
-        raise AdapterLoadError(f"{repo_id}: could not fetch the adapter from the hub: {err}") from None
-    return Path(folder) / prefix if prefix else Path(folder)

@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import stat
 import struct
 from collections.abc import Callable
@@ -266,3 +267,45 @@ def read_adapter(
             metadata.update(found)
 
     return config, read_tensors(directory, device, check=check)
+
+
+_REPO_ID = re.compile(r"^(hf://)?[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_adapter(
+    source: str | os.PathLike[str], *, revision: str | None = None, subfolder: str | None = None
+) -> Path:
+    """The local folder of an adapter given as a folder or as a hub id (``owner/name`` or
+    ``hf://owner/name``). Hub ids go through ``huggingface_hub.snapshot_download`` (imported only
+    here), which reads the local cache first and only that when ``HF_HUB_OFFLINE=1``."""
+    if not isinstance(source, (str, os.PathLike)) or not os.fspath(source):
+        raise AdapterLoadError(f"adapter = {source!r}: name an adapter folder or hub id (an empty path is refused)")
+    path = Path(source)
+    if not path.is_dir():
+        recover_folder(path)  # a save killed between its two renames left the folder aside
+    if path.is_dir():
+        return path / subfolder if subfolder else path
+    text = str(source)
+    if not _REPO_ID.match(text):
+        raise AdapterLoadError(
+            f"{text}: no such adapter folder (no {CONFIG_NAME} here), and not a hub id of the form 'owner/name'"
+        )
+    repo_id = text.removeprefix("hf://")
+    prefix = f"{subfolder.strip('/')}/" if subfolder else ""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError:
+        raise AdapterLoadError(f"{text}: no such folder; loading from the hub needs huggingface_hub") from None
+    try:
+        folder = snapshot_download(
+            repo_id, revision=revision, allow_patterns=[prefix + CONFIG_NAME, prefix + WEIGHTS_NAME]
+        )
+    except LocalEntryNotFoundError as err:
+        raise AdapterLoadError(
+            f"{repo_id}: not a local folder and not in the Hugging Face cache "
+            f"({'offline mode is on' if os.environ.get('HF_HUB_OFFLINE') else 'and the hub was not reachable'}): {err}"
+        ) from None
+    except (HfHubHTTPError, OSError) as err:
+        raise AdapterLoadError(f"{repo_id}: could not fetch the adapter from the hub: {err}") from None
+    return Path(folder) / prefix if prefix else Path(folder)

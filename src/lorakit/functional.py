@@ -191,9 +191,10 @@ def lora_linear(
     return _forward(x, weight, bias, A, B, scaling, dropout, weight_t)[0]
 
 
-def accumulate(out: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+def accumulate(out: torch.Tensor, delta: torch.Tensor, in_place: bool = True) -> torch.Tensor:
     """``out + delta`` in ``out``'s dtype. In inference it adds in place (no second full-size
-    tensor); under autograd it stays out of place so the graph never sees a mutated tensor."""
-    if not torch.is_grad_enabled() and not out.requires_grad:
+    tensor) unless ``in_place`` is False (someone else holds ``out``, e.g. a forward hook); under
+    autograd it stays out of place so the graph never sees a mutated tensor."""
+    if in_place and not torch.is_grad_enabled() and not out.requires_grad:
         return out.add_(delta)
     return out + delta.to(out.dtype)

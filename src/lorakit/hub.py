@@ -17,8 +17,9 @@ from torch import nn
 
 from .atomic import write_folder
 from .checkpoint import adapter_state_files
+from .counting import count_parameters
 from .files import check_folder_kind
-from .injection import adapter_configs, count_parameters
+from .injection import adapter_configs
 
 
 def model_card(

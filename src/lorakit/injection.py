@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
 
 from torch import nn
 
@@ -33,6 +32,8 @@ from .targeting import (
 )
 
 CONFIGS_ATTR = "lorakit_configs"
+#: the adapters set_adapter made active, in its order (the wrappers hold the first and the rest per layer)
+ACTIVE_ATTR = "lorakit_active"
 
 
 class UnknownAdapterError(InputError, KeyError):
@@ -266,6 +267,7 @@ def set_adapter(model: nn.Module, name: str | Sequence[str]) -> None:
         raise RuntimeError("an adapter is merged into the base weights: call lorakit.unmerge(model) before "
                            f"activating {names}")  # fmt: skip
     _refuse_switch_while_merged(model, names[0])
+    model.__dict__[ACTIVE_ATTR] = tuple(names)
     for module in _wrappers(model):
         module.active_adapter = names[0]
         if isinstance(module, LoraLayer):
@@ -279,11 +281,12 @@ def set_adapter(model: nn.Module, name: str | Sequence[str]) -> None:
 
 
 def active_adapters(model: nn.Module) -> list[str]:
-    """Every adapter that currently runs (several after ``set_adapter([a, b])``; empty when none)."""
-    first = active_adapter(model)
-    if first is None:
+    """Every adapter that currently runs, in ``set_adapter``'s order (empty when none)."""
+    first, configs = active_adapter(model), adapter_configs(model)
+    stored = model.__dict__.get(ACTIVE_ATTR, ())
+    if first is None or first not in configs:
         return []
-    return [first, *dict.fromkeys(n for _, layer in lora_layers(model) for n in layer.also_active)]
+    return [n for n in stored if n in configs] if stored[:1] == (first,) else [first]
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
@@ -299,6 +302,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     if merged:
         raise RuntimeError(f"adapter {name!r} is merged into the base weights ({merged[0]!r}, ...); call "
                            "lorakit.unmerge(model) before deleting it")  # fmt: skip
+    was_active = active_adapters(model)
     for module in list(_wrappers(model)):
         if isinstance(module, LoraLayer) and name in module.lora_A:
             module.delete_adapter(name)
@@ -310,8 +314,9 @@ def delete_adapter(model: nn.Module, name: str) -> None:
                 replace_module(model, module, module.original_module)
     del configs[name]
     adapters_changed(model)
-    if configs and active_adapter(model) is None:
-        set_adapter(model, next(iter(configs)))
+    remaining = [n for n in was_active if n != name]
+    if name in was_active and (remaining or configs):  # the others keep running; else the next adapter runs
+        set_adapter(model, remaining or next(iter(configs)))
 
 
 def replace_module(model: nn.Module, old: nn.Module, new: nn.Module) -> None:
@@ -344,54 +349,3 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             w.adapters_disabled = flag
         for layer in merged:
             layer.merge()
-
-
-@dataclass(frozen=True)
-class ParameterCount:
-    """Parameter counts of a model with adapters.
-
-    ``base``: parameters of the original model; ``total``: everything the model holds now
-    (base + adapters); ``trainable``: those that require gradients.
-    """
-
-    trainable: int
-    total: int
-    base: int
-
-    @property
-    def adapter(self) -> int:
-        return self.total - self.base
-
-    @property
-    def trainable_percent(self) -> float:
-        """Trainable parameters as a percentage of the original model's."""
-        return 100.0 * self.trainable / self.base if self.base else 0.0
-
-    def __str__(self) -> str:
-        return (
-            f"trainable {self.trainable:,} of {self.base:,} base parameters ({self.trainable_percent:.2f}%), "
-            f"{self.total:,} in total"
-        )
-
-
-def count_parameters(model: nn.Module) -> ParameterCount:
-    """Count trainable, total and original-model parameters (shared tensors counted once)."""
-    require_module(model, "lorakit.count_parameters")
-    adapter_ids: set[int] = set()
-    packed: dict[int, int] = {}  # a packed 4-bit weight stands for in·out weights, two per byte
-    for module in model.modules():
-        if isinstance(module, LoraLayer):
-            adapter_ids.update(id(p) for name in module.lora_A for p in module.adapter_params(name).values())
-        elif isinstance(module, ModulesToSave):
-            adapter_ids.update(id(p) for p in module.modules_to_save.parameters())
-        elif getattr(module, "is_lorakit_adapter", False):  # e.g. bottleneck adapters
-            adapter_ids.update(id(p) for p in module.adapter_parameters())
-        elif is_linear4bit(module):
-            packed[id(module.weight)] = module.in_features * module.out_features
-    trainable = total = base = 0
-    for p in model.parameters():  # parameters() already yields each shared tensor once
-        n = packed.get(id(p), p.numel())
-        total += n
-        trainable += n if p.requires_grad else 0
-        base += 0 if id(p) in adapter_ids else n
-    return ParameterCount(trainable=trainable, total=total, base=base)

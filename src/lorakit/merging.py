@@ -67,22 +67,28 @@ def _merge_all(layers: list[LoraLayer]) -> None:
 
 
 def _dequantize_merge(model: nn.Module, dtype: torch.dtype) -> None:
-    """Every ``Linear4bit`` → dense ``nn.Linear``; a LoRA layer on one gets ``W + ΔW`` (active
-    adapter) and is marked merged, so the unload below only unwraps it."""
+    """Every ``Linear4bit`` → dense ``nn.Linear`` in ``dtype``. A LoRA layer on one gets a float32
+    copy of its weight first, into which every active adapter merges as into any dense base (ΔW,
+    lora biases, DoRA), rounded once to ``dtype``; if a merge refuses, the 4-bit bases come back."""
     if is_merged(model):
         raise RuntimeError(
             "an adapter is already merged into 4-bit weights: unmerge before merge_and_unload(dequantize=True)"
         )
+    layers = [layer for _, layer in lora_layers(model)]
+    swapped = [(layer, layer.base_layer) for layer in layers if is_linear4bit(layer.base_layer)]
+    for layer, quantized in swapped:
+        layer.base_layer = dense_linear(quantized, torch.float32)
+    try:
+        if active_adapter(model) is not None:
+            _merge_all(layers)
+    except BaseException:
+        for layer, quantized in swapped:
+            layer.base_layer = quantized
+        raise
+    for layer, _ in swapped:
+        layer.base_layer = layer.base_layer.to(dtype)
     for path, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer) and is_linear4bit(module.base_layer):
-            dense = dense_linear(module.base_layer, torch.float32)
-            name = module.active_adapter
-            if name is not None and name in module.lora_A:
-                with torch.no_grad():  # W + ΔW in float32, rounded once to dtype
-                    dense.weight.add_(module.merge_delta(name).float())
-                module.merged_adapters.append(name)
-            module.base_layer = dense.to(dtype)
-        elif is_linear4bit(module) and not path.endswith("base_layer"):
+        if is_linear4bit(module) and not path.endswith("base_layer"):
             replace_module(model, module, dense_linear(module, dtype))
 
 

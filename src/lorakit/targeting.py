@@ -41,6 +41,9 @@ def require_adapter_name(name: object, where: str, argument: str = "name") -> st
         raise ArgumentTypeError(f"{where}: {argument} = {short_repr(name)}; allowed: {allowed}")
     if not name or "." in name:
         raise InputError(f"{where}: {argument} = {name!r}; allowed: {allowed}")
+    if any(hasattr(table, name) for table in (nn.ModuleDict(), nn.ParameterDict())):  # adapters are their keys
+        raise InputError(f"{where}: {argument} = {name!r} is the name of a method of torch's ModuleDict / "
+                         "ParameterDict, which hold the adapters; pick another name")  # fmt: skip
     return name
 
 

@@ -51,6 +51,10 @@ def check_trainer_args(model: Any, loss_fn: Any, collate: Any, num_examples: Any
         if not (callable(fn) or (optional and fn is None)):
             raise ArgumentTypeError(f"Trainer: {name} = {short_repr(fn)} ({type(fn).__name__}): expected a callable "
                                 f"{allowed}")  # fmt: skip
+    several = sorted({n for m in model.modules() for n in getattr(m, "also_active", ())})
+    if several:  # checkpoints hold config.adapter only: the others would be trained and then lost on resume
+        raise ArgumentTypeError(f"Trainer: the model runs several adapters at once (also {several}, from "
+                                "set_adapter([...])); lk.Trainer trains and checkpoints one: activate one")  # fmt: skip
     if not is_whole(num_examples, 1):
         raise ArgumentTypeError(f"Trainer: num_examples = {short_repr(num_examples)} ({type(num_examples).__name__}): "
                             "expected an integer >= 1, the number of examples collate(indices) can index")  # fmt: skip

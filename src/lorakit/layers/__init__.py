@@ -4,17 +4,7 @@ Importing this package registers the built-in kinds (linear, embedding, conv1d/2
 DoRA forms); a variant is one more file that subclasses the kinds and calls ``register_kind``.
 """
 
-from .base import (
-    LayerKind,
-    LoraLayer,
-    UnsupportedModuleError,
-    accumulate,
-    adapter_dtype,
-    layer_class,
-    register_kind,
-    unregister_kind,
-    wrap_module,
-)
+from .base import LoraLayer, UnsupportedModuleError, accumulate, adapter_dtype
 from .conv import LoraConv, LoraConv1d, LoraConv2d, LoraConv3d
 from .dora import DoraConv, DoraConv1d, DoraConv2d, DoraConv3d, DoraEmbedding, DoraLayer, DoraLinear
 from .eligibility import plain_weight_problem
@@ -22,6 +12,7 @@ from .embedding import LoraEmbedding
 from .linear import LoraLinear
 from .modules_to_save import ModulesToSave
 from .placement import AdapterPlan, apply_plan, plan_adapter, roll_back
+from .registry import LayerKind, layer_class, register_kind, unregister_kind, wrap_module
 
 __all__ = [
     "AdapterPlan",

@@ -24,18 +24,18 @@ keeps the base output's dtype.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import ArgumentTypeError, InputError, short_repr
+from ..errors import InputError
 from ..functional import Dropout, accumulate
 from ..quantization import merge_into_4bit
 from ..targeting import is_linear4bit
-from .eligibility import plain_weight_problem, type_name
+from .eligibility import plain_weight_problem
 
 
 class UnsupportedModuleError(InputError, TypeError):
@@ -181,6 +181,9 @@ class LoraLayer(nn.Module):
         """Give adapter ``name`` a trained bias on B, starting at zero (PEFT's ``lora_bias``)."""
         if self.peft_keys[1] != "lora_B.weight":
             raise ValueError(f"lora_bias is not supported on {type(self).__name__} (PEFT has none there either)")
+        if getattr(self.base_layer, "bias", None) is None:
+            warnings.warn(f"lora_bias on a {type(self.base_layer).__name__} without a bias: adapter {name!r} cannot be "
+                          "merged (there is no base bias to take its lora bias)", stacklevel=5)  # fmt: skip
         B = self.lora_B[name]
         self.lora_bias[name] = nn.Parameter(torch.zeros(B.shape[0], dtype=B.dtype, device=B.device))
 
@@ -228,19 +231,27 @@ class LoraLayer(nn.Module):
 
     # ------------------------------------------------------------------ merge / unmerge
     def merge(self) -> None:
-        """``W0 ← W0 + ΔW`` for each active adapter, computed in float32 and rounded once."""
-        for name in (self.active_adapter, *self.also_active):
-            if name is not None and name in self.lora_A:
+        """``W0 ← W0 + ΔW`` for each active adapter, computed in float32 and rounded once; all of
+        them or (when one refuses) none."""
+        unmerged = not self.merged_adapters
+        names = [n for n in (self.active_adapter, *self.also_active) if n is not None and n in self.lora_A]
+        for name in names:  # refused before anything changes
+            if name in self.lora_bias and getattr(self.base_layer, "bias", None) is None:
+                raise RuntimeError(f"adapter {name!r} has a lora bias but the base layer has no bias to merge it "
+                                   "into; keep it unmerged")  # fmt: skip
+        try:
+            for name in names:
                 self.merge_one(name)
+        except BaseException:
+            if unmerged:
+                self.unmerge()
+            raise
 
     def merge_one(self, name: str) -> None:
         if self.route is not None:
             raise RuntimeError("cannot merge inside lorakit.route (routed rows would add ΔW a second time)")
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is already merged; merging twice would add ΔW twice")
-        if name in self.lora_bias and getattr(self.base_layer, "bias", None) is None:
-            raise RuntimeError(f"adapter {name!r} has a lora bias but the base layer has no bias to merge it into; "
-                               "keep it unmerged")  # fmt: skip
         self.add_to_base(self.merge_delta(name), sign=1.0)
         self.merge_bias(name, 1.0)
         self.merged_adapters.append(name)
@@ -315,13 +326,17 @@ class LoraLayer(nn.Module):
         out = self.forward_with(self.adapter_to_run(), x, *args, **kwargs)
         if self.also_active and not self.adapters_disabled and not self.merged_adapters:
             for name in self.also_active:  # set_adapter([a, b, ...]): the further adapters' outputs
-                out = accumulate(out, self.adapter_delta(x, name))
+                out = accumulate(out, self.adapter_delta(x, name), self.owns_output())
         return out
 
     def forward_with(self, name: str | None, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The base layer plus adapter ``name`` (None: the base layer alone)."""
         out = self.base_layer(x, *args, **kwargs)
-        return out if name is None else accumulate(out, self.adapter_delta(x, name))
+        return out if name is None else accumulate(out, self.adapter_delta(x, name), self.owns_output())
+
+    def owns_output(self) -> bool:
+        """Whether the base layer's output may be added to in place (no forward hook holds it)."""
+        return not self.base_layer._forward_hooks
 
     def extra_repr(self) -> str:
         adapters = ", ".join(f"{n}(r={self.r[n]}, s={self.scaling[n]:g})" for n in self.lora_A)
@@ -335,66 +350,3 @@ class LoraLayer(nn.Module):
             if name == "base_layer":
                 raise
             return getattr(self._modules["base_layer"], name)
-
-
-# ---------------------------------------------------------------------------------------- registry
-@dataclass(frozen=True)
-class LayerKind:
-    """A registered layer kind: the wrapper class, and which base modules it wraps."""
-
-    cls: type[LoraLayer]
-    accepts: Callable[[nn.Module], bool]
-    variant: str = "lora"
-
-
-_KINDS: list[LayerKind] = []
-
-
-def register_kind(cls: type[LoraLayer], accepts: Callable[[nn.Module], bool]) -> None:
-    """Make ``cls`` the wrapper of every module ``accepts`` says yes to, for adapters of
-    ``cls.variant``. Later registrations win, so a variant or a new base type is added without
-    editing the others."""
-    if not (isinstance(cls, type) and issubclass(cls, LoraLayer)):
-        raise ArgumentTypeError(
-            f"lorakit.register_kind: cls = {short_repr(cls)}; allowed: a subclass of lorakit.LoraLayer"
-        )
-    if not callable(accepts):
-        raise ArgumentTypeError(
-            f"lorakit.register_kind: accepts = {short_repr(accepts)}; allowed: a callable (module) -> bool"
-        )
-    if not cls.kind:
-        raise ValueError(f"{cls.__name__} must set the class attribute 'kind'")
-    _KINDS.insert(0, LayerKind(cls, accepts, cls.variant))
-
-
-def unregister_kind(cls: type[LoraLayer]) -> None:
-    """Remove every registration of ``cls`` (the built-in kinds stay unless named)."""
-    _KINDS[:] = [entry for entry in _KINDS if entry.cls is not cls]
-
-
-def layer_class(kind: str, variant: str = "lora") -> type[LoraLayer]:
-    """The wrapper class registered for ``kind`` (as stored in files) and ``variant``."""
-    for entry in _KINDS:
-        if entry.cls.kind == kind and entry.variant == variant:
-            return entry.cls
-    known = sorted({(e.cls.kind, e.variant) for e in _KINDS})
-    raise KeyError(f"no LoRA layer kind {kind!r} of variant {variant!r}; registered: {known}")
-
-
-def wrap_module(module: nn.Module, path: str, variant: str = "lora") -> LoraLayer:
-    """The LoRA wrapper for ``module``; ``UnsupportedModuleError`` (a ``TypeError``) naming the
-    path, the type and the reason when no kind wraps it exactly."""
-    for entry in _KINDS:
-        if entry.variant == variant and entry.accepts(module):
-            problem = entry.cls.base_problem(module)
-            if problem is not None:
-                reason = f"({type_name(module)}) cannot take a LoRA adapter: {problem}"
-                raise UnsupportedModuleError(f"module {path!r} {reason}", path, reason)
-            return entry.cls(module)
-    supported = sorted({e.cls.__name__ for e in _KINDS if e.variant == variant})
-    reason = (
-        f"is a {type_name(module)}, which LoRA cannot wrap; "
-        "supported types: nn.Linear, nn.Embedding, nn.Conv1d/2d/3d, transformers Conv1D, bitsandbytes Linear4bit "
-        f"(wrappers registered for variant {variant!r}: {', '.join(supported) or 'none'})"
-    )
-    raise UnsupportedModuleError(f"module {path!r} {reason}", path, reason)

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..bank import routed_input_dropout
-from .base import LoraLayer, register_kind
+from .base import LoraLayer
 from .eligibility import own_forward_problem, plain_weight_problem
+from .registry import register_kind
 
 
 class LoraConv(LoraLayer):

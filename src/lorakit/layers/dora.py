@@ -38,10 +38,11 @@ from torch import nn
 from ..functional import lora_linear
 from ..quantization import dequantize_weight
 from ..targeting import is_linear4bit
-from .base import LoraLayer, accumulate, register_kind
+from .base import LoraLayer, accumulate
 from .conv import LoraConv, LoraConv1d, LoraConv2d, LoraConv3d
 from .embedding import LoraEmbedding
 from .linear import LoraLinear, is_linear
+from .registry import register_kind
 
 MAGNITUDE_KEY = "lora_magnitude_vector"
 #: a row's squared norm below this fraction of its positive terms is recomputed directly
@@ -136,7 +137,7 @@ class DoraLayer(LoraLayer):
     def undropped(self, name: str, x: torch.Tensor, args: tuple, kwargs: dict) -> torch.Tensor:
         """The LoRA output ``W0 x + b + s · B A x`` (no dropout)."""
         out = self.base_layer(x, *args, **kwargs)
-        return accumulate(out, self.low_rank(x, name))
+        return accumulate(out, self.low_rank(x, name), self.owns_output())
 
     def input_dropout(self, name: str, x: torch.Tensor) -> torch.Tensor:
         return self.lora_dropout[name](x)
@@ -178,7 +179,7 @@ class DoraLayer(LoraLayer):
         key = None
         if not torch.is_grad_enabled():
             try:
-                key = (name, self.scaling[name], *((id(t), t._version) for t in (A, B, W)))
+                key = (name, self.scaling[name], *((id(t), t._version, t.data_ptr(), t.device) for t in (A, B, W)))
             except RuntimeError:  # inference tensors keep no version counter
                 key = None
             cached = self.__dict__.get("dora_norm_cache")
@@ -196,7 +197,7 @@ class DoraLayer(LoraLayer):
         is frozen while the adapter trains: the same tensor at the same version)."""
         W = self.base_layer.weight
         try:
-            key = (id(W), W._version, W.device, dtype)
+            key = (id(W), W._version, W.data_ptr(), W.device, dtype)  # `.data =` and `.to()` change the pointer
         except RuntimeError:  # inference tensors keep no version counter
             return squared_row_norms(W0.to(dtype))
         cached = self.__dict__.get("dora_own_norms")
@@ -226,7 +227,7 @@ class DoraLayer(LoraLayer):
             return rescale(z, f, None if bias is None else (1 - f) * bias)
         out = self.base_layer(x, *args, **kwargs)
         dropped = self.without_bias(self.base_layer(h, *args, **kwargs))
-        return accumulate(out, (f - 1) * dropped.to(f.dtype) + f * self.low_rank(h, name))
+        return accumulate(out, (f - 1) * dropped.to(f.dtype) + f * self.low_rank(h, name), self.owns_output())
 
     def bank_delta(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         raise NotImplementedError(
@@ -240,16 +241,20 @@ class DoraLayer(LoraLayer):
                 f"adapter {self.merged_adapters[0]!r} is merged into this layer already; a DoRA adapter rescales "
                 "the whole weight, so it merges alone: unmerge first"
             )
-        W0, delta = self.dense_weight().float(), self.delta_weight(name).detach().float()
+        W0 = self.dense_weight()
+        work = torch.float64 if W0.dtype == torch.float64 else torch.float32  # never below the adapter's precision
+        W0, delta = W0.to(work), self.delta_weight(name).detach().to(work)
         f = self.scale(name).detach()
         self.__dict__.setdefault("dora_merged", {})[name] = f
-        fw = self.weight_layout(f).float()
+        fw = self.weight_layout(f).to(work)
         return (fw - 1) * W0 + fw * delta
 
     def unmerge_delta(self, name: str) -> torch.Tensor:
-        fw = self.weight_layout(self.__dict__["dora_merged"].pop(name)).float()
-        W = self.dense_weight().float()
-        return W - (W / fw - self.delta_weight(name).detach().float())
+        W = self.dense_weight()
+        work = torch.float64 if W.dtype == torch.float64 else torch.float32
+        fw = self.weight_layout(self.__dict__["dora_merged"].pop(name)).to(work)
+        W = W.to(work)
+        return W - (W / fw - self.delta_weight(name).detach().to(work))
 
 
 class DoraLinear(DoraLayer, LoraLinear):

@@ -14,8 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import LoraLayer, register_kind
+from .base import LoraLayer
 from .eligibility import own_forward_problem, plain_weight_problem
+from .registry import register_kind
 
 
 class LoraEmbedding(LoraLayer):

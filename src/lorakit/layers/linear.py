@@ -22,8 +22,9 @@ from ..bank import bank_delta_gathered, routed_input_dropout
 from ..functional import lora_linear
 from ..targeting import is_conv1d, is_linear4bit
 from . import principal
-from .base import LoraLayer, register_kind
+from .base import LoraLayer
 from .eligibility import own_forward_problem, plain_weight_problem
+from .registry import register_kind
 
 
 class LoraLinear(LoraLayer):

@@ -20,8 +20,9 @@ from torch import nn
 from ..config import LoraConfig
 from ..errors import InputError
 from ..targeting import candidate_modules, is_suffix, module_paths, parameter_owners, set_submodule
-from .base import LoraLayer, UnsupportedModuleError, wrap_module
+from .base import LoraLayer, UnsupportedModuleError
 from .modules_to_save import ModulesToSave
+from .registry import wrap_module
 
 #: (path, module that sat there before), in the order the modules were replaced
 Undo = list[tuple[str, nn.Module]]
