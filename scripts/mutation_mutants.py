@@ -109,7 +109,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "return (fw - 1) * W0 + fw * delta",
         "return (fw - 1) * W0 + delta",
         "a DoRA merge adds ΔW without the magnitude's rescaling",
-        (T + "test_dora.py::test_merge_unmerge_and_unload",),
+        (T + "test_parity_grid.py::test_merge_unmerge_and_unload",),
     ),
     Mutant(
         "dora-cache-ignores-factors", "layers/dora.py",
