@@ -8,7 +8,7 @@ from torch import nn
 
 from .models import SeedMLP
 
-__all__ = ["Mixed", "SeedMLP", "randomize_adapters"]
+__all__ = ["Mixed", "SeedMLP", "randomize_adapters", "train_like"]
 
 
 class Mixed(nn.Module):
@@ -36,6 +36,18 @@ def randomize_adapters(model: nn.Module, scale: float = 0.1, seed: int = 0) -> N
         for _, layer in lk.lora_layers(model):
             for p in [*layer.lora_A.values(), *layer.lora_B.values()]:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * scale)
+
+
+def train_like(model: nn.Module, seed: int = 0, scale: float = 0.3, spread: float = 0.2) -> None:
+    """Trained-looking adapters: factors N(0, scale²) (ΔW about W0's size) and DoRA magnitudes
+    moved off their start by a factor 1 + N(0, spread²)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_magnitude" in name:
+                p.mul_(1 + spread * torch.randn(p.shape, generator=g))
+            elif "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
 
 
 @pytest.fixture

@@ -11,23 +11,12 @@ import torch
 import lorakit as lk
 from lorakit.layers.dora import row_norms
 
-from .conftest import SeedMLP
+from .conftest import SeedMLP, train_like
 from .tolerance import assert_close, close_tol
 
 
 def _image() -> torch.Tensor:
     return torch.randn(4, 784, generator=torch.Generator().manual_seed(0))
-
-
-def _train_like(model: torch.nn.Module, seed: int) -> None:
-    """Factors with ΔW about W0's size and magnitudes moved off their start."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_magnitude" in name:
-                p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            elif "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def test_row_norms_equal_the_direct_norm_including_cancelling_rows():
@@ -58,7 +47,7 @@ def test_qdora_on_a_4bit_base_equals_dora_on_its_dequantized_weights():
     config = lk.LoraConfig(r=4, alpha=8.0, target_modules=["fc1", "fc2"], use_dora=True)
     lk.inject(dense, config)
     lk.inject(q, config)
-    _train_like(dense, seed=6)
+    train_like(dense, seed=6, spread=0.3)
     with torch.no_grad():
         for (_, a), (_, b) in zip(dense.named_parameters(), q.named_parameters(), strict=True):
             if a.requires_grad:

@@ -12,18 +12,8 @@ from torch import nn
 import lorakit as lk
 from lorakit.errors import InputError
 
-from .conftest import SeedMLP
+from .conftest import SeedMLP, train_like
 from .tolerance import assert_close
-
-
-def _randomize(model: nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_magnitude" in n:
-                p.mul_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            elif "lora_" in n:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
 def _x(n: int = 8, seed: int = 1) -> torch.Tensor:
@@ -36,7 +26,7 @@ def test_dora_norm_cache_notices_data_assignment(target):
     identity nor its version counter: the kept norms must still be recomputed."""
     torch.manual_seed(0)
     model = lk.inject(nn.Sequential(nn.Linear(8, 6)).eval(), lk.LoraConfig(r=2, target_modules=["0"], use_dora=True))
-    _randomize(model)
+    train_like(model)
     x = _x()
     with torch.no_grad():
         model(x)
@@ -54,7 +44,7 @@ def test_dora_merge_on_float64_keeps_float64_precision():
     torch.manual_seed(0)
     model = lk.inject(nn.Sequential(nn.Linear(16, 12)).double().eval(),
                       lk.LoraConfig(r=2, target_modules=["0"], use_dora=True))  # fmt: skip
-    _randomize(model)
+    train_like(model)
     x, w0 = _x(16).double(), model[0].base_layer.weight.detach().clone()
     with torch.no_grad():
         want = model(x)
@@ -73,7 +63,7 @@ def _two_active(bias_on_b: bool = True) -> nn.Module:
             lk.add_adapter(model, lk.LoraConfig(r=2, target_modules=["0"], lora_bias=True), "b")
     else:
         lk.add_adapter(model, lk.LoraConfig(r=2, target_modules=["0"]), "b")
-    _randomize(model)
+    train_like(model)
     lk.set_adapter(model, ["a", "b"])
     return model
 
@@ -96,7 +86,7 @@ def test_dequantizing_merge_and_unload_merges_every_active_adapter_and_lora_bias
     model = lk.quantize(nn.Sequential(nn.Linear(64, 64)).eval())
     lk.inject(model, lk.LoraConfig(r=2, target_modules=["0"]), name="a")
     lk.add_adapter(model, lk.LoraConfig(r=2, target_modules=["0"], lora_bias=True), "b")
-    _randomize(model)
+    train_like(model)
     lk.set_adapter(model, ["a", "b"])
     x = _x(64)
     with torch.no_grad():
@@ -126,7 +116,7 @@ def test_trainer_refuses_several_active_adapters(tmp_path):
 def test_loading_tensors_into_a_merged_adapter_is_refused(tmp_path):
     torch.manual_seed(0)
     model = lk.inject(SeedMLP().eval(), lk.LoraConfig(r=2, target_modules=["fc1"]))
-    _randomize(model)
+    train_like(model)
     lk.save_adapter(model, tmp_path)
     lk.merge(model)
     with pytest.raises(lk.AdapterLoadError, match="'default' is merged into the base weights"):
@@ -138,7 +128,7 @@ def test_a_forward_hook_on_the_base_layer_sees_the_base_output():
     for dora in (False, True):
         model = lk.inject(nn.Sequential(nn.Linear(8, 6)).eval(), lk.LoraConfig(r=2, target_modules=["0"],
                                                                                 use_dora=dora))  # fmt: skip
-        _randomize(model)
+        train_like(model)
         seen = []
         model[0].base_layer.register_forward_hook(lambda mod, i, o, seen=seen: seen.append(o))
         x = _x()
