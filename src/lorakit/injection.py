@@ -194,7 +194,7 @@ def inject(model: nn.Module, config: LoraConfig, name: str = "default") -> nn.Mo
     require_module(model, "lorakit.inject")
     require_config(config, "lorakit.inject")
     require_adapter_name(name, "lorakit.inject")
-    _refuse_switch_while_merged(model, name)
+    _refuse_switch_while_merged(model, [name])
     add_adapter(model, config, name)
     set_adapter(model, name)
     return model
@@ -233,12 +233,15 @@ def add_adapter(model: nn.Module, config: LoraConfig, name: str) -> nn.Module:
     return model
 
 
-def _refuse_switch_while_merged(model: nn.Module, name: str) -> None:
+def _refuse_switch_while_merged(model: nn.Module, names: list[str]) -> None:
+    """Only the one adapter that is merged may stay active while merged (never several)."""
+    target = names[0] if len(names) == 1 else names
     for module in _wrappers(model):
-        if isinstance(module, LoraLayer) and module.merged_adapters and module.merged_adapters != [name]:
+        merged = module.merged_adapters if isinstance(module, LoraLayer) else []
+        if merged and (len(names) > 1 or merged != names):
             raise RuntimeError(
                 f"adapter {module.merged_adapters[0]!r} is merged into the base weights; "
-                f"call lorakit.unmerge(model) before switching to {name!r}"
+                f"call lorakit.unmerge(model) before switching to {target!r}"
             )
 
 
@@ -263,10 +266,7 @@ def set_adapter(model: nn.Module, name: str | Sequence[str]) -> None:
     if special:
         raise InputError(f"lorakit.set_adapter: {special} use DoRA or modules_to_save, which cannot run together "
                          "with other adapters; activate them alone")  # fmt: skip
-    if len(names) > 1 and any(isinstance(m, LoraLayer) and m.merged_adapters for m in _wrappers(model)):
-        raise RuntimeError("an adapter is merged into the base weights: call lorakit.unmerge(model) before "
-                           f"activating {names}")  # fmt: skip
-    _refuse_switch_while_merged(model, names[0])
+    _refuse_switch_while_merged(model, names)
     model.__dict__[ACTIVE_ATTR] = tuple(names)
     for module in _wrappers(model):
         module.active_adapter = names[0]

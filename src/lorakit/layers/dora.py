@@ -59,8 +59,7 @@ def row_norms(
     W0 = W0.to(A.dtype)
     if own is None:
         own = squared_row_norms(W0)
-    transposed = W0.T.is_contiguous() and not W0.is_contiguous()  # Conv1D, embeddings: read W0 in storage order
-    W0A = (A @ W0.T).T if transposed else W0 @ A.T
+    W0A = (A @ W0.T).T if _transposed_view(W0) else W0 @ A.T
     cross = W0A.mul_(B).sum(1) if W0A.is_contiguous() else (W0A * B).sum(1)
     quad = (B @ (A @ A.T)).mul_(B).sum(1)
     positive = own + scaling * scaling * quad
@@ -73,9 +72,28 @@ def row_norms(
 
 def squared_row_norms(W0: torch.Tensor) -> torch.Tensor:
     """``‖W0_o‖²`` for every row of ``W0`` (read in storage order when ``W0`` is a transposed view)."""
-    if W0.T.is_contiguous() and not W0.is_contiguous():
+    if _transposed_view(W0):
         return torch.linalg.vector_norm(W0.T, dim=0).square()
     return torch.linalg.vector_norm(W0, dim=1).square()
+
+
+def _transposed_view(W0: torch.Tensor) -> bool:
+    """A transposed view of a contiguous matrix (Conv1D's and embeddings' weights): read it in storage order."""
+    return W0.T.is_contiguous() and not W0.is_contiguous()
+
+
+def _state_key(*tensors: torch.Tensor) -> tuple | None:
+    """What identifies the current values of ``tensors``: identity, version (in-place writes), data
+    pointer (``.data =`` assignments) and device; None for inference tensors, which keep no version."""
+    try:
+        return tuple((id(t), t._version, t.data_ptr(), t.device) for t in tensors)
+    except RuntimeError:
+        return None
+
+
+def _work_dtype(weight: torch.Tensor) -> torch.dtype:
+    """Merging computes in float32, or float64 for a float64 base: never below the adapter's precision."""
+    return torch.float64 if weight.dtype == torch.float64 else torch.float32
 
 
 class _Rescale(torch.autograd.Function):
@@ -91,16 +109,9 @@ class _Rescale(torch.autograd.Function):
     def backward(ctx: Any, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         z, f = ctx.saved_tensors
         need_z, need_f, need_c = ctx.needs_input_grad
-        grad_f = _sum_to(g * z, f.shape) if need_f else None
-        grad_c = _sum_to(g, f.shape) if need_c and ctx.has_c else None
+        grad_f = (g * z).sum_to_size(f.shape) if need_f else None
+        grad_c = g.sum_to_size(f.shape) if need_c and ctx.has_c else None
         return (g * f if need_z else None), grad_f, grad_c
-
-
-def _sum_to(t: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """``t`` summed over the dimensions a tensor of ``shape`` was broadcast along."""
-    lead = t.dim() - len(shape)
-    dims = [d for d in range(t.dim()) if d < lead or shape[d - lead] == 1]
-    return t.sum(dims).reshape(shape) if dims else t
 
 
 def rescale(z: torch.Tensor, f: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
@@ -114,7 +125,7 @@ def rescale(z: torch.Tensor, f: torch.Tensor, c: torch.Tensor | None) -> torch.T
 class DoraLayer(LoraLayer):
     """What the DoRA kinds share: the magnitudes, the norm, the forward and merging. A kind adds
     the shapes (``magnitude_shape``, ``weight_layout``), its matrices (``norm_operands``), and
-    ``undropped``: ``W0 x + s · B A x`` without the bias."""
+    where it can, a faster ``undropped`` (the LoRA output ``W0 x + b + s · B A x``)."""
 
     variant = "dora"
 
@@ -175,16 +186,12 @@ class DoraLayer(LoraLayer):
         """``‖W0 + ΔW‖`` per output feature (no gradient), in the magnitude's shape. Kept while no
         gradient is recorded and neither the factors nor the base weight change (generation calls a
         layer once per token)."""
-        A, B, W = self.lora_A[name], self.lora_B[name], self.base_layer.weight
-        key = None
-        if not torch.is_grad_enabled():
-            try:
-                key = (name, self.scaling[name], *((id(t), t._version, t.data_ptr(), t.device) for t in (A, B, W)))
-            except RuntimeError:  # inference tensors keep no version counter
-                key = None
-            cached = self.__dict__.get("dora_norm_cache")
-            if key is not None and cached is not None and cached[0] == key:
-                return cached[1]
+        state = None if torch.is_grad_enabled() else _state_key(self.lora_A[name], self.lora_B[name],
+                                                                 self.base_layer.weight)  # fmt: skip
+        key = None if state is None else (name, self.scaling[name], state)
+        cached = self.__dict__.get("dora_norm_cache")
+        if key is not None and cached is not None and cached[0] == key:
+            return cached[1]
         W0, A2, B2 = self.norm_operands(name)
         own = self.own_norms(W0, A2.dtype)
         norm = row_norms(W0, A2, B2, self.scaling[name], own).reshape(self.magnitude_shape())
@@ -195,11 +202,10 @@ class DoraLayer(LoraLayer):
     def own_norms(self, W0: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``‖W0_o‖²`` per output feature in ``dtype``, kept while the base weight is unchanged (it
         is frozen while the adapter trains: the same tensor at the same version)."""
-        W = self.base_layer.weight
-        try:
-            key = (id(W), W._version, W.data_ptr(), W.device, dtype)  # `.data =` and `.to()` change the pointer
-        except RuntimeError:  # inference tensors keep no version counter
+        state = _state_key(self.base_layer.weight)
+        if state is None:
             return squared_row_norms(W0.to(dtype))
+        key = (state, dtype)
         cached = self.__dict__.get("dora_own_norms")
         if cached is None or cached[0] != key:
             cached = self.__dict__["dora_own_norms"] = (key, squared_row_norms(W0.to(dtype)))
@@ -242,7 +248,7 @@ class DoraLayer(LoraLayer):
                 "the whole weight, so it merges alone: unmerge first"
             )
         W0 = self.dense_weight()
-        work = torch.float64 if W0.dtype == torch.float64 else torch.float32  # never below the adapter's precision
+        work = _work_dtype(W0)
         W0, delta = W0.to(work), self.delta_weight(name).detach().to(work)
         f = self.scale(name).detach()
         self.__dict__.setdefault("dora_merged", {})[name] = f
@@ -251,7 +257,7 @@ class DoraLayer(LoraLayer):
 
     def unmerge_delta(self, name: str) -> torch.Tensor:
         W = self.dense_weight()
-        work = torch.float64 if W.dtype == torch.float64 else torch.float32
+        work = _work_dtype(W)
         fw = self.weight_layout(self.__dict__["dora_merged"].pop(name)).to(work)
         W = W.to(work)
         return W - (W / fw - self.delta_weight(name).detach().to(work))
