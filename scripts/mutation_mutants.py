@@ -199,7 +199,7 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     Mutant(
         "peft-config-rank-pattern-lost", "config.py",
-        'rank_pattern=_peft_value(data, "rank_pattern", {}, (dict, type(None)), "an object {regex: rank}") or {},',
+        'rank_pattern=peft_value(data, "rank_pattern", {}, (dict, type(None)), "an object {regex: rank}") or {},',
         "rank_pattern={},",
         "reading adapter_config.json drops rank_pattern (every module gets r)",
         (T + "test_config.py::test_peft_dict_round_trip",),

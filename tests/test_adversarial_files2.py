@@ -14,9 +14,9 @@ import torch
 from safetensors.torch import load_file
 
 import lorakit as lk
-import lorakit.config
+import lorakit.peft_keys
 from lorakit.cli import main
-from lorakit.config import KNOWN_PEFT_KEYS, UNSUPPORTED_PEFT_KEYS, LoraConfig
+from lorakit.config import LoraConfig
 from lorakit.errors import InputError
 from lorakit.family import (
     BottleneckConfig,
@@ -28,6 +28,7 @@ from lorakit.family import (
 )
 from lorakit.files import AdapterLoadError, save_tensors
 from lorakit.offline import inspect_adapter
+from lorakit.peft_keys import KNOWN_PEFT_KEYS, UNSUPPORTED_PEFT_KEYS
 
 from .conftest import SeedMLP, randomize_adapters
 
@@ -104,7 +105,7 @@ def test_unknown_key_with_a_value_is_refused(value):
 
 @pytest.mark.parametrize("value", [None, False, [], {}, ""])
 def test_unknown_empty_key_loads_with_one_warning(value, caplog, monkeypatch):
-    monkeypatch.setattr(lorakit.config, "_warned_keys", set())
+    monkeypatch.setattr(lorakit.peft_keys, "_warned_keys", set())
     with caplog.at_level(logging.WARNING, logger="lorakit.config"):
         for _ in range(3):
             assert LoraConfig.from_peft_dict({**BASE, "quiet_key": value}).r == 2

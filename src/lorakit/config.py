@@ -9,13 +9,13 @@ that Hugging Face PEFT writes (``adapter_config.json``) so checkpoints travel bo
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import re
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import short_repr
+from .peft_keys import check_peft_keys, json_type, peft_value
 
 BIAS_CHOICES = ("none", "all", "lora_only")
 INIT_CHOICES = ("default", "gaussian", "pissa", "olora")
@@ -27,28 +27,6 @@ PREFIX = "base_model.model."
 #: PEFT's task types (``peft.TaskType``): the model class ``AutoPeftModel`` builds for an adapter
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
-#: PEFT 0.21 ``LoraConfig`` keys whose set value changes what the adapter computes or needs layers lorakit
-#: does not build (PEFT's ``is_lora_variant`` fields other than ``use_dora`` come first): refused, never read as LoRA
-UNSUPPORTED_PEFT_KEYS = {
-    "velora_config": "VeLoRA",
-    "alora_invocation_tokens": "activated LoRA (aLoRA)", "monteclora_config": "MonteCLoRA",
-    "use_bdlora": "block-diagonal LoRA (BD-LoRA)", "arrow_config": "Arrow routing", "kasa_config": "KaSA",
-    "layer_replication": "layer replication",
-    "target_parameters": "LoRA on nn.Parameter targets", "trainable_token_indices": "trainable tokens",
-    "use_qalora": "QALoRA", "megatron_config": "Megatron parallel layers",
-    "ensure_weight_tying": "adapters tied across tied layers (embeddings and output head)",
-}  # fmt: skip
-#: PEFT keys lorakit reads, and those that do not change a loaded adapter (descriptive, runtime, or
-#: used only to initialise before training, or only together with a key refused above)
-KNOWN_PEFT_KEYS = frozenset({
-    "r", "lora_alpha", "alpha", "lora_dropout", "use_dora", "lora_bias", "target_modules", "exclude_modules",
-    "bias", "use_rslora", "init_lora_weights", "fan_in_fan_out", "modules_to_save", "rank_pattern", "alpha_pattern",
-    "layers_to_transform", "layers_pattern", "base_model_name_or_path", "task_type", "peft_type", "auto_mapping",
-    "peft_version", "revision", "inference_mode", "megatron_core", "loftq_config", "eva_config", "corda_config",
-    "lora_ga_config", "qalora_group_size", "runtime_config",
-})  # fmt: skip
-_EMPTY, _warned_keys = (None, False, [], {}, ""), set[str]()
-logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -231,7 +209,7 @@ class LoraConfig:
         (LoRA bias vectors, layer replication, ...) raise ``ValueError`` rather than load silently wrong.
         """
         if not isinstance(data, dict):
-            raise ValueError(f"adapter config must be a JSON object {{...}}, got a {_json_type(data)}")
+            raise ValueError(f"adapter config must be a JSON object {{...}}, got a {json_type(data)}")
         peft_type = data.get("peft_type", "LORA")
         if not isinstance(peft_type, str) or peft_type.upper() != "LORA":
             hint = (
@@ -243,9 +221,9 @@ class LoraConfig:
                 f"adapter config has peft_type={short_repr(peft_type)}; lorakit reads only 'LORA' adapters{hint}"
             )
         for key in ("use_dora", "lora_bias", "use_qalora", "use_rslora", "fan_in_fan_out", "ensure_weight_tying"):
-            _peft_value(data, key, False, (bool,), "true or false")
-        _check_peft_keys(data)
-        init = _peft_value(data, "init_lora_weights", True, (bool, str), "true, false or an init name")
+            peft_value(data, key, False, (bool,), "true or false")
+        check_peft_keys(data)
+        init = peft_value(data, "init_lora_weights", True, (bool, str), "true, false or an init name")
         changes_base = [v for k, v in BASE_CHANGING_INITS.items() if isinstance(init, str) and init.startswith(k)]
         if changes_base:
             raise ValueError(
@@ -265,26 +243,26 @@ class LoraConfig:
                 "module names listed in target_modules"
             )
         return cls(
-            r=_peft_value(data, "r", 8, (int,), "an integer >= 1"),
-            alpha=_peft_value(data, alpha_key, 8, (int, float), "a number > 0"),
-            dropout=_peft_value(data, "lora_dropout", 0.0, (int, float), "a number in [0, 1)"),
-            target_modules=_peft_value(data, "target_modules", None, names, "a list of module names or a regex"),
-            exclude_modules=_peft_value(data, "exclude_modules", None, opt_names, "a list of names, a regex or null"),
-            bias=_peft_value(data, "bias", "none", (str,), f"one of {BIAS_CHOICES}"),
+            r=peft_value(data, "r", 8, (int,), "an integer >= 1"),
+            alpha=peft_value(data, alpha_key, 8, (int, float), "a number > 0"),
+            dropout=peft_value(data, "lora_dropout", 0.0, (int, float), "a number in [0, 1)"),
+            target_modules=peft_value(data, "target_modules", None, names, "a list of module names or a regex"),
+            exclude_modules=peft_value(data, "exclude_modules", None, opt_names, "a list of names, a regex or null"),
+            bias=peft_value(data, "bias", "none", (str,), f"one of {BIAS_CHOICES}"),
             use_rslora=data.get("use_rslora", False),
             init=init_name,
             fan_in_fan_out=data.get("fan_in_fan_out", False),
-            modules_to_save=_peft_value(data, "modules_to_save", None, (list, type(None)), "a list of names or null"),
-            rank_pattern=_peft_value(data, "rank_pattern", {}, (dict, type(None)), "an object {regex: rank}") or {},
-            alpha_pattern=_peft_value(data, "alpha_pattern", {}, (dict, type(None)), "an object {regex: alpha}") or {},
-            layers_to_transform=_peft_value(
+            modules_to_save=peft_value(data, "modules_to_save", None, (list, type(None)), "a list of names or null"),
+            rank_pattern=peft_value(data, "rank_pattern", {}, (dict, type(None)), "an object {regex: rank}") or {},
+            alpha_pattern=peft_value(data, "alpha_pattern", {}, (dict, type(None)), "an object {regex: alpha}") or {},
+            layers_to_transform=peft_value(
                 data, "layers_to_transform", None, (int, list, type(None)), "an integer, a list of them or null"
             ),
-            layers_pattern=_peft_value(data, "layers_pattern", None, opt_names, "a string, a list of them or null"),
-            base_model_name_or_path=_peft_value(
+            layers_pattern=peft_value(data, "layers_pattern", None, opt_names, "a string, a list of them or null"),
+            base_model_name_or_path=peft_value(
                 data, "base_model_name_or_path", None, (str, type(None)), "a string or null"
             ),
-            task_type=_peft_value(data, "task_type", None, (str, type(None)), f"null or one of {TASK_TYPES}"),
+            task_type=peft_value(data, "task_type", None, (str, type(None)), f"null or one of {TASK_TYPES}"),
             use_dora=data.get("use_dora", False),
             lora_bias=data.get("lora_bias", False),
         )
@@ -301,43 +279,6 @@ class LoraConfig:
     def replace(self, **changes: Any) -> LoraConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
-
-
-def _check_peft_keys(data: dict[str, Any]) -> None:
-    """Refuse a LoRA variant (``UNSUPPORTED_PEFT_KEYS``) or an unknown key that is set; an unknown
-    key left empty (null, false, [], {}, "") is logged once and ignored."""
-    for key in sorted(data, key=str):
-        value = data[key]
-        if key in UNSUPPORTED_PEFT_KEYS and value not in _EMPTY:
-            raise ValueError(
-                f"adapter config sets {key}={short_repr(value)}, which lorakit does not support "
-                f"({UNSUPPORTED_PEFT_KEYS[key]}); only plain LoRA adapters can be loaded"
-            )
-        if key in UNSUPPORTED_PEFT_KEYS or key in KNOWN_PEFT_KEYS:
-            continue
-        if value not in _EMPTY:
-            raise ValueError(
-                f"adapter config sets unknown key {short_repr(key)}={short_repr(value)}: lorakit does not know what "
-                "it does; refusing rather than loading it as plain LoRA"
-            )
-        if key not in _warned_keys:
-            _warned_keys.add(key)
-            logger.warning("lorakit: adapter config key %r (= %s) is unknown; ignored", key, short_repr(value))
-
-
-def _json_type(value: Any) -> str:
-    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
-    return "null" if value is None else names.get(type(value), type(value).__name__)
-
-
-def _peft_value(data: dict[str, Any], key: str, default: Any, types: tuple[type, ...], allowed: str) -> Any:
-    """``data[key]`` (``default`` when absent) if it has one of ``types`` (a JSON boolean is no
-    number); otherwise a ``ValueError`` naming the key and what is allowed."""
-    value = data.get(key, default)
-    if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
-        got = f"{short_repr(value)} ({_json_type(value)})"
-        raise ValueError(f"adapter config key {key!r} must be {allowed}, got {got}")
-    return value
 
 
 def _check_rank(what: str, value: Any) -> None:
