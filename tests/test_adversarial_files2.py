@@ -120,7 +120,7 @@ def test_a_config_peft_writes_loads_without_a_warning(tmp_path, caplog):
     assert set(data) <= KNOWN_PEFT_KEYS | set(UNSUPPORTED_PEFT_KEYS)
     with caplog.at_level(logging.WARNING, logger="lorakit.config"):
         assert LoraConfig.from_peft_dict(data).target_modules == ["fc1"]
-    assert not caplog.records
+    assert not [r for r in caplog.records if r.name.startswith("lorakit")]  # (importing peft may log its own)
 
 
 # ------------------------------------------------------------------------ one kind over another
