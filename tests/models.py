@@ -76,6 +76,51 @@ def tiny_llama() -> nn.Module:
     return LlamaForCausalLM(_llama_config()).eval()
 
 
+def tiny_mixtral() -> nn.Module:
+    """A two-layer Mixtral with 4 experts (their weights stacked in 3-D parameters), 2 per token."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    sizes = {"vocab_size": 101, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2}
+    heads = {"num_attention_heads": 2, "num_key_value_heads": 1, "num_local_experts": 4, "num_experts_per_tok": 2}
+    cfg = MixtralConfig(**sizes, **heads)
+    return MixtralForCausalLM(cfg).eval()
+
+
+class TransposedExperts(nn.Module):
+    """Expert weights stored ``[E, in, out]`` (``is_transposed``, as some MoE implementations do);
+    every expert runs and their outputs are averaged, gated by ``up``."""
+
+    is_transposed = True
+
+    def __init__(self, experts: int = 3, d_in: int = 6, d_out: int = 5) -> None:
+        super().__init__()
+        self.gate = nn.Parameter(torch.randn(experts, d_in, d_out) * 0.4)
+        self.up = nn.Parameter(torch.randn(experts, d_in, d_out) * 0.4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.einsum("bi,eio->beo", x, self.gate)
+        return (torch.sigmoid(gate) * torch.einsum("bi,eio->beo", x, self.up)).mean(1)
+
+
+class ExpertNet(nn.Module):
+    """proj (Linear) → TransposedExperts → head (Linear)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(8, 6)
+        self.experts = TransposedExperts()
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.experts(torch.tanh(self.proj(x))))
+
+
+def expert_net() -> nn.Module:
+    torch.manual_seed(0)
+    return ExpertNet().eval()
+
+
 def tiny_llama_classifier() -> nn.Module:
     from transformers import LlamaForSequenceClassification
 

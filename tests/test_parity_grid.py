@@ -22,7 +22,7 @@ import lorakit as lk
 from lorakit.layers.dora import DoraLayer, row_norms
 
 from .conftest import Mixed, SeedMLP
-from .models import tiny_gpt2, tiny_llama, token_batch
+from .models import expert_net, tiny_gpt2, tiny_llama, tiny_mixtral, token_batch
 from .tolerance import assert_close
 
 peft = pytest.importorskip("peft")
@@ -59,6 +59,10 @@ def _image() -> tuple:
 
 def _tokens() -> tuple:
     return (token_batch(),)
+
+
+def _expert_inputs() -> tuple:
+    return (torch.randn(5, 8, generator=torch.Generator().manual_seed(3)),)
 
 
 class Convs(nn.Module):
@@ -108,11 +112,21 @@ CASES = [
          784),
     Case("convs-lora-bias", _convs, _conv_inputs,
          {"r": 2, "alpha": 4.0, "target_modules": ["c1", "c3", "grouped", "head"], "lora_bias": True}, 54),
+    # target_parameters: stacked expert weights [E, out, in] (nested wrappers, a rank and alpha per parameter)
+    Case("mixtral-expert-parameters", tiny_mixtral, _tokens,
+         {"r": 2, "alpha": 4.0, "target_modules": ["q_proj"], "rank_pattern": {"down_proj": 3},
+          "alpha_pattern": {"experts.down_proj": 5.0},
+          "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}, 48),
+    Case("transposed-expert-parameters", expert_net, _expert_inputs,
+         {"r": 2, "alpha": 4.0, "target_modules": [], "target_parameters": ["gate", "experts.up"]}, 12),
+    Case("mlp-weight-parameters", _mlp, _image,
+         {"r": 3, "alpha": 6.0, "target_modules": ["fc3"], "target_parameters": ["fc1.weight", "fc2.weight"]}, 784),
 ]
 VARIANTS = ("lora", "dora")
 # fmt: on
-# DoRA takes neither grouped convolutions nor lora_bias (neither does PEFT's)
-GRID = [(c, v) for c in CASES for v in VARIANTS if not (v == "dora" and ("grouped" in c.id or "bias" in c.id))]
+# DoRA takes neither grouped convolutions nor lora_bias nor parameter targets (neither does PEFT's)
+GRID = [(c, v) for c in CASES for v in VARIANTS
+        if not (v == "dora" and ("grouped" in c.id or "bias" in c.id or "parameters" in c.id))]  # fmt: skip
 IDS = [f"{c.id}-{v}" for c, v in GRID]
 PEFT_NAMES = {"alpha": "lora_alpha", "dropout": "lora_dropout"}
 
@@ -240,7 +254,7 @@ def test_merge_unmerge_and_unload(case: Case, variant: str):
     _train_like(ours, seed=5)
     x = case.inputs()
     before = {k: v.clone() for k, v in base.state_dict().items()}
-    w0 = {p: layer.base_layer.weight.detach().clone() for p, layer in lk.lora_layers(ours)}
+    w0 = {p: layer.weight.detach().clone() for p, layer in lk.lora_layers(ours)}
     with torch.no_grad():
         want = _run(ours, x)
         if "grouped" in str(case.options["target_modules"]):
@@ -262,7 +276,7 @@ def test_merge_unmerge_and_unload(case: Case, variant: str):
         lk.unmerge(ours)
         for path, layer in lk.lora_layers(ours):
             w = w0[path]
-            assert_close(layer.base_layer.weight, w, reduction=8, magnitude=float(w.abs().max()) * 4, depth=4)
+            assert_close(layer.weight, w, reduction=8, magnitude=float(w.abs().max()) * 4, depth=4)
         _same(_run(ours, x), want, case, "unmerged")
         lk.merge_and_unload(ours)
         _same(_run(ours, x), want, case, "merged and unloaded")

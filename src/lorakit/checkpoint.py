@@ -50,7 +50,7 @@ from .injection import (
     require_adapter,
     set_adapter,
 )
-from .layers import LoraLayer, LoraLinear, ModulesToSave, UnsupportedModuleError, wrap_module
+from .layers import LoraLayer, LoraLinear, ModulesToSave, UnsupportedModuleError, plan_parameters, wrap_module
 from .layers.principal import convert_state
 from .targeting import candidate_modules, is_suffix, name_matches, output_head, require_adapter_name, require_module
 
@@ -298,6 +298,15 @@ def _check_before_allocating(
         if reason is not None:
             lines.append(f"  module {path!r}: {reason}")
             explained.append(f"{PREFIX}{path}.")
+    if config.target_parameters:
+        try:
+            layers = plan_parameters(model, config, targets).layers
+        except ValueError as err:
+            layers = {}
+            lines.append(f"  {err}")
+        for path, (layer, key) in layers.items():
+            shapes = layer.param_shapes(config.rank_for(key))
+            expected.update({f"{PREFIX}{path}.{k}": (tuple(v), config.rank_for(key)) for k, v in shapes.items()})
     stored = {k for k in tensors if ".lora_" in k and not k.startswith(tuple(explained))}
     lines += [f"  missing key {k} (expected shape {expected[k][0]})" for k in sorted(set(expected) - stored)]
     lines += [

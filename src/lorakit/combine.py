@@ -119,6 +119,10 @@ def combine_adapters(
     missing = [s for s in sources if s not in configs]
     if missing:
         raise InputError(f"sources: unknown adapters {missing}; the model holds {sorted(configs) or 'no adapters'}")
+    on_parameters = [s for s in sources if configs[s].target_parameters]
+    if on_parameters:
+        raise InputError(f"sources: {on_parameters} adapt parameters (target_parameters), whose per-expert factor "
+                         "layout combine_adapters does not rebuild (PEFT refuses them too)")  # fmt: skip
     if method not in METHODS:
         raise InputError(f"method = {method!r}; allowed: {', '.join(METHODS)}")
     weights = _weights(weights, len(sources))

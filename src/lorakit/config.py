@@ -28,7 +28,6 @@ PREFIX = "base_model.model."
 TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "TOKEN_CLS", "SEQ_2_SEQ_LM", "QUESTION_ANS", "FEATURE_EXTRACTION")
 
 
-
 @dataclass
 class LoraConfig:
     """What to adapt and how.
@@ -60,6 +59,13 @@ class LoraConfig:
             with a trained magnitude ``m`` per output feature (``lorakit.layers.dora``).
         lora_bias: B gets a trained bias ``b_B`` (zero at the start): ``y += s · (B A x + b_B)``;
             merging adds ``s · b_B`` to the base bias (PEFT's ``lora_bias``; not with DoRA or embeddings).
+        target_parameters: parameters adapted directly, by dotted name suffix (``"experts.gate_up_proj"``):
+            a 2-D ``[out, in]`` weight, or a 3-D stack of expert weights ``[E, out, in]`` (``[E, in, out]``
+            when the module says ``is_transposed``), each expert with its own rank-r factors
+            (``lorakit.layers.parameter``). The module's forward then sees ``W + ΔW``. As in PEFT,
+            ``layers_to_transform`` and ``exclude_modules`` do not filter them, ``rank_pattern`` keys match
+            the parameter's path, and dropout, DoRA, lora_bias and PiSSA/OLoRA are not available.
+            ``target_modules`` may then be empty.
     """
 
     r: int = 8
@@ -80,6 +86,7 @@ class LoraConfig:
     task_type: str | None = None
     use_dora: bool = False
     lora_bias: bool = False
+    target_parameters: list[str] | None = None
 
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
@@ -100,12 +107,18 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.bias must be one of {BIAS_CHOICES}, got {short_repr(self.bias)}")
         if self.init not in INIT_CHOICES:
             raise ValueError(f"LoraConfig.init must be one of {INIT_CHOICES}, got {short_repr(self.init)}")
+        self.target_parameters = _check_parameters(self.target_parameters)
+        if self.target_parameters is not None:
+            self._check_parameter_options()
+            if self.target_modules is None:
+                self.target_modules = []
         if self.target_modules is None:
             raise ValueError(
                 "LoraConfig.target_modules is required: a list of module names (e.g. ['q_proj', 'v_proj']), "
                 f"a regex string matched on the full path, or {ALL_LINEAR!r}"
             )
-        self.target_modules = _check_names("target_modules", self.target_modules, allow_empty=False)
+        allow_empty = self.target_parameters is not None
+        self.target_modules = _check_names("target_modules", self.target_modules, allow_empty=allow_empty)
         if self.exclude_modules is not None:
             self.exclude_modules = _check_names("exclude_modules", self.exclude_modules, allow_empty=True)
         if self.modules_to_save is not None:
@@ -119,9 +132,7 @@ class LoraConfig:
         for what in ("rank_pattern", "alpha_pattern"):
             pattern = getattr(self, what)
             if not isinstance(pattern, dict) or not all(isinstance(k, str) and k for k in pattern):
-                raise ValueError(
-                    f"LoraConfig.{what} must be a dict {{module regex: value}}, got {short_repr(pattern)}"
-                )
+                raise ValueError(f"LoraConfig.{what} must be a dict {{module regex: value}}, got {short_repr(pattern)}")
         for key, value in self.rank_pattern.items():
             _check_regex(f"rank_pattern key {key!r}", key)
             _check_rank(f"rank_pattern[{key!r}]", value)
@@ -145,6 +156,20 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.layers_pattern must be a string or a list of strings, got {got}")
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ValueError("LoraConfig.layers_pattern only makes sense together with layers_to_transform")
+
+    def _check_parameter_options(self) -> None:
+        """What an adapter on a bare parameter cannot do: the adapter changes the weight the module
+        reads, so nothing acts on the input alone (dropout), and DoRA, lora_bias, a transposed
+        layout flag and PiSSA/OLoRA are defined for layers (all refused by PEFT too)."""
+        if self.dropout:
+            raise ValueError("LoraConfig: target_parameters needs dropout=0 (ΔW is added to the weight the module "
+                             "reads, so there is no adapter input to drop)")  # fmt: skip
+        for flag in ("use_dora", "lora_bias", "fan_in_fan_out"):
+            if getattr(self, flag):
+                raise ValueError(f"LoraConfig: target_parameters does not work with {flag}=True (as in PEFT)")
+        if self.init not in ("default", "gaussian"):
+            raise ValueError(f"LoraConfig: target_parameters does not work with init={self.init!r}; use 'default' "
+                             "or 'gaussian'")  # fmt: skip
 
     @property
     def variant(self) -> str:
@@ -194,6 +219,7 @@ class LoraConfig:
             "rank_pattern": dict(self.rank_pattern),
             "revision": None,
             "target_modules": sorted(target) if isinstance(target, list) else target,
+            "target_parameters": list(self.target_parameters) if self.target_parameters is not None else None,
             "task_type": self.task_type,
             "use_dora": self.use_dora,
             "use_rslora": self.use_rslora,
@@ -236,7 +262,9 @@ class LoraConfig:
         init_name = init if init in ("gaussian", "pissa", "olora") else "default"
         names, opt_names = (list, str), (list, str, type(None))
         alpha_key = "lora_alpha" if "lora_alpha" in data or "alpha" not in data else "alpha"
-        target = data.get("target_modules")
+        target, parameters = data.get("target_modules"), data.get("target_parameters")
+        if target is None and parameters:
+            target = data["target_modules"] = []
         if target is None:
             raise ValueError(
                 "adapter config has no target_modules (PEFT's per-architecture default); lorakit needs the "
@@ -265,6 +293,10 @@ class LoraConfig:
             task_type=peft_value(data, "task_type", None, (str, type(None)), f"null or one of {TASK_TYPES}"),
             use_dora=data.get("use_dora", False),
             lora_bias=data.get("lora_bias", False),
+            target_parameters=peft_value(
+                data, "target_parameters", None, (list, type(None)), "a list of parameter names or null"
+            )
+            or None,
         )
 
     @classmethod
@@ -315,6 +347,16 @@ def _check_names(what: str, value: Any, *, allow_empty: bool) -> list[str] | str
     if not names and not allow_empty:
         raise ValueError(f"LoraConfig.{what} is empty: name at least one module")
     return names
+
+
+def _check_parameters(value: Any) -> list[str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(n, str) and n for n in value):
+        raise ValueError(f"LoraConfig.target_parameters must be a list of parameter names (e.g. "
+                         f"['experts.gate_up_proj']) or None, got {short_repr(value)}")  # fmt: skip
+    names = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
+    return names or None
 
 
 def _pattern_key(patterns: dict[str, Any], module_path: str) -> str | None:

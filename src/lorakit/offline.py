@@ -85,8 +85,9 @@ def _read(
     directory: str | os.PathLike[str], metadata: dict[str, str] | None = None
 ) -> tuple[LoraConfig, dict[str, torch.Tensor], list[AdaptedMatrix]]:
     config, tensors = read_adapter(directory, metadata=metadata)
-    if config.use_dora or config.lora_bias:
-        what = "a DoRA adapter (use_dora)" if config.use_dora else "an adapter with lora biases (lora_bias)"
+    if config.use_dora or config.lora_bias or config.target_parameters:
+        what = ("a DoRA adapter (use_dora)" if config.use_dora else "an adapter with lora biases (lora_bias)"
+                if config.lora_bias else "an adapter on parameters (target_parameters)")  # fmt: skip
         raise AdapterLoadError(
             f"{directory}: {what}; inspecting and merging files without the model handle plain LoRA factors "
             "only: load it into the model (lorakit.load_adapter) and use lorakit.merge_and_unload"

@@ -156,7 +156,7 @@ def _read_config(config: Any) -> _Config:
         raise InputError(f"config = {type(config).__name__}; allowed: a dict or the path of a config.json")
     if not isinstance(cfg, dict):
         kind = _JSON_TYPES.get(type(cfg), type(cfg).__name__)
-        raise InputError(f"{where}: the JSON is {kind}; allowed: an object ({{\"model_type\": ...}})")
+        raise InputError(f'{where}: the JSON is {kind}; allowed: an object ({{"model_type": ...}})')
     return _Config(cfg, where)
 
 

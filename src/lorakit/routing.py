@@ -269,8 +269,9 @@ def route(model: nn.Module, adapters: Routing, *, expand: int = 1) -> Iterator[n
         if len(used) == 1 or not present:
             routes.append(LayerRoute(adapter=next(iter(present), None)))
             continue
-        if layer.variant != "lora" or any(n in layer.lora_bias for n in present):
-            what = f"{layer.variant} adapters" if layer.variant != "lora" else "adapters with a lora bias"
+        if layer.variant != "lora" or not layer.routable or any(n in layer.lora_bias for n in present):
+            what = (f"{layer.variant} adapters" if layer.variant != "lora" else f"adapters on {layer.kind} targets"
+                    if not layer.routable else "adapters with a lora bias")  # fmt: skip
             raise NotImplementedError(
                 f"lorakit.route: {what} cannot be mixed per row (the bank holds plain A and B factors only); "
                 "route plain LoRA adapters, or run one adapter per batch with lorakit.set_adapter"

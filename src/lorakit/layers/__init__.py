@@ -11,6 +11,8 @@ from .eligibility import plain_weight_problem
 from .embedding import LoraEmbedding
 from .linear import LoraLinear
 from .modules_to_save import ModulesToSave
+from .parameter import LoraParameter
+from .parameter_plan import ParameterPlan, parameter_owners, plan_parameters
 from .placement import AdapterPlan, apply_plan, plan_adapter, roll_back
 from .registry import LayerKind, layer_class, register_kind, unregister_kind, wrap_module
 
@@ -31,14 +33,18 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "LoraParameter",
     "ModulesToSave",
+    "ParameterPlan",
     "UnsupportedModuleError",
     "accumulate",
     "adapter_dtype",
     "apply_plan",
     "layer_class",
+    "parameter_owners",
     "plain_weight_problem",
     "plan_adapter",
+    "plan_parameters",
     "register_kind",
     "roll_back",
     "unregister_kind",

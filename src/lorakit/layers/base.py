@@ -88,6 +88,8 @@ class LoraLayer(nn.Module):
     fan_in_fan_out: bool = False
     #: marks the insides of this module as not targetable (``targeting.candidate_modules``)
     lorakit_wrapper = True
+    #: ``lorakit.route`` can give each row its own adapter (``bank_delta``)
+    routable = True
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -198,7 +200,7 @@ class LoraLayer(nn.Module):
     def add_adapter(self, name: str, r: int, scaling: float, dropout: float, init: str) -> None:
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
-        weight = self.base_layer.weight
+        weight = self.weight
         kw = {"device": weight.device, "dtype": adapter_dtype(weight)}
         shape_a, shape_b = self.factor_shapes(r)
         self.lora_A[name] = nn.Parameter(torch.empty(shape_a, **kw))

@@ -333,6 +333,8 @@ class DoraEmbedding(DoraLayer, LoraEmbedding):
 
 
 register_kind(DoraLinear, is_linear)
+
+
 class DoraConv1d(DoraConv, LoraConv1d):
     """DoRA on ``nn.Conv1d``."""
 

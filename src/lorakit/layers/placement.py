@@ -22,6 +22,8 @@ from ..errors import InputError
 from ..targeting import candidate_modules, is_suffix, module_paths, parameter_owners, set_submodule
 from .base import LoraLayer, UnsupportedModuleError
 from .modules_to_save import ModulesToSave
+from .parameter import LoraParameter
+from .parameter_plan import ParameterPlan, plan_parameters
 from .registry import wrap_module
 
 #: (path, module that sat there before), in the order the modules were replaced
@@ -37,6 +39,7 @@ class AdapterPlan:
     ranks: dict[str, tuple[int, float]] = field(default_factory=dict)  # path → (r, scaling)
     saved: list[str] = field(default_factory=list)  # modules_to_save paths
     paths: dict[int, list[str]] = field(default_factory=dict)  # id(module) → every path it sits at
+    parameters: ParameterPlan = field(default_factory=ParameterPlan)  # target_parameters' layers
 
 
 def plan_adapter(model: nn.Module, config: LoraConfig, targets: list[str]) -> AdapterPlan:
@@ -48,7 +51,10 @@ def plan_adapter(model: nn.Module, config: LoraConfig, targets: list[str]) -> Ad
     refused: dict[str, list[str]] = {}  # reason → paths
     for path in targets:
         module = model.get_submodule(path)
-        if isinstance(module, LoraLayer):
+        if isinstance(module, LoraParameter):
+            problems.append(f"{path!r} carries adapters on its parameter {module.param_name!r} (target_parameters), "
+                            "so it cannot also be targeted as a module; drop one of the two")  # fmt: skip
+        elif isinstance(module, LoraLayer):
             if module.variant != config.variant:
                 problems.append(
                     f"{path!r} holds {module.variant!r} adapters {sorted(module.lora_A)}; a {config.variant!r} "
@@ -65,6 +71,13 @@ def plan_adapter(model: nn.Module, config: LoraConfig, targets: list[str]) -> Ad
             wrapper.weight_shared_with = tuple(where for where, owner in shared if owner is not module)
             plan.wrappers[path] = wrapper
         problems += _rank_problems(config, path, plan)
+    if config.target_parameters:
+        try:
+            plan.parameters = plan_parameters(model, config, targets)
+        except ValueError as err:
+            problems.append(str(err))
+        for path, (_, key) in plan.parameters.layers.items():
+            problems += _rank_problems(config, path, plan, key)
     for reason, paths in refused.items():
         names = ", ".join(repr(p) for p in paths[:4]) + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")
         problems.append(f"module {names} {reason}" if len(paths) == 1 else f"{len(paths)} modules ({names}) {reason}")
@@ -87,15 +100,17 @@ def plan_adapter(model: nn.Module, config: LoraConfig, targets: list[str]) -> Ad
     return plan
 
 
-def _rank_problems(config: LoraConfig, path: str, plan: AdapterPlan) -> list[str]:
+def _rank_problems(config: LoraConfig, path: str, plan: AdapterPlan, key: str | None = None) -> list[str]:
+    """Rank and alpha of the layer at ``path``; ``rank_pattern`` keys match ``key`` (default: ``path``)."""
+    key = path if key is None else key
     try:
-        r, alpha = config.rank_for(path), config.alpha_for(path)
+        r, alpha = config.rank_for(key), config.alpha_for(key)
     except (TypeError, ValueError) as err:
         return [f"module {path!r}: rank_pattern/alpha_pattern gives no usable value ({err})"]
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
-        return [f"module {path!r}: rank {r!r} (from r or rank_pattern) must be an integer >= 1"]
+        return [f"module {key!r}: rank {r!r} (from r or rank_pattern) must be an integer >= 1"]
     if not math.isfinite(alpha) or alpha <= 0:
-        return [f"module {path!r}: alpha {alpha!r} (from alpha or alpha_pattern) must be a finite number > 0"]
+        return [f"module {key!r}: alpha {alpha!r} (from alpha or alpha_pattern) must be a finite number > 0"]
     plan.ranks[path] = (r, config.scaling(r, alpha))
     return []
 
@@ -122,7 +137,17 @@ def apply_plan(
                 "theirs) and unmerging ties them again",
                 stacklevel=4,  # the caller of inject
             )
-    for path in plan.targets:
+    new_layers = set()
+    for path, outermost in plan.parameters.outermost.items():
+        module = model.get_submodule(path)
+        module.requires_grad_(False)
+        new_layers |= {id(m) for m in outermost.modules() if isinstance(m, LoraLayer)}
+        for wrapper in (m for m in outermost.modules() if isinstance(m, LoraLayer)):
+            _same_mode(wrapper, module, skip=wrapper.base_layer)
+        for alias in plan.paths.get(id(module), [path]):
+            undo.append((alias, module))
+            set_submodule(model, alias, outermost)
+    for path in [*plan.targets, *plan.parameters.layers]:
         layer = model.get_submodule(path)
         assert isinstance(layer, LoraLayer)
         r, scaling = plan.ranks[path]
@@ -131,7 +156,7 @@ def apply_plan(
             layer.add_lora_bias(name)
         for p in layer.adapter_params(name).values():
             p.requires_grad_(False)
-        if path in plan.wrappers:
+        if path in plan.wrappers or id(layer) in new_layers:
             layer.active_adapter = active
     for path in plan.saved:
         module = model.get_submodule(path)
@@ -156,12 +181,12 @@ def apply_plan(
                 bias.requires_grad_(True)
 
 
-def _same_mode(wrapper: nn.Module, module: nn.Module) -> None:
+def _same_mode(wrapper: nn.Module, module: nn.Module, skip: nn.Module | None = None) -> None:
     """The wrapper and its own containers take the wrapped module's train/eval mode (an eval-mode
-    model stays in eval mode); the wrapped module and its children keep theirs."""
+    model stays in eval mode); the wrapped module (or ``skip``, what the wrapper holds) keeps its own."""
     wrapper.training = module.training
     for child in wrapper.children():
-        if child is not module:
+        if child is not (module if skip is None else skip):
             child.train(module.training)
 
 
