@@ -57,7 +57,7 @@ VARIANT_VALUES = {
     "velora_config": {"num_groups": 2}, "alora_invocation_tokens": [5, 6],
     "monteclora_config": {"n_samples": 4}, "use_bdlora": {"nblocks": 2}, "arrow_config": {"top_k": 2},
     "kasa_config": {"diag": True}, "layer_replication": [[0, 1]],
-    "trainable_token_indices": [1, 2], "use_qalora": True,
+    "use_qalora": True,
     "megatron_config": {"tensor_model_parallel_size": 2}, "ensure_weight_tying": True,
 }  # fmt: skip
 

@@ -22,7 +22,7 @@ import lorakit as lk
 from lorakit.layers.dora import DoraLayer, row_norms
 
 from .conftest import Mixed, SeedMLP
-from .models import expert_net, tiny_gpt2, tiny_llama, tiny_mixtral, token_batch
+from .models import _llama_config, expert_net, tiny_gpt2, tiny_llama, tiny_mixtral, token_batch
 from .tolerance import assert_close
 
 peft = pytest.importorskip("peft")
@@ -59,6 +59,21 @@ def _image() -> tuple:
 
 def _tokens() -> tuple:
     return (token_batch(),)
+
+
+def _special_tokens() -> tuple:
+    """A batch in which the trainable tokens occur (first column, some rows twice)."""
+    ids = token_batch()
+    ids[:, 0] = torch.tensor([1, 5, 100])
+    ids[0, 3], ids[2, 5] = 7, 9
+    return (ids,)
+
+
+def _tied_llama() -> nn.Module:
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(_llama_config(tie_word_embeddings=True)).eval()
 
 
 def _expert_inputs() -> tuple:
@@ -119,6 +134,12 @@ CASES = [
           "target_parameters": ["experts.gate_up_proj", "experts.down_proj"]}, 48),
     Case("transposed-expert-parameters", expert_net, _expert_inputs,
          {"r": 2, "alpha": 4.0, "target_modules": [], "target_parameters": ["gate", "experts.up"]}, 12),
+    # trainable_token_indices: chosen embedding rows trained in full (a tied head follows them)
+    Case("llama-trainable-tokens", tiny_llama, _special_tokens,
+         {"r": 2, "alpha": 4.0, "target_modules": ["q_proj", "v_proj"], "trainable_token_indices": [1, 5, 7]}, 128),
+    Case("tied-llama-trainable-tokens", _tied_llama, _special_tokens,
+         {"r": 2, "alpha": 4.0, "target_modules": ["o_proj"], "trainable_token_indices": {"embed_tokens": [0, 9, 100]}},
+         128),
     Case("mlp-weight-parameters", _mlp, _image,
          {"r": 3, "alpha": 6.0, "target_modules": ["fc3"], "target_parameters": ["fc1.weight", "fc2.weight"]}, 784),
 ]
@@ -148,7 +169,8 @@ def _train_like(model: nn.Module, seed: int, biases: bool = True) -> None:
         for name, p in model.named_parameters():
             if "lora_magnitude" in name:
                 p.mul_(1 + 0.3 * torch.randn(p.shape, generator=g))
-            elif "lora_" in name or (biases and p.requires_grad and name.endswith("bias")):
+            elif "lora_" in name or "trainable_tokens" in name or name.endswith(".values") or (
+                biases and p.requires_grad and name.endswith("bias")):  # fmt: skip
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
@@ -271,7 +293,7 @@ def test_merge_unmerge_and_unload(case: Case, variant: str):
             # the merged weight is m ⊙ (W0 + ΔW) / ‖W0 + ΔW‖: its norms are the magnitudes
             W = layer.base_layer.weight
             norms = row_norms(*layer.norm_operands(layer.active_adapter), 0.0)
-            m = layer.lora_magnitude[layer.active_adapter].detach().flatten()
+            m = layer.lora_magnitude[layer.active_adapter].detach().flatten().abs()  # a row norm is |m|
             assert_close(norms, m, reduction=W.numel() // norms.numel(), depth=4, msg=lambda s, p=path: f"{p}: {s}")
         lk.unmerge(ours)
         for path, layer in lk.lora_layers(ours):

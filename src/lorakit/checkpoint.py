@@ -94,7 +94,7 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
                 state[f"{PREFIX}{path}.base_layer.bias"] = layer.base_layer.bias
     for path, module in model.named_modules():
         if isinstance(module, ModulesToSave) and name in module.modules_to_save:
-            for pname, p in module.modules_to_save[name].named_parameters():
+            for pname, p in module.saved_state(name).items():
                 state[f"{PREFIX}{path}.{pname}"] = p
     if config.bias == "all":
         for pname, p in model.named_parameters():

@@ -66,6 +66,9 @@ class LoraConfig:
             ``layers_to_transform`` and ``exclude_modules`` do not filter them, ``rank_pattern`` keys match
             the parameter's path, and dropout, DoRA, lora_bias and PiSSA/OLoRA are not available.
             ``target_modules`` may then be empty.
+        trainable_token_indices: rows of an embedding trained in full, the rest frozen (PEFT's trainable
+            tokens, ``lorakit.layers.trainable_tokens``): a list of token ids for the model's input
+            embedding (``get_input_embeddings()``), or ``{module name: ids}``; a tied output head follows.
     """
 
     r: int = 8
@@ -87,6 +90,7 @@ class LoraConfig:
     use_dora: bool = False
     lora_bias: bool = False
     target_parameters: list[str] | None = None
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     def __post_init__(self) -> None:
         _check_rank("r", self.r)
@@ -108,6 +112,7 @@ class LoraConfig:
         if self.init not in INIT_CHOICES:
             raise ValueError(f"LoraConfig.init must be one of {INIT_CHOICES}, got {short_repr(self.init)}")
         self.target_parameters = _check_parameters(self.target_parameters)
+        self.trainable_token_indices = _check_tokens(self.trainable_token_indices)
         if self.target_parameters is not None:
             self._check_parameter_options()
             if self.target_modules is None:
@@ -220,6 +225,7 @@ class LoraConfig:
             "revision": None,
             "target_modules": sorted(target) if isinstance(target, list) else target,
             "target_parameters": list(self.target_parameters) if self.target_parameters is not None else None,
+            "trainable_token_indices": self.trainable_token_indices,
             "task_type": self.task_type,
             "use_dora": self.use_dora,
             "use_rslora": self.use_rslora,
@@ -293,8 +299,14 @@ class LoraConfig:
             task_type=peft_value(data, "task_type", None, (str, type(None)), f"null or one of {TASK_TYPES}"),
             use_dora=data.get("use_dora", False),
             lora_bias=data.get("lora_bias", False),
-            target_parameters=peft_value(
-                data, "target_parameters", None, (list, type(None)), "a list of parameter names or null"
+            target_parameters=peft_value(data, "target_parameters", None, (list, type(None)), "a list of names or null")
+            or None,
+            trainable_token_indices=peft_value(
+                data,
+                "trainable_token_indices",
+                None,
+                (list, dict, type(None)),
+                "a list of token ids, {module name: token ids} or null",
             )
             or None,
         )
@@ -357,6 +369,19 @@ def _check_parameters(value: Any) -> list[str] | None:
                          f"['experts.gate_up_proj']) or None, got {short_repr(value)}")  # fmt: skip
     names = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
     return names or None
+
+
+def _check_tokens(value: Any) -> list[int] | dict[str, list[int]] | None:
+    def ids(v: Any) -> bool:
+        return isinstance(v, list) and bool(v) and len(set(v)) == len(v) and all(
+            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)  # fmt: skip
+
+    if value is None or (isinstance(value, list) and ids(value)):
+        return value
+    if isinstance(value, dict) and value and all(isinstance(k, str) and k and ids(v) for k, v in value.items()):
+        return {k: list(v) for k, v in value.items()}
+    raise ValueError("LoraConfig.trainable_token_indices must be a non-empty list of distinct token ids >= 0, or "
+                     f"{{module name: such a list}}, or None; got {short_repr(value)}")  # fmt: skip
 
 
 def _pattern_key(patterns: dict[str, Any], module_path: str) -> str | None:

@@ -262,10 +262,11 @@ def set_adapter(model: nn.Module, name: str | Sequence[str]) -> None:
         require_adapter(model, n, "lorakit.set_adapter")
     refuse_when_disabled(model, f"lorakit.set_adapter(model, {name!r})")
     configs = adapter_configs(model)
-    special = [n for n in names if configs[n].use_dora or configs[n].modules_to_save] if len(names) > 1 else []
+    special = [n for n in names if configs[n].use_dora or configs[n].modules_to_save
+               or configs[n].trainable_token_indices] if len(names) > 1 else []  # fmt: skip
     if special:
-        raise InputError(f"lorakit.set_adapter: {special} use DoRA or modules_to_save, which cannot run together "
-                         "with other adapters; activate them alone")  # fmt: skip
+        raise InputError(f"lorakit.set_adapter: {special} use DoRA, modules_to_save or trainable tokens, which "
+                         "cannot run together with other adapters; activate them alone")  # fmt: skip
     _refuse_switch_while_merged(model, names)
     model.__dict__[ACTIVE_ATTR] = tuple(names)
     for module in _wrappers(model):

@@ -141,7 +141,7 @@ def merge_and_unload(model: nn.Module, dequantize: bool = False, dtype: torch.dt
             module.base_layer.requires_grad_(False)
             replace_module(model, module, module.base_layer)
         else:
-            replace_module(model, module, module.active_module())
+            replace_module(model, module, module.unload())
     adapter_configs(model).clear()
     model.__dict__.pop(CONFIGS_ATTR, None)
     adapters_changed(model)

@@ -16,7 +16,6 @@ UNSUPPORTED_PEFT_KEYS = {
     "alora_invocation_tokens": "activated LoRA (aLoRA)", "monteclora_config": "MonteCLoRA",
     "use_bdlora": "block-diagonal LoRA (BD-LoRA)", "arrow_config": "Arrow routing", "kasa_config": "KaSA",
     "layer_replication": "layer replication",
-    "trainable_token_indices": "trainable tokens",
     "use_qalora": "QALoRA", "megatron_config": "Megatron parallel layers",
     "ensure_weight_tying": "adapters tied across tied layers (embeddings and output head)",
 }  # fmt: skip
@@ -28,6 +27,7 @@ KNOWN_PEFT_KEYS = frozenset({
     "layers_to_transform", "layers_pattern", "base_model_name_or_path", "task_type", "peft_type", "auto_mapping",
     "peft_version", "revision", "inference_mode", "megatron_core", "loftq_config", "eva_config", "corda_config",
     "lora_ga_config", "qalora_group_size", "runtime_config", "target_parameters",
+    "trainable_token_indices",
 })  # fmt: skip
 _EMPTY, _warned_keys = (None, False, [], {}, ""), set[str]()
 logger = logging.getLogger("lorakit.config")

@@ -15,6 +15,7 @@ from .parameter import LoraParameter
 from .parameter_plan import ParameterPlan, parameter_owners, plan_parameters
 from .placement import AdapterPlan, apply_plan, plan_adapter, roll_back
 from .registry import LayerKind, layer_class, register_kind, unregister_kind, wrap_module
+from .trainable_tokens import TokenRows, TrainableTokens
 
 __all__ = [
     "AdapterPlan",
@@ -36,6 +37,8 @@ __all__ = [
     "LoraParameter",
     "ModulesToSave",
     "ParameterPlan",
+    "TokenRows",
+    "TrainableTokens",
     "UnsupportedModuleError",
     "accumulate",
     "adapter_dtype",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -41,6 +42,14 @@ class ModulesToSave(nn.Module):
         if self.adapters_disabled or name is None or name not in self.modules_to_save:
             return self.original_module
         return self.modules_to_save[name]
+
+    def saved_state(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s tensors by their key below this module's path, as PEFT saves them."""
+        return dict(self.modules_to_save[name].named_parameters())
+
+    def unload(self) -> nn.Module:
+        """What takes this wrapper's place when adapters are merged and unloaded."""
+        return self.active_module()
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.active_module()(*args, **kwargs)

@@ -25,6 +25,8 @@ from .modules_to_save import ModulesToSave
 from .parameter import LoraParameter
 from .parameter_plan import ParameterPlan, plan_parameters
 from .registry import wrap_module
+from .token_plan import TokenPlan, plan_tokens
+from .trainable_tokens import TokenRows, TrainableTokens
 
 #: (path, module that sat there before), in the order the modules were replaced
 Undo = list[tuple[str, nn.Module]]
@@ -40,6 +42,7 @@ class AdapterPlan:
     saved: list[str] = field(default_factory=list)  # modules_to_save paths
     paths: dict[int, list[str]] = field(default_factory=dict)  # id(module) → every path it sits at
     parameters: ParameterPlan = field(default_factory=ParameterPlan)  # target_parameters' layers
+    tokens: TokenPlan = field(default_factory=dict)  # trainable_token_indices' wrappers
 
 
 def plan_adapter(model: nn.Module, config: LoraConfig, targets: list[str]) -> AdapterPlan:
@@ -97,6 +100,10 @@ def plan_adapter(model: nn.Module, config: LoraConfig, targets: list[str]) -> Ad
             if isinstance(model.get_submodule(path), LoraLayer):
                 raise InputError(f"modules_to_save: {path!r} already carries a LoRA adapter")
         plan.saved += paths
+    try:
+        plan.tokens = plan_tokens(model, config, targets, plan.saved)
+    except ValueError as err:
+        raise InputError(str(err)) from None
     return plan
 
 
@@ -170,6 +177,20 @@ def apply_plan(
             module = holder
         module.add_adapter(name)
         module.modules_to_save[name].requires_grad_(False)
+    shared: dict[str, TokenRows] = {}
+    for path, (ids, tied_to) in plan.tokens.items():
+        module = model.get_submodule(path)
+        if not isinstance(module, TrainableTokens):
+            holder = TrainableTokens(module, tied_to)
+            _same_mode(holder, module)
+            holder.active_adapter = active
+            for alias in plan.paths.get(id(module), [path]):
+                undo.append((alias, module))
+                set_submodule(model, alias, holder)
+            module = holder
+        rows = module.add_rows(name, ids, shared.get(tied_to) if tied_to is not None else None)
+        shared[path] = rows
+        rows.requires_grad_(False)
     if config.bias == "all":
         for pname, p in model.named_parameters():
             if pname.endswith("bias") and ".lora_" not in pname:
