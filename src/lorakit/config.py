@@ -115,15 +115,15 @@ class LoraConfig:
         self.trainable_token_indices = _check_tokens(self.trainable_token_indices)
         if self.target_parameters is not None:
             self._check_parameter_options()
-            if self.target_modules is None:
-                self.target_modules = []
+        other_targets = self.target_parameters is not None or self.trainable_token_indices is not None
+        if other_targets and self.target_modules is None:
+            self.target_modules = []
         if self.target_modules is None:
             raise ValueError(
                 "LoraConfig.target_modules is required: a list of module names (e.g. ['q_proj', 'v_proj']), "
                 f"a regex string matched on the full path, or {ALL_LINEAR!r}"
             )
-        allow_empty = self.target_parameters is not None
-        self.target_modules = _check_names("target_modules", self.target_modules, allow_empty=allow_empty)
+        self.target_modules = _check_names("target_modules", self.target_modules, allow_empty=other_targets)
         if self.exclude_modules is not None:
             self.exclude_modules = _check_names("exclude_modules", self.exclude_modules, allow_empty=True)
         if self.modules_to_save is not None:
@@ -268,8 +268,8 @@ class LoraConfig:
         init_name = init if init in ("gaussian", "pissa", "olora") else "default"
         names, opt_names = (list, str), (list, str, type(None))
         alpha_key = "lora_alpha" if "lora_alpha" in data or "alpha" not in data else "alpha"
-        target, parameters = data.get("target_modules"), data.get("target_parameters")
-        if target is None and parameters:
+        target = data.get("target_modules")
+        if target is None and (data.get("target_parameters") or data.get("trainable_token_indices")):
             target = data["target_modules"] = []
         if target is None:
             raise ValueError(

@@ -257,7 +257,7 @@ def read_adapter(
                 f"and config come from different saves; save the adapter again (or undo a hand edit of "
                 f"{CONFIG_NAME})"
             )
-        if not any(".lora_" in k for k in shapes):
+        if not any(".lora_" in k or k.endswith(".trainable_tokens_delta") for k in shapes):
             raise AdapterLoadError(
                 f"{directory}: {CONFIG_NAME} is a LoRA config, but {WEIGHTS_NAME} holds no LoRA factor "
                 f"(no lora_A/lora_B tensor) for any module it targets ({short_repr(config.target_modules)}): "
