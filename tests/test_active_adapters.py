@@ -78,6 +78,6 @@ def test_bad_lists_are_refused_by_name():
     other = SeedMLP()
     lk.inject(other, lk.LoraConfig(r=2, target_modules=["fc1"]), name="a")
     lk.add_adapter(other, lk.LoraConfig(r=2, target_modules=["fc2"], use_dora=True), "d")
-    with pytest.raises(lk.InputError, match=r"\['d'\] use DoRA or modules_to_save"):
+    with pytest.raises(lk.InputError, match=r"\['d'\] use DoRA, modules_to_save or trainable tokens"):
         lk.set_adapter(other, ["a", "d"])
     assert lk.active_adapters(other) == ["a"]

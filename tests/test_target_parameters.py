@@ -231,7 +231,7 @@ def test_route_combine_and_file_tools_refuse_parameter_adapters(tmp_path):
     lk.set_adapter(model, "other")
     with torch.no_grad():
         assert torch.equal(routed, model(x))
-    with pytest.raises(lk.InputError, match="adapt parameters"):
+    with pytest.raises(lk.InputError, match="adapt parameters or nn.MultiheadAttention"):
         lk.combine_adapters(model, ["default", "other"], [0.5, 0.5], "mix")
     lk.save_adapter(model, tmp_path)
     with pytest.raises(AdapterLoadError, match=r"an adapter on parameters \(target_parameters\)"):

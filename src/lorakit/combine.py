@@ -28,7 +28,7 @@ from torch import nn
 from .config import LoraConfig
 from .errors import InputError
 from .injection import adapter_configs, add_adapter, lora_layers
-from .layers import LoraLayer
+from .layers import LoraLayer, LoraParameter
 from .targeting import require_module
 
 METHODS = ("linear", "cat", "svd", "ties", "dare")
@@ -119,10 +119,11 @@ def combine_adapters(
     missing = [s for s in sources if s not in configs]
     if missing:
         raise InputError(f"sources: unknown adapters {missing}; the model holds {sorted(configs) or 'no adapters'}")
-    on_parameters = [s for s in sources if configs[s].target_parameters]
-    if on_parameters:
-        raise InputError(f"sources: {on_parameters} adapt parameters (target_parameters), whose per-expert factor "
-                         "layout combine_adapters does not rebuild (PEFT refuses them too)")  # fmt: skip
+    on_weights = sorted({s for _, layer in lora_layers(model) if isinstance(layer, LoraParameter)
+                         for s in sources if s in layer.lora_A})  # fmt: skip
+    if on_weights:
+        raise InputError(f"sources: {on_weights} adapt parameters or nn.MultiheadAttention (target_parameters), "
+                         "whose factor layouts combine_adapters does not rebuild (PEFT refuses them too)")  # fmt: skip
     if method not in METHODS:
         raise InputError(f"method = {method!r}; allowed: {', '.join(METHODS)}")
     weights = _weights(weights, len(sources))

@@ -81,7 +81,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     saved = config.modules_to_save or []
     if config.target_modules == ALL_LINEAR:
         head = output_head(model)
-        matched = [p for p, m in candidates if _is_linear(m) and m is not head]
+        # An nn.MultiheadAttention never calls its out_proj's forward: an adapter there would never run.
+        inside_mha = {f"{p}.out_proj" for p, m in candidates if isinstance(m, nn.MultiheadAttention)}
+        matched = [p for p, m in candidates if _is_linear(m) and m is not head and p not in inside_mha]
         if isinstance(head, LoraLayer):
             matched = [p for p in matched if getattr(model.get_submodule(p), "base_layer", None) is not head]
     else:

@@ -4,6 +4,7 @@ Importing this package registers the built-in kinds (linear, embedding, conv1d/2
 DoRA forms); a variant is one more file that subclasses the kinds and calls ``register_kind``.
 """
 
+from .attention import LoraMultiheadAttention
 from .base import LoraLayer, UnsupportedModuleError, accumulate, adapter_dtype
 from .conv import LoraConv, LoraConv1d, LoraConv2d, LoraConv3d
 from .dora import DoraConv, DoraConv1d, DoraConv2d, DoraConv3d, DoraEmbedding, DoraLayer, DoraLinear
@@ -34,6 +35,7 @@ __all__ = [
     "LoraEmbedding",
     "LoraLayer",
     "LoraLinear",
+    "LoraMultiheadAttention",
     "LoraParameter",
     "ModulesToSave",
     "ParameterPlan",

@@ -54,7 +54,12 @@ def plan_adapter(model: nn.Module, config: LoraConfig, targets: list[str]) -> Ad
     refused: dict[str, list[str]] = {}  # reason → paths
     for path in targets:
         module = model.get_submodule(path)
-        if isinstance(module, LoraParameter):
+        parent = model.get_submodule(path.rpartition(".")[0])
+        if isinstance(parent, nn.MultiheadAttention) and path.endswith(".out_proj"):
+            problems.append(f"{path!r} is the output projection of an nn.MultiheadAttention, which reads its weight "
+                            "without calling it, so an adapter there would never run; target the attention module "
+                            f"{path.rpartition('.')[0]!r} itself (it adapts both projections)")  # fmt: skip
+        elif isinstance(module, LoraParameter):
             problems.append(f"{path!r} carries adapters on its parameter {module.param_name!r} (target_parameters), "
                             "so it cannot also be targeted as a module; drop one of the two")  # fmt: skip
         elif isinstance(module, LoraLayer):
