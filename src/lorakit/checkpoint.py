@@ -51,6 +51,7 @@ from .injection import (
     set_adapter,
 )
 from .layers import LoraLayer, LoraLinear, ModulesToSave, UnsupportedModuleError, plan_parameters, wrap_module
+from .layers.attention import warn_peft_out_proj
 from .layers.principal import convert_state
 from .targeting import candidate_modules, is_suffix, name_matches, output_head, require_adapter_name, require_module
 
@@ -196,6 +197,7 @@ def save_adapter(
     if not isinstance(convert_to_lora, bool):
         raise InputError(f"lorakit.save_adapter: convert_to_lora = {convert_to_lora!r}; allowed: True or False")
     write_folder(directory, adapter_state_files(model, name, convert_to_lora=convert_to_lora))
+    warn_peft_out_proj(model, name)
     return Path(directory) / WEIGHTS_NAME
 
 
@@ -251,6 +253,7 @@ def load_adapter(
         raise
     if activate:
         set_adapter(model, name)
+    warn_peft_out_proj(model, name)
     return model
 
 

@@ -10,6 +10,10 @@ The keys are PEFT's: ``<path>.lora_A.weight`` for the packed projection and
 ``<path>.base_layer.out_proj.lora_A.weight`` for the output projection. Dropout cannot act on the
 adapters' input here (the weights change, not the inputs), so PEFT ignores it; lorakit says so
 with a warning. Only ``_qkv_same_embed_dim`` modules (one packed projection) are supported.
+
+PEFT 0.21 adds the output projection's ``ΔW`` twice (huggingface/peft#3774): the same file gives
+``W_out + 2 s B_out A_out`` there and the formula above here. ``warn_peft_out_proj`` says so
+whenever such an adapter is saved or loaded in PEFT's format.
 """
 
 from __future__ import annotations
@@ -100,6 +104,18 @@ class LoraMultiheadAttention(LoraParameter):
             return self.base_layer(*args, **kwargs)
         swapped = {"in_proj_weight": self.effective_weight(names), "out_proj.weight": self.out_effective(names)}
         return functional_call(self.base_layer, swapped, args, kwargs, strict=False)
+
+
+def warn_peft_out_proj(model: nn.Module, name: str) -> None:
+    """Warn when adapter ``name`` adapts an ``nn.MultiheadAttention`` (see the module docstring)."""
+    paths = [p for p, m in model.named_modules() if isinstance(m, LoraMultiheadAttention) and name in m.lora_A]
+    if paths:
+        warnings.warn(
+            f"adapter {name!r} adapts nn.MultiheadAttention ({paths[0]!r}{', ...' if len(paths) > 1 else ''}): "
+            "PEFT 0.21 adds its out_proj ΔW twice (huggingface/peft#3774), lorakit once, as the LoRA formula says; "
+            "in PEFT 0.21 the same file gives other outputs (the out_proj part doubled)",
+            stacklevel=3,
+        )
 
 
 register_kind(LoraMultiheadAttention, lambda module: isinstance(module, nn.MultiheadAttention))

@@ -59,7 +59,7 @@ def plan_adapter(model: nn.Module, config: LoraConfig, targets: list[str]) -> Ad
             problems.append(f"{path!r} is the output projection of an nn.MultiheadAttention, which reads its weight "
                             "without calling it, so an adapter there would never run; target the attention module "
                             f"{path.rpartition('.')[0]!r} itself (it adapts both projections)")  # fmt: skip
-        elif isinstance(module, LoraParameter):
+        elif isinstance(module, LoraParameter) and module.kind == LoraParameter.kind:
             problems.append(f"{path!r} carries adapters on its parameter {module.param_name!r} (target_parameters), "
                             "so it cannot also be targeted as a module; drop one of the two")  # fmt: skip
         elif isinstance(module, LoraLayer):
