@@ -182,3 +182,14 @@ def test_load_errors_name_the_variant_mismatch_and_unsupported_layers(tmp_path):
     config.write_text(config.read_text().replace('"r": 4', '"r": 3'))
     with pytest.raises(lk.AdapterLoadError, match="rank 3 is not divisible by the convolution's groups=2"):
         lk.load_adapter(copy.deepcopy(grouped), tmp_path / "odd")
+
+
+def test_combining_adapters_on_a_grouped_convolution_is_refused_before_anything_changes():
+    model = nn.Sequential(nn.Conv2d(4, 8, 3, groups=2))
+    config = lk.LoraConfig(r=2, target_modules=["0"])
+    lk.inject(model, config)
+    lk.add_adapter(model, config, "other")
+    for method in ("cat", "linear", "svd"):
+        with pytest.raises(lk.InputError, match=r"'0' is a grouped convolution \(groups=2\)"):
+            lk.combine_adapters(model, ["default", "other"], [1.0, 1.0], "mix", method=method)
+    assert sorted(lk.adapter_configs(model)) == ["default", "other"]

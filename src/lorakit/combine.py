@@ -161,6 +161,9 @@ def combine_adapters(
         present = [(s, w) for s, w in zip(sources, weights, strict=True) if s in layer.lora_A]
         if not present:
             continue
+        if getattr(layer.base_layer, "groups", 1) > 1:
+            raise InputError(f"layer {path!r} is a grouped convolution (groups={layer.base_layer.groups}): its B is "
+                             "grouped like the base, which a combined B cannot be; leave such layers out")  # fmt: skip
         with torch.no_grad():
             deltas = [w * _factor_delta(layer, s) for s, w in present]
             target = torch.stack(deltas).sum(0)
