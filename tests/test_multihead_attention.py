@@ -154,3 +154,27 @@ def test_refusals_and_the_dropout_warning():
         warnings.simplefilter("always")
         lk.inject(_model(), lk.LoraConfig(target_modules=["attn"], dropout=0.1))
     assert any("does not apply to nn.MultiheadAttention" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("stack", [False, True], ids=["layer", "encoder"])
+def test_torch_fused_encoder_path_does_not_skip_the_adapters(stack):
+    """In eval, nn.TransformerEncoderLayer may hand its submodules' weights to one fused kernel (and
+    nn.TransformerEncoder pack a padded batch as a nested tensor): with adapters it must not."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True)
+    model = (nn.TransformerEncoder(layer, 2, enable_nested_tensor=True) if stack else layer).eval()
+    base = copy.deepcopy(model).requires_grad_(False)
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["self_attn", "linear1"]))
+    train_like(model, seed=5)
+    x, mask = _inputs()
+    with torch.no_grad():
+        evaluated = model(x, src_key_padding_mask=mask)
+        model.train()
+        trained = model(x, src_key_padding_mask=mask)
+        model.eval()
+        assert_close(evaluated, trained, reduction=16, depth=8)
+        assert not torch.allclose(evaluated, base(x, src_key_padding_mask=mask))
+    lk.delete_adapter(model, "default")  # the fused path is allowed again, as before
+    layers = model.layers if stack else [model]
+    assert all(not lay._forward_pre_hooks for lay in layers)
+    assert not stack or model.use_nested_tensor == base.use_nested_tensor

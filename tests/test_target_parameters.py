@@ -258,3 +258,35 @@ def test_peft_config_round_trip_keeps_the_parameter_targets():
     assert lk.LoraConfig.from_peft_dict({**data, "target_modules": None}).target_modules == []
     with pytest.raises(ValueError, match="target_parameters"):
         lk.LoraConfig.from_peft_dict({**data, "target_parameters": "experts"})
+
+
+def test_tied_weights_an_mha_out_proj_and_modules_to_save_overlaps_are_refused():
+    from transformers import LlamaForCausalLM
+
+    from .models import _llama_config
+
+    torch.manual_seed(0)
+    tied = LlamaForCausalLM(_llama_config(tie_word_embeddings=True))
+    with pytest.raises(ValueError, match=r"'weight' is also lm_head\.weight \(tied weights\)"):
+        lk.inject(tied, lk.LoraConfig(target_modules=[], target_parameters=["embed_tokens.weight"]))
+    attention = nn.ModuleDict({"attn": nn.MultiheadAttention(8, 2)})
+    with pytest.raises(ValueError, match="output projection of an nn.MultiheadAttention"):
+        lk.inject(attention, lk.LoraConfig(target_modules=[], target_parameters=["attn.out_proj.weight"]))
+    moe = tiny_mixtral()
+    with pytest.raises(lk.InputError, match="either trained in full or adapted"):
+        lk.inject(moe, lk.LoraConfig(target_modules=[], modules_to_save=["mlp"], target_parameters=MOE[:1]))
+    for model in (tied, attention, moe):
+        assert not list(lk.lora_layers(model)) and not lk.adapter_configs(model)
+
+
+def test_a_model_moved_to_bfloat16_after_injection_adds_in_float32():
+    model = expert_net()
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=[], target_parameters=["gate", "up"]))
+    train_like(model, seed=6)
+    x = torch.randn(5, 8)
+    with torch.no_grad():
+        want = model(x)
+        model.to(torch.bfloat16)
+        got = model(x.bfloat16())
+    assert got.dtype == torch.bfloat16
+    assert_close(got.float(), want, reduction=12, depth=8, dtype=torch.bfloat16)

@@ -16,6 +16,7 @@ import lorakit as lk
 from lorakit.layers import TrainableTokens
 
 from .models import _llama_config, tiny_llama
+from .tolerance import assert_close
 
 
 def _tied() -> nn.Module:
@@ -171,3 +172,38 @@ def test_config_round_trip_and_save_load(tmp_path):
         assert torch.equal(fresh(x), model(x))
     clone = copy.deepcopy(fresh)
     assert torch.equal(clone(x), fresh(x))
+
+
+def test_the_output_head_alone_on_a_tied_model_is_not_followed_and_unloading_unties_it():
+    """As PEFT: only the input embedding takes its tied head along; the head chosen alone changes
+    only its own outputs, and merge_and_unload gives it its own copy (the embedding keeps W)."""
+    model = _tied()
+    lk.inject(model, lk.LoraConfig(target_modules=[], trainable_token_indices={"lm_head": [3]}))
+    assert type(model.model.embed_tokens) is nn.Embedding and isinstance(model.lm_head, TrainableTokens)
+    embedding = model.model.embed_tokens.weight.detach().clone()
+    with torch.no_grad():
+        model.lm_head.modules_to_save["default"].values.add_(1.0)
+        x = torch.tensor([[3, 1, 2]])
+        want = model(x).logits
+        lk.merge_and_unload(model)
+        assert torch.equal(model.model.embed_tokens.weight, embedding)
+        assert not torch.equal(model.lm_head.weight, embedding)
+        assert_close(model(x).logits, want, reduction=32, depth=4)
+
+
+def test_tokens_with_a_parameter_target_on_the_same_embedding_or_two_names_for_it_are_refused():
+    for options in ({"target_parameters": ["embed_tokens.weight"], "trainable_token_indices": [3]},
+                    {"trainable_token_indices": {"embed_tokens": [3], "model.embed_tokens": [4]}}):  # fmt: skip
+        model = tiny_llama()
+        with pytest.raises(ValueError, match="also carries|named twice"):
+            lk.inject(model, lk.LoraConfig(target_modules=[], **options))
+        assert type(model.model.embed_tokens) is nn.Embedding
+
+
+def test_saving_a_tokens_only_adapter_warns_that_peft_cannot_load_it(tmp_path):
+    model = Tagger()
+    lk.inject(model, lk.LoraConfig(target_modules=[], trainable_token_indices={"emb": [1]}))
+    with pytest.warns(UserWarning, match="PEFT 0.21 refuses to load"):
+        lk.save_adapter(model, tmp_path)
+    with pytest.raises(ValueError, match="merge_and_unload writes them"):
+        lk.merge(model)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -198,6 +199,10 @@ def save_adapter(
         raise InputError(f"lorakit.save_adapter: convert_to_lora = {convert_to_lora!r}; allowed: True or False")
     write_folder(directory, adapter_state_files(model, name, convert_to_lora=convert_to_lora))
     warn_peft_out_proj(model, name)
+    config = adapter_configs(model)[name]
+    if config.target_modules == [] and not config.target_parameters:
+        warnings.warn(f"adapter {name!r} targets no module (trainable tokens only): PEFT 0.21 refuses to load such "
+                      "a config (it needs target_modules or target_parameters)", stacklevel=2)  # fmt: skip
     return Path(directory) / WEIGHTS_NAME
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from .config import ALL_LINEAR, LoraConfig
 from .errors import ArgumentTypeError, InputError, short_repr
-from .layers import LoraLayer, LoraLinear, ModulesToSave, apply_plan, plan_adapter, roll_back
+from .layers import LoraLayer, LoraLinear, ModulesToSave, apply_plan, plan_adapter, roll_back, sync_fast_paths
 from .targeting import (
     candidate_modules,
     is_conv1d,
@@ -94,11 +94,16 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     if config.exclude_modules:
         matched = [p for p in matched if not name_matches(config.exclude_modules, p)]
     # Never put an adapter on a module that is trained in full: the two would fight.
+    before = matched
     matched = [p for p in matched if not any(re.match(rf"(^|.*\.){re.escape(s)}($|\..*)", p) for s in saved)]
 
     all_paths = [p for p, _ in candidates]
     if isinstance(config.target_modules, list):
         unmatched = [n for n in config.target_modules if not any(is_suffix(n, p) for p in matched)]
+        inside = [n for n in unmatched if any(is_suffix(n, p) for p in before)]
+        if inside:
+            raise ValueError(f"target_modules {inside} match only modules inside modules_to_save {saved} (trained in "
+                             "full, so they take no adapter); drop one of the two")  # fmt: skip
         if unmatched:
             raise ValueError(_no_match_message(unmatched, all_paths, config))
     elif not matched:
@@ -148,6 +153,7 @@ def register_adapter_hook(hook: Callable[[nn.Module], None]) -> None:
 def adapters_changed(model: nn.Module) -> None:
     """Adapters were added or removed (or wrappers unloaded): cached wrapper lists are stale."""
     model.__dict__["_lorakit_generation"] = model.__dict__.get("_lorakit_generation", 0) + 1
+    sync_fast_paths(model)
     for hook in list(ADAPTER_HOOKS):
         hook(model)
 

@@ -39,7 +39,8 @@ def merge(model: nn.Module) -> nn.Module:
     require_module(model, "lorakit.merge")
     layers = [layer for _, layer in lora_layers(model)]
     if not layers:
-        raise ValueError("the model holds no LoRA layers: nothing to merge")
+        raise ValueError("the model holds no LoRA layers: nothing to merge (trainable tokens and modules_to_save "
+                         "keep running as they are; lorakit.merge_and_unload writes them into the model)")  # fmt: skip
     if active_adapter(model) is None:
         raise ValueError("no adapter is active: call lorakit.set_adapter(model, name) first")
     if any(layer.route is not None for layer in layers):

@@ -27,7 +27,7 @@ from torch.func import functional_call
 
 from .base import init_lora_a
 from .eligibility import own_forward_problem, plain_weight_problem
-from .parameter import LoraParameter
+from .parameter import LoraParameter, work_dtype
 from .registry import register_kind
 
 OUT_KEYS = ("base_layer.out_proj.lora_A.weight", "base_layer.out_proj.lora_B.weight")
@@ -78,17 +78,19 @@ class LoraMultiheadAttention(LoraParameter):
 
     def out_effective(self, names: list[str]) -> torch.Tensor:
         weight = self.base_layer.out_proj.weight
-        out = weight.to(self.lora_A[names[0]].dtype)
+        work = work_dtype(weight, *(self.out_A[n] for n in names))
+        out = weight.to(work)
         for name in names:
-            out = torch.addmm(out, self.out_B[name], self.out_A[name], alpha=self.scaling[name])
+            out = torch.addmm(out, self.out_B[name].to(work), self.out_A[name].to(work), alpha=self.scaling[name])
         return out.to(weight.dtype)
 
     # ------------------------------------------------------------------ merge / forward
     @torch.no_grad()
     def add_out(self, name: str, sign: float) -> None:
         weight = self.base_layer.out_proj.weight
-        delta = (self.out_B[name] @ self.out_A[name]) * self.scaling[name]
-        weight.copy_(weight.to(delta.dtype).add_(delta, alpha=sign))
+        work = work_dtype(weight, self.out_A[name])
+        delta = (self.out_B[name].to(work) @ self.out_A[name].to(work)) * self.scaling[name]
+        weight.copy_(weight.to(work).add_(delta, alpha=sign))
 
     def merge_one(self, name: str) -> None:
         super().merge_one(name)

@@ -29,6 +29,13 @@ from .base import LoraLayer, adapter_dtype, init_lora_a
 from .eligibility import type_name
 
 
+def work_dtype(weight: torch.Tensor, *factors: torch.Tensor) -> torch.dtype:
+    """float32 (float64 with a float64 weight or factor): a model moved to half precision after
+    injection has half-precision factors, which still add in float32."""
+    dtypes = [adapter_dtype(weight), *(adapter_dtype(f) for f in factors)]
+    return torch.float64 if torch.float64 in dtypes else torch.float32
+
+
 class LoraParameter(LoraLayer):
     """Adapters on ``base_layer.<param_name>`` (the parameter of the innermost non-wrapper module).
 
@@ -108,16 +115,18 @@ class LoraParameter(LoraLayer):
 
     def delta_weight(self, name: str) -> torch.Tensor:
         lhs, rhs = self.expert_factors(name)
-        return torch.matmul(lhs, rhs) * self.scaling[name]
+        work = work_dtype(self.weight, lhs)
+        return torch.matmul(lhs.to(work), rhs.to(work)) * self.scaling[name]
 
     def effective_weight(self, names: list[str]) -> torch.Tensor:
         """``W + Σ_k s_k ΔW_k``, fused per adapter, in the adapters' precision, rounded once."""
         weight = self.weight
-        out = weight.to(adapter_dtype(weight))
+        work = work_dtype(weight, *(self.lora_A[n] for n in names))
+        out = weight.to(work)
         fused = torch.addmm if weight.dim() == 2 else torch.baddbmm
         for name in names:
             lhs, rhs = self.expert_factors(name)
-            out = fused(out, lhs, rhs, alpha=self.scaling[name])
+            out = fused(out, lhs.to(work), rhs.to(work), alpha=self.scaling[name])
         return out.to(weight.dtype)
 
     def reset_adapter(self, name: str, init: str) -> None:

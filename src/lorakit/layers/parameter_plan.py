@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from ..config import LoraConfig
-from ..targeting import is_suffix, name_matches
+from ..targeting import is_suffix, name_matches, parameter_owners
 from .base import LoraLayer
 from .modules_to_save import ModulesToSave
 from .parameter import LoraParameter
@@ -30,6 +30,7 @@ class ParameterOwner:
     module: nn.Module
     chain: list[LoraLayer]  # the wrappers around it now, outermost first
     params: list[str]  # its targeted parameters, in registration order
+    parent: nn.Module | None  # the module holding it (seen through wrappers)
 
 
 @dataclass
@@ -42,26 +43,26 @@ class ParameterPlan:
     outermost: dict[str, LoraParameter] = field(default_factory=dict)
 
 
-def parameter_owners(model: nn.Module, names: list[str]) -> list[ParameterOwner]:
+def parameter_targets(model: nn.Module, names: list[str]) -> list[ParameterOwner]:
     """Every module registering a parameter that ``names`` matches, in model order (a module shared
     at several paths is listed once; lorakit wrappers are seen through, their own tables skipped)."""
     found: list[ParameterOwner] = []
     seen: set[int] = set()
 
-    def walk(module: nn.Module, path: str, chain: list[LoraLayer]) -> None:
+    def walk(module: nn.Module, path: str, chain: list[LoraLayer], parent: nn.Module | None) -> None:
         if isinstance(module, LoraLayer):
-            walk(module.base_layer, path, [*chain, module])
+            walk(module.base_layer, path, [*chain, module], parent)
             return
         if isinstance(module, ModulesToSave) or id(module) in seen:
             return
         seen.add(id(module))
         params = [n for n, _ in module.named_parameters(recurse=False) if name_matches(names, _join(path, n))]
         if params:
-            found.append(ParameterOwner(path, module, chain, params))
+            found.append(ParameterOwner(path, module, chain, params, parent))
         for child_name, child in module.named_children():
-            walk(child, _join(path, child_name), [])
+            walk(child, _join(path, child_name), [], module)
 
-    walk(model, "", [])
+    walk(model, "", [], None)
     return found
 
 
@@ -73,7 +74,8 @@ def plan_parameters(model: nn.Module, config: LoraConfig, module_targets: list[s
     """Check every parameter ``config.target_parameters`` names and plan its layer; one
     ``ValueError`` lists every problem. Builds the new wrappers (unplaced); changes nothing."""
     names = config.target_parameters or []
-    owners = parameter_owners(model, names)
+    owners = parameter_targets(model, names)
+    holders = parameter_owners(model)
     plan, problems = ParameterPlan(), []
     keys = [_join(o.path, p) for o in owners for p in o.params]
     unmatched = [n for n in names if not any(is_suffix(n, k) for k in keys)]
@@ -92,9 +94,18 @@ def plan_parameters(model: nn.Module, config: LoraConfig, module_targets: list[s
         elif existing and sorted(existing) != sorted(owner.params):
             problems.append(f"{where}: other adapters target its parameters {sorted(existing)}, this one "
                             f"{owner.params}; adapters must all target the same parameters of a module")  # fmt: skip
+        elif isinstance(owner.parent, nn.MultiheadAttention) and owner.path.endswith(".out_proj"):
+            problems.append(f"{where} is the output projection of an nn.MultiheadAttention, which reads its weight "
+                            "without calling it; target the attention module itself (target_modules)")  # fmt: skip
         else:
             problems += [f"{where}: {why}" for p in owner.params
                          if (why := LoraParameter.parameter_problem(owner.module, p)) is not None]  # fmt: skip
+            for p in owner.params:
+                tied = [k for k, m in holders.get(id(getattr(owner.module, p)), []) if m is not owner.module]
+                if tied:
+                    problems.append(f"{where}: parameter {p!r} is also {', '.join(tied)} (tied weights), which an "
+                                    "adapter on one place of it cannot keep apart when merged; use target_modules, "
+                                    "which unties a merged copy")  # fmt: skip
         if problems:
             continue
         chain = owner.chain if existing else _new_chain(owner.module, owner.params)

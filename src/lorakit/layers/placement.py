@@ -101,15 +101,27 @@ def plan_adapter(model: nn.Module, config: LoraConfig, targets: list[str]) -> Ad
             raise InputError(
                 f"modules_to_save: {module_name!r} matches no module; nearest existing names: {close or 'none close'}"
             )
+        adapted = [*targets, *plan.parameters.outermost, *_owner_paths(plan.parameters)]
         for path in paths:
-            if isinstance(model.get_submodule(path), LoraLayer):
-                raise InputError(f"modules_to_save: {path!r} already carries a LoRA adapter")
+            inside = [p for p in adapted if p == path or p.startswith(path + ".")]
+            wrapped = [
+                p for p, m in model.get_submodule(path).named_modules() if isinstance(m, (LoraLayer, ModulesToSave))
+            ]
+            if inside or wrapped:
+                raise InputError(f"modules_to_save: {path!r} holds adapted modules ({(inside or wrapped)[0]!r}, ...); "
+                                 "a module is either trained in full or adapted, not both")  # fmt: skip
         plan.saved += paths
     try:
-        plan.tokens = plan_tokens(model, config, targets, plan.saved)
+        taken = [*targets, *_owner_paths(plan.parameters)]
+        plan.tokens = plan_tokens(model, config, taken, plan.saved)
     except ValueError as err:
         raise InputError(str(err)) from None
     return plan
+
+
+def _owner_paths(plan: ParameterPlan) -> list[str]:
+    """The modules whose parameters the plan adapts (their paths without the nested ``.base_layer``)."""
+    return sorted({p.split(".base_layer")[0] for p in plan.layers})
 
 
 def _rank_problems(config: LoraConfig, path: str, plan: AdapterPlan, key: str | None = None) -> list[str]:
@@ -183,10 +195,11 @@ def apply_plan(
         module.add_adapter(name)
         module.modules_to_save[name].requires_grad_(False)
     shared: dict[str, TokenRows] = {}
-    for path, (ids, tied_to) in plan.tokens.items():
+    for path, (ids, tied_to, shared_with) in plan.tokens.items():
         module = model.get_submodule(path)
         if not isinstance(module, TrainableTokens):
             holder = TrainableTokens(module, tied_to)
+            holder.weight_shared_with = shared_with
             _same_mode(holder, module)
             holder.active_adapter = active
             for alias in plan.paths.get(id(module), [path]):

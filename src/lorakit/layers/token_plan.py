@@ -17,8 +17,9 @@ from .base import LoraLayer
 from .modules_to_save import ModulesToSave
 from .trainable_tokens import TrainableTokens
 
-#: path → (token ids, path of the wrapper whose values it shares; None: it holds them)
-TokenPlan = dict[str, tuple[list[int], str | None]]
+#: path → (token ids, path of the wrapper whose values it shares (None: it holds them), other holders
+#: of its weight that do not follow it: a merge gives it its own copy)
+TokenPlan = dict[str, tuple[list[int], str | None, tuple[str, ...]]]
 
 
 def plan_tokens(model: nn.Module, config: LoraConfig, module_targets: list[str], saved: list[str]) -> TokenPlan:
@@ -28,10 +29,10 @@ def plan_tokens(model: nn.Module, config: LoraConfig, module_targets: list[str],
         return {}
     chosen: dict[str, list[int]] = {}
     problems: list[str] = []
+    get = getattr(model, "get_input_embeddings", None)
+    embedding = get() if callable(get) else None
+    paths = module_paths(model).get(id(embedding), []) if isinstance(embedding, nn.Module) else []
     if isinstance(spec, list):
-        get = getattr(model, "get_input_embeddings", None)
-        embedding = get() if callable(get) else None
-        paths = module_paths(model).get(id(embedding), []) if isinstance(embedding, nn.Module) else []
         if not paths:
             raise ValueError("trainable_token_indices is a list, which means the input embedding, but this model has "
                              "no get_input_embeddings(); name the module: {'embed_tokens': [...]}")  # fmt: skip
@@ -43,25 +44,30 @@ def plan_tokens(model: nn.Module, config: LoraConfig, module_targets: list[str],
             if not found:
                 close = difflib.get_close_matches(name, names, n=3, cutoff=0.4)
                 problems.append(f"{name!r} matches no module; nearest: {', '.join(close) or 'none close'}")
-            chosen.update(dict.fromkeys(found, ids))
+            for path in found:
+                if chosen.setdefault(path, ids) != ids:
+                    problems.append(f"module {path!r} is named twice with different token ids")
     plan: TokenPlan = {}
     for path, ids in chosen.items():
         problem = _problem(model, path, ids, module_targets, saved)
         if problem is not None:
             problems.append(f"module {path!r} {problem}")
             continue
-        plan[path] = (ids, None)
+        plan[path] = (ids, None, ())
+    # As PEFT: modules tied to the input embedding follow its rows; any other sharing of a chosen
+    # module's weight is recorded, so that merging gives that module its own copy.
     owners = parameter_owners(model)
     for path in list(plan):
         module = _base(model.get_submodule(path))
-        for where, _ in owners.get(id(module.weight), []):
-            tied = _holder(model, where.rpartition(".")[0])
-            if tied == path or tied in plan:
-                continue
+        holders = {_holder(model, where.rpartition(".")[0]) for where, _ in owners.get(id(module.weight), [])} - {path}
+        if path not in paths:
+            plan[path] = (plan[path][0], None, tuple(sorted(holders)))
+            continue
+        for tied in sorted(holders - set(plan)):
             problem = _problem(model, tied, plan[path][0], module_targets, saved, tied=True)
             if problem is not None:
                 problems.append(f"module {tied!r} shares the weight of {path!r} (tied) and {problem}")
-            plan[tied] = (plan[path][0], path)
+            plan[tied] = (plan[path][0], path, ())
     if problems:
         raise ValueError("trainable_token_indices:\n  " + "\n  ".join(problems))
     return plan

@@ -57,6 +57,8 @@ class TrainableTokens(ModulesToSave):
     def __init__(self, module: nn.Module, tied_to: str | None = None) -> None:
         super().__init__(module)
         self.tied_to = tied_to
+        #: other holders of the weight that do not follow these rows: unloading gives this module its own copy
+        self.weight_shared_with: tuple[str, ...] = ()
 
     @staticmethod
     def module_problem(module: nn.Module, indices: list[int]) -> str | None:
@@ -118,6 +120,8 @@ class TrainableTokens(ModulesToSave):
         """The base module with the active adapter's rows written into its weight."""
         rows = self.running()
         if rows is not None:
-            weight = self.original_module.weight
-            weight.index_copy_(0, rows.indices, rows.values.to(weight.dtype))
+            module = self.original_module
+            if self.weight_shared_with:  # the other holders keep the original rows
+                module.weight = nn.Parameter(module.weight.detach().clone(), requires_grad=module.weight.requires_grad)
+            module.weight.index_copy_(0, rows.indices, rows.values.to(module.weight.dtype))
         return self.original_module
