@@ -319,6 +319,35 @@ MUTANTS: tuple[Mutant, ...] = (
         "double quantization: the second-level absmax scale is not applied to the 8-bit absmax codes",
         (T + "test_quantization.py::test_our_dequantization_matches_bitsandbytes_on_whole_blocks",),
     ),
+    # ------------------------------------------------------------------ parameters, tokens, attention
+    Mutant(
+        "expert-factors-expert-major-b", "layers/parameter.py",
+        "B_e = B.reshape(B.shape[0], r, experts).permute(2, 0, 1)  # [E, out, r]",
+        "B_e = B.reshape(B.shape[0], experts, r).permute(1, 0, 2)  # [E, out, r]",
+        "B's columns read expert-major instead of PEFT's rank-major layout",
+        (T + "test_target_parameters.py::test_the_module_computes_with_w_plus_delta_written_out_by_hand",),
+    ),
+    Mutant(
+        "parameter-nesting-reversed", "layers/parameter_plan.py",
+        "chain.insert(0, inner)",
+        "chain.append(inner)",
+        "nested parameter wrappers get each other's paths (the first registered is not innermost)",
+        (T + "test_target_parameters.py::test_wrappers_nest_in_registration_order_and_a_second_adapter_reuses_them",),
+    ),
+    Mutant(
+        "tokens-miss-repeated-rows", "layers/trainable_tokens.py",
+        "return torch.where((where >= 0)[..., None], values[where.clamp(min=0)].to(out.dtype), out)",
+        "return torch.where((where > 0)[..., None], values[where.clamp(min=0)].to(out.dtype), out)",
+        "the first trainable token reads the frozen row",
+        (T + "test_trainable_tokens.py::test_only_the_chosen_rows_train_and_the_output_reads_them",),
+    ),
+    Mutant(
+        "mha-out-proj-not-adapted", "layers/attention.py",
+        'swapped = {"in_proj_weight": self.effective_weight(names), "out_proj.weight": self.out_effective(names)}',
+        'swapped = {"in_proj_weight": self.effective_weight(names)}',
+        "the MultiheadAttention adapter leaves out_proj at W0 (its factors train for nothing)",
+        (T + "test_multihead_attention.py::test_the_attention_runs_with_both_adapted_weights",),
+    ),
     # ------------------------------------------------------------------ combine and planner
     Mutant(
         "svd-truncation-off-by-one", "combine.py",

@@ -62,9 +62,9 @@ def test_only_the_chosen_rows_train_and_the_output_reads_them():
     assert float(values.grad[1:].abs().min()) > 0.0
     assert model.emb.original_module.weight.grad is None
     with torch.no_grad():
-        values[1] += 1.0  # token 4
+        values += 1.0  # tokens 0 (the padding row), 4 and 7
         manual = model.emb.original_module.weight.clone()
-        manual[4] = values[1]
+        manual[[0, 4, 7]] = values
         want = model.head(manual[x]).sum(1)
         assert torch.equal(model(x), want)
         with lk.disable_adapters(model):
@@ -207,3 +207,12 @@ def test_saving_a_tokens_only_adapter_warns_that_peft_cannot_load_it(tmp_path):
         lk.save_adapter(model, tmp_path)
     with pytest.raises(ValueError, match="merge_and_unload writes them"):
         lk.merge(model)
+
+
+def test_a_later_adapter_cannot_train_a_token_module_in_full():
+    model = Tagger()
+    lk.inject(model, lk.LoraConfig(target_modules=[], trainable_token_indices={"emb": [1]}))
+    before = _state(model)
+    with pytest.raises(lk.InputError, match="'emb' holds adapted modules"):
+        lk.add_adapter(model, lk.LoraConfig(target_modules=["head"], modules_to_save=["emb"]), "b")
+    assert _unchanged(model, before) and sorted(lk.adapter_configs(model)) == ["default"]

@@ -104,9 +104,10 @@ def plan_adapter(model: nn.Module, config: LoraConfig, targets: list[str]) -> Ad
         adapted = [*targets, *plan.parameters.outermost, *_owner_paths(plan.parameters)]
         for path in paths:
             inside = [p for p in adapted if p == path or p.startswith(path + ".")]
-            wrapped = [
-                p for p, m in model.get_submodule(path).named_modules() if isinstance(m, (LoraLayer, ModulesToSave))
-            ]
+            # a modules_to_save holder from another adapter is fine (it gets one more copy); adapters are not
+            held = model.get_submodule(path).named_modules(prefix=path)
+            wrapped = [p for p, m in held if isinstance(m, (LoraLayer, TrainableTokens))
+                       or (p != path and isinstance(m, ModulesToSave))]  # fmt: skip
             if inside or wrapped:
                 raise InputError(f"modules_to_save: {path!r} holds adapted modules ({(inside or wrapped)[0]!r}, ...); "
                                  "a module is either trained in full or adapted, not both")  # fmt: skip
