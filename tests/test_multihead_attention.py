@@ -52,7 +52,7 @@ def _by_hand(model: Attender, name: str = "default", out_factor: float = 1.0) ->
     s = layer.scaling[name]
     with torch.no_grad():
         w_in = layer.base_layer.in_proj_weight + s * layer.lora_B[name] @ layer.lora_A[name]
-        w_out = layer.base_layer.out_proj.weight + out_factor * s * layer.out_B[name] @ layer.out_A[name]
+        w_out = layer.base_layer.out_proj.weight + out_factor * s * layer.lora_out_B[name] @ layer.lora_out_A[name]
         plain.attn.in_proj_weight.copy_(w_in)
         plain.attn.out_proj.weight.copy_(w_out)
     return plain
@@ -97,7 +97,7 @@ def test_keys_shapes_counts_and_peft_both_ways(tmp_path):
         assert torch.equal(back(x, mask), theirs(x, mask)), "the file round-trips exactly"
         # the in_proj part alone (out_proj factors at zero) is the same in both
         for model in (ours.attn, back.base_model.model.attn.base_layer.out_proj):
-            (model.out_B["default"] if model is ours.attn else model.lora_B["default"].weight).zero_()
+            (model.lora_out_B["default"] if model is ours.attn else model.lora_B["default"].weight).zero_()
         assert_close(back(x, mask), ours(x, mask), reduction=8, depth=8)
 
 
@@ -133,8 +133,8 @@ def test_training_reaches_both_projections():
     x, mask = _inputs()
     model(x, mask).square().sum().backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    assert set(grads) == {"attn.lora_A.default", "attn.lora_B.default", "attn.out_A.default", "attn.out_B.default"}
-    assert float(grads["attn.lora_B.default"].abs().max()) > 0 and float(grads["attn.out_B.default"].abs().max()) > 0
+    assert set(grads) == {f"attn.lora_{f}.default" for f in ("A", "B", "out_A", "out_B")}
+    assert all(float(grads[f"attn.lora_{f}.default"].abs().max()) > 0 for f in ("B", "out_B"))
 
 
 def test_refusals_and_the_dropout_warning():
@@ -178,3 +178,12 @@ def test_torch_fused_encoder_path_does_not_skip_the_adapters(stack):
     layers = model.layers if stack else [model]
     assert all(not lay._forward_pre_hooks for lay in layers)
     assert not stack or model.use_nested_tensor == base.use_nested_tensor
+
+
+def test_loraplus_puts_both_b_factors_in_the_fast_group():
+    model = _model()
+    lk.inject(model, lk.LoraConfig(r=2, target_modules=["attn"]))
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in lk.loraplus_groups(model, lr=1e-3, ratio=8)}
+    layer = model.attn
+    assert {id(layer.lora_B["default"]), id(layer.lora_out_B["default"])} <= groups["loraplus_B"]
+    assert {id(layer.lora_A["default"]), id(layer.lora_out_A["default"])} <= groups["loraplus_A"]

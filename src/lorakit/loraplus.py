@@ -43,7 +43,9 @@ def loraplus_groups(
         raise InputError(f"lorakit.loraplus_groups: weight_decay = {weight_decay!r}; allowed: a number >= 0")
     embedding_ids = {id(p) for _, layer in lora_layers(model) if isinstance(layer, LoraEmbedding)
                      for table in (layer.lora_A, layer.lora_B) for p in table.values()}  # fmt: skip
-    b_ids = {id(layer.lora_B[n]) for _, layer in lora_layers(model) for n in layer.lora_B}
+    # every B factor a layer holds, by its PEFT key (a MultiheadAttention holds two: in_proj's and out_proj's)
+    b_ids = {id(p) for _, layer in lora_layers(model) for n in layer.lora_B
+             for key, p in layer.adapter_params(n).items() if key.endswith("lora_B.weight")}  # fmt: skip
     no_decay = {id(p) for m in model.modules() if isinstance(m, nn.LayerNorm) for p in m.parameters()}
     no_decay |= {id(p) for n, p in model.named_parameters() if "bias" in n}
     groups: dict[str, list[nn.Parameter]] = {"A": [], "embedding": [], "B": [], "B_no_decay": []}

@@ -38,8 +38,8 @@ class LoraMultiheadAttention(LoraParameter):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer, "in_proj_weight")
-        self.out_A = nn.ParameterDict()
-        self.out_B = nn.ParameterDict()
+        self.lora_out_A = nn.ParameterDict()
+        self.lora_out_B = nn.ParameterDict()
 
     @classmethod
     def base_problem(cls, module: nn.Module) -> str | None:
@@ -49,7 +49,7 @@ class LoraMultiheadAttention(LoraParameter):
 
     # ------------------------------------------------------------------ the output projection's factors
     def adapter_params(self, name: str) -> dict[str, nn.Parameter]:
-        return {**super().adapter_params(name), OUT_KEYS[0]: self.out_A[name], OUT_KEYS[1]: self.out_B[name]}
+        return {**super().adapter_params(name), OUT_KEYS[0]: self.lora_out_A[name], OUT_KEYS[1]: self.lora_out_B[name]}
 
     def param_shapes(self, r: int, lora_bias: bool = False) -> dict[str, tuple[int, ...]]:
         out = self.base_layer.out_proj.weight.shape
@@ -62,34 +62,35 @@ class LoraMultiheadAttention(LoraParameter):
                           "not their input), as in PEFT", stacklevel=5)  # fmt: skip
         A = self.lora_A[name]
         out = self.base_layer.out_proj.weight.shape
-        self.out_A[name] = nn.Parameter(torch.empty(r, out[1], dtype=A.dtype, device=A.device))
-        self.out_B[name] = nn.Parameter(torch.zeros(out[0], r, dtype=A.dtype, device=A.device))
+        self.lora_out_A[name] = nn.Parameter(torch.empty(r, out[1], dtype=A.dtype, device=A.device))
+        self.lora_out_B[name] = nn.Parameter(torch.zeros(out[0], r, dtype=A.dtype, device=A.device))
         with torch.no_grad():
-            init_lora_a(self.out_A[name], init, r)
+            init_lora_a(self.lora_out_A[name], init, r)
 
     def add_lora_bias(self, name: str) -> None:
         raise ValueError("lora_bias is not supported on nn.MultiheadAttention")
 
     def forget_adapter(self, name: str) -> None:
         super().forget_adapter(name)
-        for table in (self.out_A, self.out_B):
+        for table in (self.lora_out_A, self.lora_out_B):
             if name in table:
                 del table[name]
 
     def out_effective(self, names: list[str]) -> torch.Tensor:
         weight = self.base_layer.out_proj.weight
-        work = work_dtype(weight, *(self.out_A[n] for n in names))
+        work = work_dtype(weight, *(self.lora_out_A[n] for n in names))
         out = weight.to(work)
         for name in names:
-            out = torch.addmm(out, self.out_B[name].to(work), self.out_A[name].to(work), alpha=self.scaling[name])
+            B, A = self.lora_out_B[name].to(work), self.lora_out_A[name].to(work)
+            out = torch.addmm(out, B, A, alpha=self.scaling[name])
         return out.to(weight.dtype)
 
     # ------------------------------------------------------------------ merge / forward
     @torch.no_grad()
     def add_out(self, name: str, sign: float) -> None:
         weight = self.base_layer.out_proj.weight
-        work = work_dtype(weight, self.out_A[name])
-        delta = (self.out_B[name].to(work) @ self.out_A[name].to(work)) * self.scaling[name]
+        work = work_dtype(weight, self.lora_out_A[name])
+        delta = (self.lora_out_B[name].to(work) @ self.lora_out_A[name].to(work)) * self.scaling[name]
         weight.copy_(weight.to(work).add_(delta, alpha=sign))
 
     def merge_one(self, name: str) -> None:
