@@ -14,14 +14,16 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .config_checks import ALL_LINEAR, check_alpha, check_names, check_parameters, check_rank, check_regex, check_tokens
 from .errors import short_repr
 from .peft_keys import check_peft_keys, json_type, peft_value
 
 BIAS_CHOICES = ("none", "all", "lora_only")
-INIT_CHOICES = ("default", "gaussian", "pissa", "olora")
+INIT_CHOICES = ("default", "gaussian", "pissa", "olora", "loftq")
+#: how lorakit's LoftQ is named in adapter_config.json: PEFT refuses the name instead of rebuilding another base
+LOFTQ_NAME = "lorakit_loftq"
 #: PEFT inits that also rewrite the base weights from data or randomness lorakit cannot reproduce on load
 BASE_CHANGING_INITS = {"loftq": "LoftQ", "corda": "CorDA", "lora_ga": "LoRA-GA", "pissa_niter_": "fast PiSSA"}
-ALL_LINEAR = "all-linear"
 #: PEFT's prefix of every tensor key (``base_model.model.<module path>.lora_A.weight``)
 PREFIX = "base_model.model."
 #: PEFT's task types (``peft.TaskType``): the model class ``AutoPeftModel`` builds for an adapter
@@ -48,6 +50,8 @@ class LoraConfig:
             (A ~ N(0, 1/r), B = 0): ΔW = 0 at the start. ``"pissa"`` / ``"olora"`` (linear layers):
             A, B from W0's top singular vectors / QR, and W0 becomes the residual ``W0 − s·B A``
             (``lorakit.layers.principal``), so the output is unchanged but the base is not.
+            ``"loftq"`` (dense linear layers): the base becomes 4-bit NF4 and A, B the best rank-r
+            correction of its quantization error, alternated ``loftq_iter`` times (``lorakit.layers.loftq``).
         fan_in_fan_out: the target stores its weight as ``[in, out]`` (GPT-2's ``Conv1D``).
             Detected automatically for ``Conv1D``; kept for PEFT compatibility.
         modules_to_save: modules trained in full and saved with the adapter (e.g. a new head).
@@ -91,10 +95,11 @@ class LoraConfig:
     lora_bias: bool = False
     target_parameters: list[str] | None = None
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    loftq_iter: int = 1
 
     def __post_init__(self) -> None:
-        _check_rank("r", self.r)
-        _check_alpha("alpha", self.alpha)
+        check_rank("r", self.r)
+        check_alpha("alpha", self.alpha)
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)):
             raise ValueError(f"LoraConfig.dropout must be a number in [0, 1), got {short_repr(self.dropout)}")
         if not 0.0 <= float(self.dropout) < 1.0:
@@ -111,8 +116,11 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.bias must be one of {BIAS_CHOICES}, got {short_repr(self.bias)}")
         if self.init not in INIT_CHOICES:
             raise ValueError(f"LoraConfig.init must be one of {INIT_CHOICES}, got {short_repr(self.init)}")
-        self.target_parameters = _check_parameters(self.target_parameters)
-        self.trainable_token_indices = _check_tokens(self.trainable_token_indices)
+        check_rank("loftq_iter", self.loftq_iter)
+        if self.init == "loftq" and self.use_dora:
+            raise ValueError("LoraConfig: init='loftq' with use_dora=True is not supported")
+        self.target_parameters = check_parameters(self.target_parameters)
+        self.trainable_token_indices = check_tokens(self.trainable_token_indices)
         if self.target_parameters is not None:
             self._check_parameter_options()
         other_targets = self.target_parameters is not None or self.trainable_token_indices is not None
@@ -123,9 +131,9 @@ class LoraConfig:
                 "LoraConfig.target_modules is required: a list of module names (e.g. ['q_proj', 'v_proj']), "
                 f"a regex string matched on the full path, or {ALL_LINEAR!r}"
             )
-        self.target_modules = _check_names("target_modules", self.target_modules, allow_empty=other_targets)
+        self.target_modules = check_names("target_modules", self.target_modules, allow_empty=other_targets)
         if self.exclude_modules is not None:
-            self.exclude_modules = _check_names("exclude_modules", self.exclude_modules, allow_empty=True)
+            self.exclude_modules = check_names("exclude_modules", self.exclude_modules, allow_empty=True)
         if self.modules_to_save is not None:
             if not isinstance(self.modules_to_save, (list, tuple)) or not all(
                 isinstance(m, str) and m for m in self.modules_to_save
@@ -139,11 +147,11 @@ class LoraConfig:
             if not isinstance(pattern, dict) or not all(isinstance(k, str) and k for k in pattern):
                 raise ValueError(f"LoraConfig.{what} must be a dict {{module regex: value}}, got {short_repr(pattern)}")
         for key, value in self.rank_pattern.items():
-            _check_regex(f"rank_pattern key {key!r}", key)
-            _check_rank(f"rank_pattern[{key!r}]", value)
+            check_regex(f"rank_pattern key {key!r}", key)
+            check_rank(f"rank_pattern[{key!r}]", value)
         for key, value in self.alpha_pattern.items():
-            _check_regex(f"alpha_pattern key {key!r}", key)
-            _check_alpha(f"alpha_pattern[{key!r}]", value)
+            check_regex(f"alpha_pattern key {key!r}", key)
+            check_alpha(f"alpha_pattern[{key!r}]", value)
         if self.layers_to_transform is not None:
             layers = self.layers_to_transform
             layers = [layers] if isinstance(layers, int) else layers if isinstance(layers, (list, tuple)) else None
@@ -212,7 +220,8 @@ class LoraConfig:
             ),
             "fan_in_fan_out": self.fan_in_fan_out,
             "inference_mode": True,
-            "init_lora_weights": True if self.init == "default" else self.init,
+            "init_lora_weights": True if self.init == "default" else LOFTQ_NAME if self.init == "loftq" else self.init,
+            **({"loftq_config": {"loftq_bits": 4, "loftq_iter": self.loftq_iter}} if self.init == "loftq" else {}),
             "layers_pattern": self.layers_pattern,
             "layers_to_transform": self.layers_to_transform,
             "lora_alpha": alpha,
@@ -265,7 +274,8 @@ class LoraConfig:
             )
         # pissa / olora rebuild their residual base on load (deterministic); other PEFT inits (False, "eva",
         # "orthogonal", ...) only set A and B before training, and the weights are loaded.
-        init_name = init if init in ("gaussian", "pissa", "olora") else "default"
+        init_name = init if init in ("gaussian", "pissa", "olora") else "loftq" if init == LOFTQ_NAME else "default"
+        loftq = peft_value(data, "loftq_config", {}, (dict, type(None)), "an object") or {}
         names, opt_names = (list, str), (list, str, type(None))
         alpha_key = "lora_alpha" if "lora_alpha" in data or "alpha" not in data else "alpha"
         target = data.get("target_modules")
@@ -285,6 +295,7 @@ class LoraConfig:
             bias=peft_value(data, "bias", "none", (str,), f"one of {BIAS_CHOICES}"),
             use_rslora=data.get("use_rslora", False),
             init=init_name,
+            loftq_iter=peft_value(loftq, "loftq_iter", 1, (int,), "an integer >= 1") if init_name == "loftq" else 1,
             fan_in_fan_out=data.get("fan_in_fan_out", False),
             modules_to_save=peft_value(data, "modules_to_save", None, (list, type(None)), "a list of names or null"),
             rank_pattern=peft_value(data, "rank_pattern", {}, (dict, type(None)), "an object {regex: rank}") or {},
@@ -323,65 +334,6 @@ class LoraConfig:
     def replace(self, **changes: Any) -> LoraConfig:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
-
-
-def _check_rank(what: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"LoraConfig.{what} must be an integer >= 1, got {short_repr(value)}")
-
-
-def _check_alpha(what: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"LoraConfig.{what} must be a finite number > 0, got {short_repr(value)}")
-
-
-def _check_regex(what: str, pattern: str) -> None:
-    try:
-        re.compile(pattern)
-    except re.error as err:
-        raise ValueError(f"LoraConfig: {what} is not a valid regular expression: {err}") from None
-
-
-def _check_names(what: str, value: Any, *, allow_empty: bool) -> list[str] | str:
-    if isinstance(value, str):
-        if value == ALL_LINEAR or value.lower() == ALL_LINEAR:
-            return ALL_LINEAR
-        _check_regex(what, value)
-        return value
-    if not isinstance(value, (list, tuple, set, frozenset)):
-        allowed = f"a list of module names, a regex string or {ALL_LINEAR!r}"
-        raise ValueError(f"LoraConfig.{what} must be {allowed}, got {short_repr(value)}")
-    names = list(value)
-    if isinstance(value, (set, frozenset)) and all(isinstance(n, str) for n in names):
-        names.sort()
-    if not all(isinstance(n, str) and n for n in names):
-        raise ValueError(f"LoraConfig.{what} must hold non-empty strings, got {short_repr(names)}")
-    if not names and not allow_empty:
-        raise ValueError(f"LoraConfig.{what} is empty: name at least one module")
-    return names
-
-
-def _check_parameters(value: Any) -> list[str] | None:
-    if value is None:
-        return None
-    if not isinstance(value, (list, tuple, set, frozenset)) or not all(isinstance(n, str) and n for n in value):
-        raise ValueError(f"LoraConfig.target_parameters must be a list of parameter names (e.g. "
-                         f"['experts.gate_up_proj']) or None, got {short_repr(value)}")  # fmt: skip
-    names = sorted(value) if isinstance(value, (set, frozenset)) else list(value)
-    return names or None
-
-
-def _check_tokens(value: Any) -> list[int] | dict[str, list[int]] | None:
-    def ids(v: Any) -> bool:
-        return isinstance(v, list) and bool(v) and len(set(v)) == len(v) and all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in v)  # fmt: skip
-
-    if value is None or (isinstance(value, list) and ids(value)):
-        return value
-    if isinstance(value, dict) and value and all(isinstance(k, str) and k and ids(v) for k, v in value.items()):
-        return {k: list(v) for k, v in value.items()}
-    raise ValueError("LoraConfig.trainable_token_indices must be a non-empty list of distinct token ids >= 0, or "
-                     f"{{module name: such a list}}, or None; got {short_repr(value)}")  # fmt: skip
 
 
 def _pattern_key(patterns: dict[str, Any], module_path: str) -> str | None:

@@ -21,6 +21,7 @@ from ..config import LoraConfig
 from ..errors import InputError
 from ..targeting import candidate_modules, is_suffix, module_paths, parameter_owners, set_submodule
 from .base import LoraLayer, UnsupportedModuleError
+from .loftq import initialize as loftq_initialize
 from .modules_to_save import ModulesToSave
 from .parameter import LoraParameter
 from .parameter_plan import ParameterPlan, plan_parameters
@@ -176,7 +177,10 @@ def apply_plan(
         layer = model.get_submodule(path)
         assert isinstance(layer, LoraLayer)
         r, scaling = plan.ranks[path]
-        layer.add_adapter(name, r, scaling, float(config.dropout), config.init)
+        loftq = config.init == "loftq"  # a dense start, then LoftQ quantizes the base and sets A and B
+        layer.add_adapter(name, r, scaling, float(config.dropout), "default" if loftq else config.init)
+        if loftq:
+            loftq_initialize(layer, name, config.loftq_iter)
         if config.lora_bias:
             layer.add_lora_bias(name)
         for p in layer.adapter_params(name).values():
