@@ -23,7 +23,7 @@ from torch import nn
 
 from ..quantization import NF4Linear
 from ..targeting import is_linear4bit
-from .principal import principal_factors
+from .principal import principal_factors, sole_owner_problem
 
 if TYPE_CHECKING:
     from .base import LoraLayer
@@ -37,12 +37,7 @@ def _problem(layer: LoraLayer, name: str) -> str | None:
                 "rebuilds the same 4-bit base)")  # fmt: skip
     if type(layer.base_layer) is not nn.Linear:
         return f"the base is a {type(layer.base_layer).__name__}, not an nn.Linear"
-    if layer.weight_shared_with:
-        return f"its weight is tied to {', '.join(layer.weight_shared_with)}, which would stay dense"
-    others = [n for n in layer.lora_A if n != name]
-    if others:
-        return f"the layer holds adapters {others}, whose base quantization would change; give it its own model"
-    return None
+    return sole_owner_problem(layer, name, "quantizing it")
 
 
 def _quantized(linear: nn.Linear, weight: torch.Tensor) -> NF4Linear:

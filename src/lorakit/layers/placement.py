@@ -14,6 +14,7 @@ import difflib
 import math
 import warnings
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from torch import nn
 
@@ -31,6 +32,7 @@ from .trainable_tokens import TokenRows, TrainableTokens
 
 #: (path, module that sat there before), in the order the modules were replaced
 Undo = list[tuple[str, nn.Module]]
+H = TypeVar("H", bound=ModulesToSave)
 
 
 @dataclass
@@ -190,27 +192,15 @@ def apply_plan(
     for path in plan.saved:
         module = model.get_submodule(path)
         if not isinstance(module, ModulesToSave):
-            holder = ModulesToSave(module)
-            _same_mode(holder, module)
-            holder.active_adapter = active
-            for alias in plan.paths.get(id(module), [path]):
-                undo.append((alias, module))
-                set_submodule(model, alias, holder)
-            module = holder
+            module = _place(model, plan, undo, path, ModulesToSave(module), active)
         module.add_adapter(name)
         module.modules_to_save[name].requires_grad_(False)
     shared: dict[str, TokenRows] = {}
     for path, (ids, tied_to, shared_with) in plan.tokens.items():
         module = model.get_submodule(path)
         if not isinstance(module, TrainableTokens):
-            holder = TrainableTokens(module, tied_to)
-            holder.weight_shared_with = shared_with
-            _same_mode(holder, module)
-            holder.active_adapter = active
-            for alias in plan.paths.get(id(module), [path]):
-                undo.append((alias, module))
-                set_submodule(model, alias, holder)
-            module = holder
+            module = _place(model, plan, undo, path, TrainableTokens(module, tied_to), active)
+            module.weight_shared_with = shared_with
         rows = module.add_rows(name, ids, shared.get(tied_to) if tied_to is not None else None)
         shared[path] = rows
         rows.requires_grad_(False)
@@ -223,6 +213,18 @@ def apply_plan(
             bias = getattr(model.get_submodule(path).base_layer, "bias", None)
             if isinstance(bias, nn.Parameter):
                 bias.requires_grad_(True)
+
+
+def _place(model: nn.Module, plan: AdapterPlan, undo: Undo, path: str, holder: H, active: str | None) -> H:
+    """Put ``holder`` (a ``modules_to_save`` or tokens wrapper of the module at ``path``) wherever
+    that module sits, in its train/eval mode; returns ``holder``."""
+    module = holder.original_module
+    _same_mode(holder, module)
+    holder.active_adapter = active
+    for alias in plan.paths.get(id(module), [path]):
+        undo.append((alias, module))
+        set_submodule(model, alias, holder)
+    return holder
 
 
 def _same_mode(wrapper: nn.Module, module: nn.Module, skip: nn.Module | None = None) -> None:

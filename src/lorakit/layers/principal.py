@@ -65,11 +65,17 @@ def _problem(layer: LoraLayer, name: str, init: str) -> str | None:
         return "OLoRA on a Conv1D ([in, out]) weight, which PEFT initialises transposed (wrong shapes); use pissa"
     if is_linear4bit(layer.base_layer):
         return "a 4-bit base: the residual W0 − s·B A would have to be quantized again; initialise on a dense base"
+    return sole_owner_problem(layer, name, "the residual")
+
+
+def sole_owner_problem(layer: LoraLayer, name: str, change: str) -> str | None:
+    """An init that rewrites the base (``change`` says how) needs the weight to itself: not tied to
+    another module, and no other adapter on the layer."""
     if layer.weight_shared_with:
-        return f"its weight is tied to {', '.join(layer.weight_shared_with)}, which the residual would change too"
+        return f"its weight is tied to {', '.join(layer.weight_shared_with)}, which {change} would change too"
     others = [n for n in layer.lora_A if n != name]
     if others:
-        return f"the layer holds adapters {others}, whose base the residual would change; give it its own model"
+        return f"the layer holds adapters {others}, whose base {change} would change; give it its own model"
     return None
 
 
