@@ -17,7 +17,7 @@ import lorakit as lk
         ({"dropout": 1.0}, "dropout"),
         ({"dropout": -0.1}, "dropout"),
         ({"bias": "some"}, "bias"),
-        ({"init": "loftq"}, "init"),
+        ({"init": "lorakit_loftq"}, "init"),
         ({"target_modules": []}, "target_modules"),
         ({"target_modules": "fc(["}, "target_modules"),
         ({"rank_pattern": {"fc1": 0}}, "rank_pattern"),

@@ -121,3 +121,95 @@ def test_refusals():
     with pytest.raises(ValueError, match="LoftQ initialises nn.Linear layers only"):
         lk.inject(embedded, lk.LoraConfig(target_modules=["0"], init="loftq"))
     assert type(embedded[0]) is nn.Embedding
+
+
+def _saved(tmp_path, iterations: int = 2):
+    base = _mlp()
+    model = copy.deepcopy(base)
+    lk.inject(model, lk.LoraConfig(r=4, target_modules=["fc1", "fc2"], init="loftq", loftq_iter=iterations))
+    lk.save_adapter(model, tmp_path)
+    return base, model
+
+
+def test_a_failed_load_gives_the_dense_layers_back(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base, _ = _saved(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    with open(weights, "rb") as f:
+        header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+    tensors = load_file(weights)
+    tensors["base_model.model.fc2.bias"] = torch.zeros(10)  # a stray key, found only after the bases are rebuilt
+    save_file(tensors, weights, metadata=header["__metadata__"])
+    model = copy.deepcopy(base)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lk.AdapterLoadError, match="unexpected key base_model.model.fc2.bias"):
+        lk.load_adapter(model, tmp_path)
+    assert type(model.fc1) is nn.Linear and type(model.fc2) is nn.Linear
+    assert {k: torch.equal(v, before[k]) for k, v in model.state_dict().items()} == dict.fromkeys(before, True)
+
+
+def test_a_rebuild_that_differs_from_the_saved_base_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base, _ = _saved(tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    with open(weights, "rb") as f:
+        metadata = json.loads(f.read(int.from_bytes(f.read(8), "little")))["__metadata__"]
+    bases = json.loads(metadata["lorakit.loftq_bases"])
+    assert sorted(bases) == ["fc1", "fc2"]
+    bases["fc2"] = "0" * 64  # as if another machine had rounded one code the other way
+    save_file(load_file(weights), weights, metadata={**metadata, "lorakit.loftq_bases": json.dumps(bases)})
+    model = copy.deepcopy(base)
+    with pytest.raises(lk.AdapterLoadError, match=r"differ from those the adapter was trained on \(\['fc2'\]"):
+        lk.load_adapter(model, tmp_path)
+    assert type(model.fc2) is nn.Linear
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_rebuild_does_not_depend_on_the_thread_count(tmp_path, threads):
+    base, model = _saved(tmp_path, iterations=3)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        again = lk.load_adapter(copy.deepcopy(base), tmp_path)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(again.fc2.base_layer.weight, model.fc2.base_layer.weight)
+
+
+def test_delete_warns_that_the_base_stays_4_bit_and_conversion_is_refused(tmp_path):
+    _, model = _saved(tmp_path, iterations=1)
+    with pytest.raises(lk.InputError, match="convert_to_lora: a LoftQ adapter belongs to its own 4-bit base"):
+        lk.save_adapter(model, tmp_path / "converted", convert_to_lora=True)
+    with pytest.warns(UserWarning, match="the 4-bit base stays"):
+        lk.delete_adapter(model, "default")
+    assert type(model.fc1).__name__ == "NF4Linear"
+
+
+@pytest.mark.parametrize(
+    "loftq_config",
+    [None, {}, {"loftq_bits": 8, "loftq_iter": 1}, {"loftq_bits": 4}],
+    ids=["null", "empty", "8-bit", "no-iter"],
+)
+def test_a_lorakit_loftq_config_without_its_settings_is_refused(loftq_config):
+    data = {**lk.LoraConfig(target_modules=["fc1"], init="loftq").to_peft_dict(), "loftq_config": loftq_config}
+    with pytest.raises(ValueError, match="loftq_config"):
+        lk.LoraConfig.from_peft_dict(data)
+    with pytest.raises(ValueError, match="does not implement"):
+        lk.LoraConfig.from_peft_dict({**data, "init_lora_weights": "lorakit_loftq2"})
+
+
+def test_moving_a_4_bit_model_to_bfloat16_keeps_its_code_tables():
+    model = lk.quantize(_mlp(), skip=[])
+    before = model.fc1.dequantize()
+    model.to(torch.bfloat16).to(torch.float32)
+    assert torch.equal(model.fc1.dequantize(), before)
+    assert model.fc1.code.dtype == torch.float32 and model.fc1.bias.dtype == torch.float32
+
+
+def test_a_rank_above_the_weight_is_refused_by_name():
+    model = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="rank 4 exceeds the layer's 2×3 weight"):
+        lk.inject(model, lk.LoraConfig(r=4, target_modules=["0"], init="loftq"))
+    assert type(model[0]) is nn.Linear

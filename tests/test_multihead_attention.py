@@ -187,3 +187,15 @@ def test_loraplus_puts_both_b_factors_in_the_fast_group():
     layer = model.attn
     assert {id(layer.lora_B["default"]), id(layer.lora_out_B["default"])} <= groups["loraplus_B"]
     assert {id(layer.lora_A["default"]), id(layer.lora_out_A["default"])} <= groups["loraplus_A"]
+
+
+def test_a_layer_injected_alone_refuses_the_nested_input_of_its_encoder():
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2).eval()
+    lk.inject(encoder.layers[0], lk.LoraConfig(r=2, target_modules=["linear1"]))
+    x, mask = _inputs()
+    with torch.no_grad(), pytest.raises(RuntimeError, match="set that encoder's use_nested_tensor = False"):
+        encoder(x, src_key_padding_mask=mask)
+    encoder.use_nested_tensor = False
+    with torch.no_grad():
+        encoder(x, src_key_padding_mask=mask)

@@ -53,8 +53,17 @@ from .injection import (
 )
 from .layers import LoraLayer, LoraLinear, ModulesToSave, UnsupportedModuleError, plan_parameters, wrap_module
 from .layers.attention import warn_peft_out_proj
+from .layers.loftq import check_rebuilt, recorded_bases
 from .layers.principal import convert_state
-from .targeting import candidate_modules, is_suffix, name_matches, output_head, require_adapter_name, require_module
+from .targeting import (
+    candidate_modules,
+    is_suffix,
+    name_matches,
+    output_head,
+    require_adapter_name,
+    require_module,
+    set_submodule,
+)
 
 #: transformers' auto-model tables → PEFT's task type, most specific first
 _TASKS = (
@@ -172,7 +181,8 @@ def adapter_state_files(
         config = convert_state(lora_layers(model), name, config, state)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
     in_out = sorted(p for p, layer in lora_layers(model) if name in layer.lora_A and _stored_in_out(layer))
-    return adapter_files(config.to_peft_dict(), tensors, {IN_OUT_KEY: json.dumps(in_out)})
+    metadata = {IN_OUT_KEY: json.dumps(in_out), **recorded_bases(lora_layers(model), name)}
+    return adapter_files(config.to_peft_dict(), tensors, metadata)
 
 
 def _stored_in_out(layer: LoraLayer) -> bool:
@@ -234,7 +244,8 @@ def load_adapter(
     if not isinstance(activate, bool):
         raise InputError(f"activate = {activate!r}; allowed: True or False")
     directory = resolve_adapter(directory, revision=revision, subfolder=subfolder)
-    config, tensors = read_adapter(directory)
+    metadata: dict[str, str] = {}
+    config, tensors = read_adapter(directory, metadata=metadata)
     if name in model.__dict__.get(CONFIGS_ATTR, {}):
         raise AdapterLoadError(
             f"the model already holds an adapter named {name!r}; pick another name or delete it first"
@@ -245,12 +256,19 @@ def load_adapter(
         raise AdapterLoadError(f"{directory}: the adapter does not fit this model: {err}") from None
     _check_before_allocating(model, config, targets, tensors, directory)
     grad_flags = {id(p): p.requires_grad for p in model.parameters()}
+    originals = {path: model.get_submodule(path) for path in targets}  # LoftQ replaces base layers
     try:
         add_adapter(model, config, name)
+        check_rebuilt(lora_layers(model), name, metadata)
         _copy_tensors(model, name, tensors, directory)
     except BaseException as err:
         if name in adapter_configs(model):
-            delete_adapter(model, name)  # leave the model exactly as it was
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # (the LoftQ base is put back just below)
+                delete_adapter(model, name)  # leave the model exactly as it was
+            for path, module in originals.items():
+                if model.get_submodule(path) is not module:
+                    set_submodule(model, path, module)
         for p in model.parameters():
             p.requires_grad_(grad_flags.get(id(p), p.requires_grad))
         if isinstance(err, (ValueError, TypeError)) and not isinstance(err, AdapterLoadError):

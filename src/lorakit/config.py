@@ -22,6 +22,8 @@ BIAS_CHOICES = ("none", "all", "lora_only")
 INIT_CHOICES = ("default", "gaussian", "pissa", "olora", "loftq")
 #: how lorakit's LoftQ is named in adapter_config.json: PEFT refuses the name instead of rebuilding another base
 LOFTQ_NAME = "lorakit_loftq"
+#: PEFT inits that only set A and B before training: the weights are loaded over them
+SET_ONLY_INITS = ("eva", "orthogonal")
 #: PEFT inits that also rewrite the base weights from data or randomness lorakit cannot reproduce on load
 BASE_CHANGING_INITS = {"loftq": "LoftQ", "corda": "CorDA", "lora_ga": "LoRA-GA", "pissa_niter_": "fast PiSSA"}
 #: PEFT's prefix of every tensor key (``base_model.model.<module path>.lora_A.weight``)
@@ -274,8 +276,13 @@ class LoraConfig:
             )
         # pissa / olora rebuild their residual base on load (deterministic); other PEFT inits (False, "eva",
         # "orthogonal", ...) only set A and B before training, and the weights are loaded.
+        if isinstance(init, str) and init not in (*SET_ONLY_INITS, "gaussian", "pissa", "olora", LOFTQ_NAME):
+            raise ValueError(f"adapter config has init_lora_weights={init!r}, which lorakit does not implement")
         init_name = init if init in ("gaussian", "pissa", "olora") else "loftq" if init == LOFTQ_NAME else "default"
         loftq = peft_value(data, "loftq_config", {}, (dict, type(None)), "an object") or {}
+        if init_name == "loftq" and (loftq.get("loftq_bits") != 4 or "loftq_iter" not in loftq):
+            raise ValueError(f"adapter config has init_lora_weights={LOFTQ_NAME!r} but loftq_config={loftq!r}; "
+                             "allowed: {'loftq_bits': 4, 'loftq_iter': an integer >= 1}")  # fmt: skip
         names, opt_names = (list, str), (list, str, type(None))
         alpha_key = "lora_alpha" if "lora_alpha" in data or "alpha" not in data else "alpha"
         target = data.get("target_modules")

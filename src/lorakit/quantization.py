@@ -104,6 +104,16 @@ class NF4Linear(nn.Module):
             self.register_buffer("offset", torch.as_tensor(state.offset, dtype=torch.float32).reshape(1))
             self.blocksize2 = state.state2.blocksize
 
+    def _apply(self, fn: Any, recurse: bool = True) -> NF4Linear:
+        # model.to(torch.bfloat16) must move the code tables, never round them: they define the weights.
+        tables = {n: b for n, b in self._buffers.items() if b is not None and b.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for name, old in tables.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != torch.float32:
+                self._buffers[name] = old.to(new.device)
+        return self
+
     def block_absmax(self) -> torch.Tensor:
         """The float absmax of every block (undoing double quantization)."""
         if not self.double_quant:

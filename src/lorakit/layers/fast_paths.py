@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..targeting import is_wrapper
@@ -22,8 +23,14 @@ NESTED_ATTR = "_lorakit_use_nested_tensor"
 
 
 def keep_regular_path(module: nn.Module, args: Any) -> None:
-    """A forward pre-hook that does nothing: its presence turns torch's fused encoder path off."""
-    return None
+    """A forward pre-hook whose presence turns torch's fused encoder path off. It refuses nested
+    input: an encoder above the injected model packed it for that path, which the layer will not take."""
+    if args and isinstance(args[0], torch.Tensor) and args[0].is_nested:
+        raise RuntimeError(
+            "lorakit: this nn.TransformerEncoderLayer holds adapters, but the nn.TransformerEncoder around it packed "
+            "its input as a nested tensor for torch's fused path (it was not part of the model given to inject); "
+            "set that encoder's use_nested_tensor = False, or inject into the encoder itself"
+        )
 
 
 def _adapted(module: nn.Module) -> bool:

@@ -11,6 +11,7 @@ A route applies a bank of adapters to rows ``x_b`` by gathering (BGMV-style)::
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -73,6 +74,13 @@ class LoraLinear(LoraLayer):
     def forget_adapter(self, name: str) -> None:
         principal.restore_base(self, name)  # a PiSSA/OLoRA adapter gives W0 back
         super().forget_adapter(name)
+
+    def delete_adapter(self, name: str) -> None:
+        if self.__dict__.get("loftq_adapter") == name:
+            del self.__dict__["loftq_adapter"]
+            warnings.warn(f"adapter {name!r} quantized this layer's base by LoftQ: the 4-bit base stays (the dense "
+                          "weights were released)", stacklevel=4)  # fmt: skip
+        super().delete_adapter(name)
 
     @staticmethod
     def factor_delta(A: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:

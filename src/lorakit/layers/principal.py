@@ -65,6 +65,8 @@ def _problem(layer: LoraLayer, name: str, init: str) -> str | None:
         return "OLoRA on a Conv1D ([in, out]) weight, which PEFT initialises transposed (wrong shapes); use pissa"
     if is_linear4bit(layer.base_layer):
         return "a 4-bit base: the residual W0 − s·B A would have to be quantized again; initialise on a dense base"
+    if layer.r[name] > min(layer.in_features, layer.out_features):
+        return f"rank {layer.r[name]} exceeds the layer's {layer.out_features}×{layer.in_features} weight"
     return sole_owner_problem(layer, name, "the residual")
 
 
@@ -128,6 +130,9 @@ def convert_state(
 ) -> LoraConfig:
     """Adapter ``name`` of ``layers`` (path, layer) as plain LoRA of rank 2r on the original W0: its
     factors in ``state`` (PEFT keys) are replaced, and the config doubles every rank at the same scale."""
+    if config.init == "loftq":
+        raise InputError("convert_to_lora: a LoftQ adapter belongs to its own 4-bit base, which no plain LoRA file "
+                         "can carry; lorakit.merge_and_unload(model, dequantize=True) is the dense model")  # fmt: skip
     if config.init not in PRINCIPAL_INITS:
         return config  # already plain LoRA on the model's own base
     if config.use_dora:
