@@ -146,10 +146,15 @@ def test_training_moves_only_the_adapters_and_delete_restores_the_model():
     assert {k: torch.equal(v, before[k]) for k, v in model.state_dict().items()} == dict.fromkeys(before, True)
 
 
-def test_merge_and_unload_gives_the_plain_module_back_with_the_merged_weights():
+def _trained_experts(seed: int) -> nn.Module:
     model = expert_net()
     lk.inject(model, lk.LoraConfig(r=2, target_modules=[], target_parameters=["gate", "up"]))
-    train_like(model, seed=4)
+    train_like(model, seed=seed)
+    return model
+
+
+def test_merge_and_unload_gives_the_plain_module_back_with_the_merged_weights():
+    model = _trained_experts(seed=4)
     x = torch.randn(5, 8)
     with torch.no_grad():
         want = model(x)
@@ -280,9 +285,7 @@ def test_tied_weights_an_mha_out_proj_and_modules_to_save_overlaps_are_refused()
 
 
 def test_a_model_moved_to_bfloat16_after_injection_adds_in_float32():
-    model = expert_net()
-    lk.inject(model, lk.LoraConfig(r=2, target_modules=[], target_parameters=["gate", "up"]))
-    train_like(model, seed=6)
+    model = _trained_experts(seed=6)
     x = torch.randn(5, 8)
     with torch.no_grad():
         want = model(x)
