@@ -138,9 +138,10 @@ BAD_CONFIGS = {  # config dict (or raw JSON text) -> fragment of the message, li
                                     "num_attention_heads = 4 is not a multiple of num_key_value_heads = 3"),
     "tie_word_embeddings string": ({**LLAMA, "tie_word_embeddings": "yes"}, "tie_word_embeddings = 'yes'; allowed"),
     "attention_bias number": ({**LLAMA, "attention_bias": 1}, "attention_bias = 1; allowed: true or false"),
-    "unknown model_type": ({**LLAMA, "model_type": "mamba"}, "model_type = 'mamba' is not known to the planner; "
-                           "known: llama, mistral, qwen2, gpt2, bert"),
-    "model_type missing": ({k: v for k, v in LLAMA.items() if k != "model_type"}, "model_type missing is not known"),
+    "unknown model_type": ({**LLAMA, "model_type": "mamba9"}, "model_type 'mamba9' is not known to the planner or "
+                           "to transformers"),
+    "model_type missing": ({k: v for k, v in LLAMA.items() if k != "model_type"},
+                           "model_type missing; allowed: a transformers model type"),
     "gpt2 heads zero": ({**GPT2, "n_head": 0}, "n_head = 0; allowed"),
     "gpt2 positions negative": ({**GPT2, "n_positions": -1}, "n_positions = -1; allowed"),
     "gpt2 n_inner string": ({**GPT2, "n_inner": "128"}, "n_inner = '128' (str); allowed"),

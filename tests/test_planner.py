@@ -81,8 +81,8 @@ def test_errors_and_cli(capsys):
         lk.estimate_memory(7e9, dtype="fp8")
     with pytest.raises(InputError, match="method 'lora' needs config"):
         lk.estimate_memory(7e9, method="lora")
-    with pytest.raises(InputError, match="model_type = 'mamba' is not known"):
-        lk.architecture({"model_type": "mamba"})
+    with pytest.raises(InputError, match="model_type 'no_such_model' is not known to the planner or to transformers"):
+        lk.architecture({"model_type": "no_such_model"})
     assert main(["memory", "--seed-table"]) == 0
     out = capsys.readouterr().out
     assert "| 65.2B | 260.80 | 130.40 | 65.20 | 32.60 |" in out and "218,112,000" in out
@@ -112,3 +112,37 @@ def test_predicted_activations_match_what_autograd_saves(build):
     measured = _saved_activation_bytes(model, ids)
     predicted = planner.activation_bytes(lk.architecture(model.config.to_dict()), 4, 16)
     assert abs(predicted / measured - 1) < 0.15, (predicted, measured)
+
+
+TINY = {"vocab_size": 101, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 1}  # fmt: skip
+OTHER_ARCHITECTURES = {
+    "mixtral": {"model_type": "mixtral", **TINY, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {"model_type": "qwen2_moe", **TINY, "moe_intermediate_size": 8, "shared_expert_intermediate_size": 12,
+                  "num_experts": 4, "num_experts_per_tok": 2},
+    "phi3": {"model_type": "phi3", **TINY, "pad_token_id": 0, "eos_token_id": 1, "bos_token_id": 2},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", sorted(OTHER_ARCHITECTURES))
+def test_any_transformers_architecture_is_counted_on_the_meta_device(kind):
+    transformers = pytest.importorskip("transformers")
+    cfg = OTHER_ARCHITECTURES[kind]
+    arch = lk.architecture(cfg)
+    config = transformers.AutoConfig.for_model(kind, **{k: v for k, v in cfg.items() if k != "model_type"})
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    assert arch.total == sum(p.numel() for p in model.parameters())
+    lk.inject(model, lk.LoraConfig(r=4, target_modules="all-linear"))
+    assert planner.lora_parameters(arch, 4) == lk.count_parameters(model).trainable
+    qlora = lk.estimate_memory(config=cfg, method="qlora", r=4)
+    assert qlora.weights < arch.total * 4 and qlora.trainable == planner.lora_parameters(arch, 4)
+    with pytest.raises(InputError, match=f"no measured coefficients for '{kind}'"):
+        lk.estimate_memory(config=cfg, method="lora", batch=1, seq=8)
+
+
+def test_mixtral_8x7b_from_its_published_config_has_46_7b_parameters():
+    pytest.importorskip("transformers")
+    arch = lk.architecture({"model_type": "mixtral"})  # transformers' defaults are Mixtral-8x7B's config
+    assert round(arch.total / 1e9, 1) == 46.7  # Mistral AI's published total
+    assert arch.layers == 32 and arch.head == 32000 * 4096

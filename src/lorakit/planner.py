@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InputError
+from .model_count import meta_counts
 
 BYTES = {
     "fp32": 4.0,
@@ -162,7 +163,8 @@ def _read_config(config: Any) -> _Config:
 
 def architecture(config: dict[str, Any] | str | Path) -> Architecture:
     """Count parameters per layer from a config dict or ``config.json`` path: Llama-family
-    (llama, mistral, qwen2), GPT-2 and BERT. Every value is checked (``InputError`` names the key)."""
+    (llama, mistral, qwen2), GPT-2 and BERT by formula (every value checked, ``InputError`` names the
+    key); any other transformers architecture by building it on the meta device (``model_count``)."""
     c = _read_config(config)
     cfg, kind = c.cfg, c.cfg.get("model_type")
     if kind in ("llama", "mistral", "qwen2"):
@@ -200,8 +202,11 @@ def architecture(config: dict[str, Any] | str | Path) -> Architecture:
         per_layer = sum(a * b for a, b in lin.values()) + (4 * h + i + h) + 4 * h
         emb = (c.count("vocab_size") + c.count("max_position_embeddings") + c.count("type_vocab_size", default=2)) * h
         return Architecture(kind, c.count("num_hidden_layers"), h, per_layer, emb + 2 * h, 0, h * h + h, lin, i, heads)
-    shown = "missing" if kind is None else f"= {kind!r}"
-    raise InputError(f"{c.where}: model_type {shown} is not known to the planner; known: {', '.join(MODEL_TYPES)}")
+    if not isinstance(kind, str) or not kind:
+        shown = "missing" if kind is None else f"= {kind!r}"
+        raise InputError(f"{c.where}: model_type {shown}; allowed: a transformers model type ({', '.join(MODEL_TYPES)} "
+                         "by formula, any other by building it on the meta device)")  # fmt: skip
+    return Architecture(**meta_counts(cfg, c.where))  # any other transformers architecture, counted
 
 
 def _targets(targets: Any) -> list[str] | str:
@@ -247,6 +252,9 @@ def activation_bytes(arch: Architecture, batch: int, seq: int, dtype: str = "fp3
     _choice(dtype, "dtype", list(BYTES))
     if eager is not None and not isinstance(eager, bool):
         raise InputError(f"eager = {eager!r}; allowed: True, False or None (the architecture's default)")
+    if arch.model_type not in ACTIVATION_UNITS:
+        raise InputError(f"activations: no measured coefficients for {arch.model_type!r} yet; allowed: "
+                         f"{', '.join(ACTIVATION_UNITS)} (weight, LoRA, QLoRA bytes work for any model)")  # fmt: skip
     h_units, i_units = ACTIVATION_UNITS[arch.model_type]
     eager = arch.model_type in EAGER_ATTENTION if eager is None else eager
     per_token = h_units * arch.hidden + i_units * arch.intermediate + (3 * arch.heads * seq if eager else 0)
