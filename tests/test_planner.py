@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -146,3 +147,18 @@ def test_mixtral_8x7b_from_its_published_config_has_46_7b_parameters():
     arch = lk.architecture({"model_type": "mixtral"})  # transformers' defaults are Mixtral-8x7B's config
     assert round(arch.total / 1e9, 1) == 46.7  # Mistral AI's published total
     assert arch.layers == 32 and arch.head == 32000 * 4096
+
+
+def test_the_weights_dtype_defaults_to_the_configs_own(tmp_path, capsys):
+    cfg = {**planner.LLAMA_3_1_8B, "torch_dtype": "bfloat16"}
+    arch = lk.architecture(cfg)
+    assert lk.estimate_memory(config=cfg).weights == arch.total * 2
+    assert lk.estimate_memory(config={**cfg, "dtype": "float16", "torch_dtype": None}).weights == arch.total * 2
+    assert lk.estimate_memory(config=cfg, dtype="fp32").weights == arch.total * 4  # an explicit dtype wins
+    assert lk.estimate_memory(config=planner.LLAMA_3_1_8B).weights == arch.total * 4  # none declared: fp32
+    with pytest.raises(InputError, match="torch_dtype = 'float8_e4m3fn'; allowed: float32, float16, bfloat16"):
+        lk.estimate_memory(config={**cfg, "torch_dtype": "float8_e4m3fn"})
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(cfg))
+    assert main(["memory", "--config", str(path), "--method", "weights"]) == 0
+    assert f"{arch.total * 2 / 1e9:.3f}" in capsys.readouterr().out

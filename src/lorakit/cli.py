@@ -241,7 +241,7 @@ def _memory(args: argparse.Namespace) -> int:
         return 0
     targets = args.targets or "all-linear"
     methods = list(planner.METHODS) if method == "all" else [method]
-    rows = [planner.estimate_memory(args.params, args.config, method=m, dtype=dtype, r=rank, targets=targets,
+    rows = [planner.estimate_memory(args.params, args.config, method=m, dtype=args.dtype, r=rank, targets=targets,
                                     batch=args.batch, seq=args.seq) for m in methods]  # fmt: skip
     arch = planner.architecture(args.config)
     title = (
@@ -292,7 +292,7 @@ def build_parser(plugins: dict[str, EntryPoint] | None = None) -> argparse.Argum
     mem.add_argument("--params", type=_count, help="parameter count, e.g. 7e9")
     mem.add_argument("--config", help="a transformers config.json (llama, mistral, qwen2, gpt2, bert)")
     mem.add_argument("--method", choices=["all", *METHODS], help="what to plan (default: all)")
-    mem.add_argument("--dtype", choices=list(BYTES), help="weight dtype (default: fp32)")
+    mem.add_argument("--dtype", choices=list(BYTES), help="weight dtype (default: the config's dtype, else fp32)")
     mem.add_argument("--rank", type=_count, help="LoRA rank (default: 8)")
     mem.add_argument("--targets", nargs="+", help="LoRA target modules (default: all-linear)")
     mem.add_argument("--batch", type=_count, help="batch size, for an activation estimate (with --seq)")

@@ -209,6 +209,24 @@ def architecture(config: dict[str, Any] | str | Path) -> Architecture:
     return Architecture(**meta_counts(cfg, c.where))  # any other transformers architecture, counted
 
 
+#: transformers' dtype names in config.json → the planner's
+CONFIG_DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
+
+
+def config_dtype(config: dict[str, Any] | str | Path) -> str | None:
+    """The weights' dtype a config declares (``torch_dtype``, or ``dtype`` in transformers 5), or None."""
+    c = _read_config(config)
+    for key in ("dtype", "torch_dtype"):
+        value = c.cfg.get(key)
+        if value is None:
+            continue
+        if value not in CONFIG_DTYPES:
+            raise InputError(f"{c.where}: {key} = {value!r}; allowed: {', '.join(CONFIG_DTYPES)} (or give dtype "
+                             "explicitly)")  # fmt: skip
+        return CONFIG_DTYPES[value]
+    return None
+
+
 def _targets(targets: Any) -> list[str] | str:
     """``"all-linear"``, or a non-empty list of module names (one name may come as a string)."""
     if isinstance(targets, str):
@@ -294,7 +312,7 @@ def estimate_memory(
     config: dict[str, Any] | str | Path | None = None,
     *,
     method: str = "weights",
-    dtype: str = "fp32",
+    dtype: str | None = None,
     r: int = 8,
     targets: list[str] | str = "all-linear",
     compute_dtype: str = "bf16",
@@ -303,11 +321,13 @@ def estimate_memory(
 ) -> MemoryEstimate:
     """Memory for ``method`` in ``weights`` | ``full`` | ``lora`` | ``qlora``.
 
+    ``dtype`` (the weights'): by default the config's own ``torch_dtype`` / ``dtype``, else fp32.
     Give ``params`` (a count) or ``config`` (a transformers config dict or ``config.json`` path;
     needed for LoRA/QLoRA, which must know the matrices' shapes, and for activations, which also
     need ``batch`` and ``seq``). Every argument is checked: bad input raises ``InputError``.
     """
     _choice(method, "method", METHODS)
+    dtype = dtype if dtype is not None else (config_dtype(config) if config is not None else None) or "fp32"
     _choice(dtype, "dtype", list(BYTES))
     _choice(compute_dtype, "compute_dtype", COMPUTE_DTYPES)
     r, targets = _whole(r, "r"), _targets(targets)
