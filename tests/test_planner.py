@@ -162,3 +162,16 @@ def test_the_weights_dtype_defaults_to_the_configs_own(tmp_path, capsys):
     path.write_text(json.dumps(cfg))
     assert main(["memory", "--config", str(path), "--method", "weights"]) == 0
     assert f"{arch.total * 2 / 1e9:.3f}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [({"hidden_size": "abc"}, "transformers refuses this mixtral config"),
+     ({"num_attention_heads": 0}, "cannot be built \\(ZeroDivisionError"),
+     ({"vocab_size": -5}, "cannot be built \\(RuntimeError"),
+     ({"num_hidden_layers": 0}, "no list of 0 blocks")],
+)  # fmt: skip
+def test_a_bad_config_of_another_architecture_is_an_input_error(change, message):
+    pytest.importorskip("transformers")
+    with pytest.raises(InputError, match=message):
+        lk.architecture({**OTHER_ARCHITECTURES["mixtral"], **change})

@@ -27,14 +27,22 @@ def meta_counts(cfg: dict[str, Any], where: str) -> dict[str, Any]:
     settings = {k: v for k, v in cfg.items() if k != "model_type"}
     try:
         config = transformers.AutoConfig.for_model(kind, **settings)
-    except (ValueError, KeyError, TypeError) as err:
-        raise InputError(f"{where}: model_type {kind!r} is not known to the planner or to transformers "
-                         f"({type(err).__name__}: {str(err)[:120]})") from None  # fmt: skip
-    with torch.device("meta"):
-        try:
-            model = transformers.AutoModelForCausalLM.from_config(config)
-        except ValueError:  # no causal-LM head for this architecture: the bare model
-            model = transformers.AutoModel.from_config(config)
+    except ValueError as err:
+        if str(kind) not in transformers.CONFIG_MAPPING:
+            raise InputError(f"{where}: model_type {kind!r} is not known to the planner or to transformers") from None
+        raise InputError(f"{where}: transformers refuses this {kind} config: {str(err)[:200]}") from None
+    except Exception as err:  # any architecture's own checks, reported by name
+        raise InputError(f"{where}: transformers refuses this {kind} config: {type(err).__name__}: "
+                         f"{str(err)[:200]}") from None  # fmt: skip
+    try:
+        with torch.device("meta"):
+            try:
+                model = transformers.AutoModelForCausalLM.from_config(config)
+            except ValueError:  # no causal-LM head for this architecture: the bare model
+                model = transformers.AutoModel.from_config(config)
+    except Exception as err:  # e.g. a zero head count dividing a width
+        raise InputError(f"{where}: the {kind} model this config describes cannot be built ({type(err).__name__}: "
+                         f"{str(err)[:200]}); check its sizes") from None  # fmt: skip
     total = sum(p.numel() for p in model.parameters())  # a tied tensor once
     blocks = _blocks(model, getattr(config, "num_hidden_layers", None), where)
     in_blocks = sum(p.numel() for block in blocks for p in block.parameters())
