@@ -30,7 +30,7 @@ TIERS: list[set[str]] = [
     {"layers"},
     {"injection", "counting"},
     {"merging", "routing", "checkpoint", "combine", "offline", "family", "soft_prompts", "loraplus"},
-    {"hub", "trainer", "pretrained"},
+    {"hub", "trainer", "pretrained", "recipe_models"},
     {"recipes"},
     {"cli"},
     {"", "__main__"},  # the package itself: lorakit/__init__.py re-exports the public API

@@ -8,6 +8,8 @@
     # hf_pretrained = "dir"          #   a local transformers model folder (config, weights, tokenizer)
     # hf_config = "config.json"      #   a transformers architecture, random weights
     weights = "base.safetensors"     # optional: a safetensors state dict, loaded strictly
+    # dtype = "bfloat16"             # optional: float32 | bfloat16 | float16; quantize = "nf4" (QLoRA);
+    # gradient_checkpointing = true  #   see lorakit.recipe_models
 
     [data]                           # one of:
     factory = "mypkg.data:build"     #   "module:callable" -> (collate, num_examples, loss_fn); the other
@@ -46,7 +48,6 @@ import contextlib
 import dataclasses
 import glob
 import hashlib
-import importlib
 import inspect
 import json
 import numbers
@@ -59,136 +60,17 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .devices import init_distributed, stderr_is_terminal, world
+from .devices import init_distributed, world
 from .errors import is_whole
 from .injection import inject
 from .recipe_files import RecipeError, check_keys, check_type, read_config
+from .recipe_models import build_model, call_factory, resolve_factory
 from .run_dir import check_out_dir
 from .train_state import remove_path
 from .trainer import Trainer, TrainerConfig
 from .trainer_checks import check_batch_fits, check_config_values
 
 __all__ = ["RecipeError", "build_data", "build_model", "read_config", "resolve_factory", "run", "stage_seed"]
-
-
-def resolve_factory(section: str, ref: Any) -> Callable[..., Any]:
-    """The callable a ``"package.module:callable"`` string names (imported now)."""
-    where = f"[{section}] factory = {ref!r}"
-    module_name, _, attr = ref.partition(":") if isinstance(ref, str) else ("", "", "")
-    if not module_name or not attr:
-        raise RecipeError(f"{where}: expected a string 'package.module:callable'")
-    try:
-        obj: Any = importlib.import_module(module_name)
-    except ImportError as err:
-        raise RecipeError(f"{where}: cannot import {module_name!r} ({err})") from None
-    except SyntaxError as err:
-        raise RecipeError(f"{where}: cannot import {module_name!r}: syntax error in {err.filename}, line "
-                          f"{err.lineno}: {err.msg}") from err  # fmt: skip
-    except Exception as err:  # the module's own code failed while it was imported
-        raise RecipeError(f"{where}: importing {module_name!r} raised {type(err).__name__}: {err}") from err
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise RecipeError(f"{where}: {module_name!r} has no attribute {attr!r}")
-        obj = getattr(obj, part)
-    if not callable(obj):
-        raise RecipeError(f"{where}: {attr!r} is not callable (type {type(obj).__name__})")
-    return obj
-
-
-def call_factory(section: str, ref: str, factory: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
-    """``factory(**kwargs)``, after checking that it takes those keyword arguments."""
-    try:
-        signature = inspect.signature(factory)
-    except (TypeError, ValueError):  # some builtins have none: let the call decide
-        signature = None
-    if signature is not None:
-        try:
-            signature.bind(**kwargs)
-        except TypeError as err:
-            accepted = [name for name, p in signature.parameters.items()
-                        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]  # fmt: skip
-            raise RecipeError(
-                f"[{section}] factory {ref!r} cannot be called with the keyword arguments {sorted(kwargs)}: {err}; "
-                f"it accepts: {', '.join(accepted) or 'none'}"
-            ) from None
-    try:
-        return factory(**kwargs)
-    except Exception as err:  # the traceback stays attached (lorakit --debug shows it)
-        raise RecipeError(f"[{section}] factory = {ref!r} raised {type(err).__name__}: {err}") from err
-
-
-def build_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
-    """The base model and its tokenizer (None for byte-level text or classification)."""
-    for key in ("weights", "hf_pretrained", "hf_config"):
-        check_type("model", spec, key, "a path string", lambda v: isinstance(v, str))
-    weights = Path(spec["weights"]) if spec.get("weights") else None
-    if weights is not None and not weights.is_file():
-        raise RecipeError(f"[model] weights = {str(weights)!r}: no such file")
-    model, tokenizer = _base_model(spec)
-    if weights is not None:
-        from safetensors.torch import load_file
-
-        try:
-            model.load_state_dict(load_file(str(weights)))
-        except RuntimeError as err:  # missing or unexpected keys, wrong shapes
-            raise RecipeError(f"[model] weights = {str(weights)!r} do not fit the model: {err}") from None
-    return model, tokenizer
-
-
-def _base_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
-    if "factory" in spec:
-        ref = spec["factory"]
-        kwargs = {k: v for k, v in spec.items() if k not in ("factory", "weights")}
-        built = call_factory("model", ref, resolve_factory("model", ref), kwargs)
-        model, tokenizer = built if isinstance(built, tuple) and len(built) == 2 else (built, None)
-        if not isinstance(model, nn.Module):
-            raise RecipeError(f"[model] factory {ref!r} returned {type(built).__name__}; "
-                              "expected an nn.Module or (nn.Module, tokenizer)")  # fmt: skip
-        return model, tokenizer
-    check_keys("model", spec, {"factory", "weights", "hf_pretrained", "hf_config"})
-    if spec.get("hf_pretrained"):
-        folder = Path(spec["hf_pretrained"])
-        if not (folder / "config.json").is_file():
-            raise RecipeError(f"[model] hf_pretrained = {str(folder)!r}: no config.json there (a local model folder)")
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        where = f"[model] hf_pretrained = {str(folder)!r}"
-        with _quiet_transformers(where):
-            model = AutoModelForCausalLM.from_pretrained(folder)
-            # without tokenizer files transformers may build an empty tokenizer: text is bytes then
-            files = any(f.name.startswith(("tokenizer", "vocab", "merges", "spiece")) for f in folder.iterdir())
-            tokenizer = AutoTokenizer.from_pretrained(folder) if files else None
-        if tokenizer is not None and not tokenizer("lorakit")["input_ids"]:
-            raise RecipeError(f"{where}: its tokenizer turns text into no tokens")
-        return model, tokenizer
-    if spec.get("hf_config"):
-        path = Path(spec["hf_config"])
-        if not path.is_file():
-            raise RecipeError(f"[model] hf_config = {str(path)!r}: no such file")
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        with _quiet_transformers(f"[model] hf_config = {str(path)!r}"):
-            config = AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path)
-            return AutoModelForCausalLM.from_config(config), None
-    raise RecipeError("[model] needs one of factory, hf_pretrained, hf_config")
-
-
-@contextlib.contextmanager
-def _quiet_transformers(where: str) -> Iterator[None]:
-    """transformers' loading progress bars off when stderr is not a terminal (they would flood a
-    log with carriage returns), and its errors reported as naming ``where``."""
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    if bars and not stderr_is_terminal():
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise RecipeError(f"{where}: transformers cannot load it: {type(err).__name__}: {err}") from err
-    finally:
-        if bars and not hf_logging.is_progress_bar_enabled():
-            hf_logging.enable_progress_bar()
 
 
 def _texts_from_jsonl(path: Path) -> list[str]:
