@@ -112,3 +112,14 @@ def test_checkpointing_needs_a_transformers_model():
         build_model({"factory": "tests.models:mlp_factory", "gradient_checkpointing": True})
     model, _ = build_model({"factory": "tests.models:mlp_factory", "dtype": "float16"})
     assert all(p.dtype == torch.float16 for p in model.parameters())
+
+
+def test_the_attention_implementation_is_passed_to_transformers(tmp_path):
+    model, _ = build_model({"hf_config": _config_file(tmp_path), "attn_implementation": "eager"})
+    assert model.config._attn_implementation == "eager"
+    with pytest.raises(RecipeError, match=r"\[model\] hf_config = .*: transformers cannot load it"):
+        build_model({"hf_config": _config_file(tmp_path), "attn_implementation": "no_such_attention"})
+    with pytest.raises(RecipeError, match="attn_implementation applies to transformers models"):
+        build_model({"factory": "tests.models:mlp_factory", "attn_implementation": "sdpa"})
+    with pytest.raises(RecipeError, match=r"\[model\] attn_implementation = 3 \(int\)"):
+        build_model({"hf_config": _config_file(tmp_path), "attn_implementation": 3})

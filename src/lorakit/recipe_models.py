@@ -7,6 +7,7 @@ config with random weights) and its tokenizer, then what real language-model wor
     quantize = "nf4"                 # none (default) | nf4: every linear but the output head in 4 bits
                                      #   (NF4 with double quantization, computing in dtype): QLoRA
     gradient_checkpointing = true    # transformers models: recompute each block in the backward
+    attn_implementation = "sdpa"     # transformers models: eager | sdpa | flash_attention_2 | ...
 
 Every key is checked: a wrong type or value is a ``RecipeError`` naming ``[model] key``, the value
 and what is allowed.
@@ -128,6 +129,9 @@ def _prepared(model: nn.Module, options: dict[str, Any]) -> nn.Module:
 def _base_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
     if "factory" in spec:
         ref = spec["factory"]
+        if "attn_implementation" in spec:
+            raise RecipeError("[model] attn_implementation applies to transformers models (hf_pretrained, hf_config), "
+                              f"not to factory = {ref!r}")  # fmt: skip
         kwargs = {k: v for k, v in spec.items() if k not in ("factory", *COMMON_KEYS)}
         built = call_factory("model", ref, resolve_factory("model", ref), kwargs)
         model, tokenizer = built if isinstance(built, tuple) and len(built) == 2 else (built, None)
@@ -135,7 +139,10 @@ def _base_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
             raise RecipeError(f"[model] factory {ref!r} returned {type(built).__name__}; "
                               "expected an nn.Module or (nn.Module, tokenizer)")  # fmt: skip
         return model, tokenizer
-    check_keys("model", spec, {"factory", "hf_pretrained", "hf_config", *COMMON_KEYS})
+    check_keys("model", spec, {"factory", "hf_pretrained", "hf_config", "attn_implementation", *COMMON_KEYS})
+    check_type("model", spec, "attn_implementation", "a transformers attention name such as 'sdpa' or 'eager'",
+               lambda v: isinstance(v, str) and bool(v))  # fmt: skip
+    attention = {"attn_implementation": spec["attn_implementation"]} if "attn_implementation" in spec else {}
     if spec.get("hf_pretrained"):
         folder = Path(spec["hf_pretrained"])
         if not (folder / "config.json").is_file():
@@ -144,7 +151,7 @@ def _base_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
 
         where = f"[model] hf_pretrained = {str(folder)!r}"
         with _quiet_transformers(where):
-            model = AutoModelForCausalLM.from_pretrained(folder)
+            model = AutoModelForCausalLM.from_pretrained(folder, **attention)
             # without tokenizer files transformers may build an empty tokenizer: text is bytes then
             files = any(f.name.startswith(("tokenizer", "vocab", "merges", "spiece")) for f in folder.iterdir())
             tokenizer = AutoTokenizer.from_pretrained(folder) if files else None
@@ -159,7 +166,7 @@ def _base_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
 
         with _quiet_transformers(f"[model] hf_config = {str(path)!r}"):
             config = AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path)
-            return AutoModelForCausalLM.from_config(config), None
+            return AutoModelForCausalLM.from_config(config, **attention), None
     raise RecipeError("[model] needs one of factory, hf_pretrained, hf_config")
 
 
