@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from .base import LoraLayer, adapter_dtype, init_lora_a
+from .base import LoraLayer, adapter_dtype
 from .eligibility import type_name
 
 
@@ -128,10 +128,6 @@ class LoraParameter(LoraLayer):
             lhs, rhs = self.expert_factors(name)
             out = fused(out, lhs.to(work), rhs.to(work), alpha=self.scaling[name])
         return out.to(weight.dtype)
-
-    def reset_adapter(self, name: str, init: str) -> None:
-        init_lora_a(self.lora_A[name], init, self.r[name])
-        nn.init.zeros_(self.lora_B[name])
 
     def adapter_delta(self, x: torch.Tensor, name: str) -> torch.Tensor:
         raise NotImplementedError("an adapter on a parameter changes the module's weight, not its output")

@@ -38,13 +38,17 @@ class TokenRows(nn.Module):
         super().__init__()
         index = torch.tensor(indices, dtype=torch.long, device=weight.device)
         self.register_buffer("indices", index, persistent=False)
+        ordered, order = index.sort()  # for a binary search from token id to row of ``values``
+        self.register_buffer("sorted_indices", ordered, persistent=False)
+        self.register_buffer("order", order, persistent=False)
         original = weight.detach()[index].to(adapter_dtype(weight))
         self.values = nn.Parameter(original.clone())
 
-    def positions(self, size: int) -> torch.Tensor:
-        """``[size]``: the row of ``values`` holding each token, or -1 for a frozen token."""
-        table = torch.full((size,), -1, dtype=torch.long, device=self.indices.device)
-        return table.index_copy_(0, self.indices, torch.arange(len(self.indices), device=self.indices.device))
+    def positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """For every id in ``tokens``: the row of ``values`` holding it, or -1 for a frozen token (a
+        binary search over the chosen ids, not a vocabulary-sized table built every forward)."""
+        found = torch.searchsorted(self.sorted_indices, tokens).clamp_(max=len(self.sorted_indices) - 1)
+        return torch.where(self.sorted_indices[found] == tokens, self.order[found], -1)
 
 
 class TrainableTokens(ModulesToSave):
@@ -109,7 +113,7 @@ class TrainableTokens(ModulesToSave):
         if isinstance(module, nn.Embedding):
             if module.padding_idx is not None:  # the padding row gets no gradient, as in nn.Embedding
                 values = torch.where((rows.indices == module.padding_idx)[:, None], values.detach(), values)
-            where = rows.positions(weight.shape[0])[x]
+            where = rows.positions(x)
             return torch.where((where >= 0)[..., None], values[where.clamp(min=0)].to(out.dtype), out)
         # Added as a difference, so that values still equal to W[T] leave the output bitwise unchanged.
         change = F.linear(x, values - weight.detach()[rows.indices])
