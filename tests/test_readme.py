@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 import inspect
 import re
-import string
 from pathlib import Path
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 
 import lorakit
 
+from .tiny_lm import tiny_llama_folder
 from .tolerance import assert_close
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,32 +65,6 @@ def quickstart_code() -> str:
     lang, body, offset = next(b for b in blocks(text) if b[2] >= after)
     assert lang == "python" and text[after:offset].strip() == "", "the mark sits right above a python block"
     return body
-
-
-def char_tokenizer(folder: Path) -> None:
-    """A character-level tokenizer (printable ASCII, 98 ids < the tiny model's 101), built offline."""
-    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
-    vocab.update({c: i + len(vocab) for i, c in enumerate(string.printable[:95])})  # digits, letters, punct., space
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>").save_pretrained(
-        folder
-    )
-
-
-def tiny_llama_folder(folder: Path) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=101,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(folder)
-    char_tokenizer(folder)
 
 
 def test_quickstart_runs_saves_the_adapter_and_merges_exactly(tmp_path, monkeypatch):

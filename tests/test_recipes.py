@@ -120,7 +120,7 @@ def test_recipe_error_is_an_input_error_with_a_hint(tmp_path, capsys):
         (TOY_RUN.replace('"tests.models:toy_data"\nn = 256', '"tests.models:mlp_factory"'),
          "returned SeedMLP; expected (collate, num_examples, loss_fn)"),
         (TOY_RUN.replace('factory = "tests.models:toy_data"\nn = 256', 'kind = "csv"'),
-         "[data] kind = 'csv'; known: jsonl, text"),
+         "[data] kind = 'csv'; known: chat, jsonl, text"),
     ],
 )
 def test_bad_configs_are_one_clear_line(tmp_path, capsys, text, message):
@@ -156,7 +156,7 @@ def test_data_factory_gets_the_tokenizer_only_when_it_takes_one(tmp_path, monkey
     monkeypatch.syspath_prepend(str(tmp_path))
     import recipe_helpers
 
-    _, n, _ = build_data({"factory": "recipe_helpers:with_tokenizer", "n": 5}, tokenizer="TOK")
+    n = build_data({"factory": "recipe_helpers:with_tokenizer", "n": 5}, tokenizer="TOK").num_examples
     assert n == 5 and recipe_helpers.seen["tokenizer"] == "TOK"
     build_data({"factory": "recipe_helpers:without_tokenizer", "n": 5, "seq": 9}, tokenizer="TOK")
     assert recipe_helpers.seen["options"] == {"seq": 9}

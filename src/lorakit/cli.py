@@ -156,6 +156,10 @@ def _train(args: argparse.Namespace) -> int:
     if result.get("rank", 0) == 0:
         print(f"trained {result['step']} steps on {result['examples']:,} examples; "
               f"adapter written to {result['adapter']}")  # fmt: skip
+        if "eval" in result:
+            shown = [("before", result.get("eval_before")), ("after", result["eval"])]
+            print(f"held-out loss on {result['eval_examples']:,} examples: " + ", ".join(
+                f"{when} {e['eval_loss']:.4f} (perplexity {e['eval_ppl']:.2f})" for when, e in shown if e))  # fmt: skip
     return 0
 
 

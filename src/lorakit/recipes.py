@@ -14,8 +14,10 @@
     [data]                           # one of:
     factory = "mypkg.data:build"     #   "module:callable" -> (collate, num_examples, loss_fn); the other
     limit = 1024                     #   keys are keyword arguments, plus tokenizer= if it takes one
+    # kind = "chat"                  #   path = "chat.jsonl": messages or prompt/completion rows, the loss
+                                     #   on the assistant's tokens; packing, eval_fraction / eval_path
     # kind = "jsonl"                 #   path = "train.jsonl", one {"text": "..."} per line, seq = 128
-    # kind = "text"                  #   files = "corpus/*.txt", seq = 128
+    # kind = "text"                  #   files = "corpus/*.txt", seq = 128; see lorakit.recipe_data
 
     [lora]                       # LoraConfig fields
     r = 4
@@ -46,11 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import hashlib
-import inspect
-import json
-import numbers
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -61,96 +59,16 @@ from torch import nn
 
 from .config import LoraConfig
 from .devices import init_distributed, world
-from .errors import is_whole
 from .injection import inject
+from .recipe_data import build_data
 from .recipe_files import RecipeError, check_keys, check_type, read_config
-from .recipe_models import build_model, call_factory, resolve_factory
+from .recipe_models import build_model, resolve_factory
 from .run_dir import check_out_dir
 from .train_state import remove_path
 from .trainer import Trainer, TrainerConfig
 from .trainer_checks import check_batch_fits, check_config_values
 
 __all__ = ["RecipeError", "build_data", "build_model", "read_config", "resolve_factory", "run", "stage_seed"]
-
-
-def _texts_from_jsonl(path: Path) -> list[str]:
-    texts = []
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise RecipeError(f"{path}, line {line_no}: not valid JSON ({err.msg})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-                raise RecipeError(f"{path}, line {line_no}: expected an object with a string field 'text'")
-            texts.append(row["text"])
-    if not texts:
-        raise RecipeError(f"{path}: no rows")
-    return texts
-
-
-def _factory_data(spec: dict[str, Any], tokenizer: Any):
-    ref = spec["factory"]
-    factory = resolve_factory("data", ref)
-    kwargs = {k: v for k, v in spec.items() if k != "factory"}
-    try:
-        takes_tokenizer = "tokenizer" in inspect.signature(factory).parameters
-    except (TypeError, ValueError):
-        takes_tokenizer = False
-    if takes_tokenizer:
-        if "tokenizer" in kwargs:
-            raise RecipeError("[data]: 'tokenizer' is not a key: the model's tokenizer is passed to the factory")
-        kwargs["tokenizer"] = tokenizer
-    built = call_factory("data", ref, factory, kwargs)
-    if not (isinstance(built, tuple) and len(built) == 3 and callable(built[0]) and callable(built[2])
-            and isinstance(built[1], numbers.Integral) and built[1] > 0):  # fmt: skip
-        raise RecipeError(f"[data] factory {ref!r} returned {type(built).__name__}; expected "
-                          "(collate, num_examples, loss_fn) with a positive num_examples")  # fmt: skip
-    collate, n, loss_fn = built
-    return collate, int(n), loss_fn
-
-
-def build_data(spec: dict[str, Any], tokenizer: Any, vocab_size: int | None = None):
-    """``(collate, num_examples, loss_fn)`` for the data section; text's token ids are checked
-    against ``vocab_size`` (the model's input embedding) when given."""
-    if "factory" in spec:
-        return _factory_data(spec, tokenizer)
-    kind = spec.get("kind")
-    if kind in ("jsonl", "text"):
-        check_keys("data", spec, {"kind", "path", "files", "seq"})
-        for key in ("path", "files"):
-            check_type("data", spec, key, "a path string", lambda v: isinstance(v, str))
-        check_type("data", spec, "seq", "an integer >= 1", lambda v: is_whole(v, 1))
-        if kind == "jsonl":
-            path = Path(spec.get("path", ""))
-            if not path.is_file():
-                raise RecipeError(f"[data] path = {str(path)!r}: no such file")
-            texts = _texts_from_jsonl(path)
-        else:
-            files = sorted(glob.glob(spec.get("files", "")))
-            if not files:
-                raise RecipeError(f"[data] files = {spec.get('files')!r} matches no file")
-            texts = [Path(f).read_text(errors="replace") for f in files]
-        joined = "\n\n".join(texts)
-        ids = tokenizer(joined)["input_ids"] if tokenizer is not None else list(joined.encode())
-        seq = int(spec.get("seq", 128))
-        tokens = torch.tensor(ids, dtype=torch.long)
-        if vocab_size is not None and len(tokens) and int(tokens.max()) >= vocab_size:
-            source = "the tokenizer" if tokenizer is not None else "bytes, ids 0-255"
-            raise RecipeError(f"[data]: token id {int(tokens.max())} ({source}) does not fit the model's "
-                              f"vocabulary of {vocab_size}")  # fmt: skip
-        n = (len(tokens) - 1) // seq
-        if n < 1:
-            raise RecipeError(f"[data]: {len(tokens)} tokens do not fill one sequence of {seq}")
-        chunks = tokens[: n * seq].reshape(n, seq)
-
-        def loss_fn(m: nn.Module, b: torch.Tensor) -> torch.Tensor:
-            return m(input_ids=b, labels=b).loss
-
-        return (lambda idx: chunks[idx]), n, loss_fn
-    raise RecipeError(f"[data] kind = {kind!r}; known: jsonl, text (or name a factory = 'module:callable')")
 
 
 def stage_seed(seed: int, stage: str) -> int:
@@ -237,19 +155,28 @@ def run(path: str | Path, resume: bool = False, overwrite: bool = False) -> dict
         seed_stage(seed, "data")
         embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         vocab = embedding.num_embeddings if isinstance(embedding, nn.Embedding) else None
-        collate, n, loss_fn = build_data(dict(cfg["data"]), tokenizer, vocab)
+        data = build_data(dict(cfg["data"]), tokenizer, vocab)
+        if cfg["data"].get("kind") == "chat" and not hasattr(model, "config"):
+            raise RecipeError(f"[data] kind = 'chat' needs a transformers causal LM; [model] built "
+                              f"{type(model).__name__}")  # fmt: skip
+        n = data.num_examples
         check_batch_fits(n, train.get("batch_size", TrainerConfig.batch_size), size, "[train] batch_size")
         seed_stage(seed, "adapter")
         inject(model, lora)
         config = TrainerConfig(out_dir=cfg["out_dir"], device=device, **train)
-        trainer = Trainer(model, loss_fn, collate, n, config, record=record)
+        trainer = Trainer(model, data.loss_fn, data.collate, n, config, eval_fn=data.evaluate, record=record)
         if train["overwrite"] and rank == 0:
             remove_path(adapter_dir)
+        # A fresh adapter is the base exactly, so this is the base model's held-out loss.
+        before = data.evaluate(model) if data.evaluate is not None and not resume and rank == 0 else None
         seed_stage(seed, f"train:{rank}")
         result = trainer.train(resume=resume)
+        after = data.evaluate(model) if data.evaluate is not None and rank == 0 else None
     from .checkpoint import save_adapter
 
     if trainer.rank == 0:
         save_adapter(model, adapter_dir)
     result.update(adapter=str(adapter_dir), examples=n, rank=trainer.rank)
+    if after is not None:
+        result.update(eval_examples=data.eval_examples, eval=after, **({"eval_before": before} if before else {}))
     return result
