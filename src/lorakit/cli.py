@@ -152,7 +152,10 @@ def _train(args: argparse.Namespace) -> int:
         path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as err:
         raise InputError(f"train CONFIG {path}: not UTF-8 text (byte {err.start}); allowed: TOML or YAML") from None
-    result = run(path, resume=args.resume, overwrite=args.overwrite)
+    result = run(path, resume=args.resume, overwrite=args.overwrite, plan_only=args.plan, force=args.force)
+    if args.plan:
+        print(result["plan"])
+        return 0
     if result.get("rank", 0) == 0:
         print(f"trained {result['step']} steps on {result['examples']:,} examples; "
               f"adapter written to {result['adapter']}")  # fmt: skip
@@ -274,6 +277,8 @@ def build_parser(plugins: dict[str, EntryPoint] | None = None) -> argparse.Argum
     tr.add_argument("config", help="a .toml (or .yaml) file")
     tr.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint")
     tr.add_argument("--overwrite", action="store_true", help="delete an earlier run in out_dir and start afresh")
+    tr.add_argument("--plan", action="store_true", help="print the memory plan and what fits, then exit")
+    tr.add_argument("--force", action="store_true", help="train even when the plan far exceeds the free memory")
     tr.set_defaults(func=_train)
 
     ins = sub.add_parser("inspect", help="show an adapter folder: config, ranks, parameters, bytes, ΔW norms")

@@ -262,21 +262,29 @@ ACTIVATION_UNITS = {"llama": (10.5, 4), "mistral": (10.5, 4), "qwen2": (10.5, 4)
 EAGER_ATTENTION = {"gpt2"}
 
 
-def activation_bytes(arch: Architecture, batch: int, seq: int, dtype: str = "fp32", eager: bool | None = None) -> float:
+def activation_bytes(
+    arch: Architecture, batch: int, seq: int, dtype: str = "fp32", eager: bool | None = None,
+    checkpointing: bool = False,
+) -> float:  # fmt: skip
     """Bytes a training forward keeps for the backward: per token and block
     ``h_units·h + i_units·i`` values (``ACTIVATION_UNITS``), ``3·heads·seq`` more with eager
-    attention, and the logits once (``vocab`` per token) for the loss."""
+    attention, and the logits once (``vocab`` per token) for the loss. With gradient checkpointing
+    per block, each block keeps only its input (``h`` per token) and one block's activations live
+    again while its backward recomputes them."""
     batch, seq = _whole(batch, "batch"), _whole(seq, "seq")
     _choice(dtype, "dtype", list(BYTES))
     if eager is not None and not isinstance(eager, bool):
         raise InputError(f"eager = {eager!r}; allowed: True, False or None (the architecture's default)")
+    if not isinstance(checkpointing, bool):
+        raise InputError(f"checkpointing = {checkpointing!r}; allowed: True or False")
     if arch.model_type not in ACTIVATION_UNITS:
         raise InputError(f"activations: no measured coefficients for {arch.model_type!r} yet; allowed: "
                          f"{', '.join(ACTIVATION_UNITS)} (weight, LoRA, QLoRA bytes work for any model)")  # fmt: skip
     h_units, i_units = ACTIVATION_UNITS[arch.model_type]
     eager = arch.model_type in EAGER_ATTENTION if eager is None else eager
-    per_token = h_units * arch.hidden + i_units * arch.intermediate + (3 * arch.heads * seq if eager else 0)
-    return batch * seq * (arch.layers * per_token + arch.vocab) * BYTES[dtype]
+    per_block = h_units * arch.hidden + i_units * arch.intermediate + (3 * arch.heads * seq if eager else 0)
+    blocks = arch.layers * arch.hidden + per_block if checkpointing else arch.layers * per_block
+    return batch * seq * (blocks + arch.vocab) * BYTES[dtype]
 
 
 def _choice(value: Any, what: str, allowed: list[str] | tuple[str, ...]) -> str:
@@ -318,13 +326,17 @@ def estimate_memory(
     compute_dtype: str = "bf16",
     batch: int | None = None,
     seq: int | None = None,
+    checkpointing: bool = False,
+    eager: bool | None = None,
 ) -> MemoryEstimate:
     """Memory for ``method`` in ``weights`` | ``full`` | ``lora`` | ``qlora``.
 
     ``dtype`` (the weights'): by default the config's own ``torch_dtype`` / ``dtype``, else fp32.
     Give ``params`` (a count) or ``config`` (a transformers config dict or ``config.json`` path;
     needed for LoRA/QLoRA, which must know the matrices' shapes, and for activations, which also
-    need ``batch`` and ``seq``). Every argument is checked: bad input raises ``InputError``.
+    need ``batch`` and ``seq``; ``checkpointing``: gradient checkpointing per block; ``eager``:
+    attention that keeps its probabilities, None for the architecture's default). Every argument is
+    checked: bad input raises ``InputError``.
     """
     _choice(method, "method", METHODS)
     dtype = dtype if dtype is not None else (config_dtype(config) if config is not None else None) or "fp32"
@@ -349,7 +361,8 @@ def estimate_memory(
         if arch is None:
             raise InputError(f"batch and seq (activations) need the architecture; allowed: with config, not params "
                              f"alone (method {method!r})")  # fmt: skip
-        acts = activation_bytes(arch, batch, seq, "fp32" if dtype == "fp32" else "bf16")
+        stored = compute_dtype if method == "qlora" else "fp32" if dtype == "fp32" else "bf16"
+        acts = activation_bytes(arch, batch, seq, stored, eager, checkpointing)
     if method == "weights":
         return MemoryEstimate("weights", params * BYTES[dtype])
     if method == "full":

@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import logging
 import random
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -59,14 +60,19 @@ from torch import nn
 
 from .config import LoraConfig
 from .devices import init_distributed, world
+from .errors import InputError
 from .injection import inject
+from .planner import GB
 from .recipe_data import build_data
 from .recipe_files import RecipeError, check_keys, check_type, read_config
 from .recipe_models import build_model, resolve_factory
+from .recipe_plan import REFUSE_ABOVE, plan_recipe
 from .run_dir import check_out_dir
 from .train_state import remove_path
 from .trainer import Trainer, TrainerConfig
 from .trainer_checks import check_batch_fits, check_config_values
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["RecipeError", "build_data", "build_model", "read_config", "resolve_factory", "run", "stage_seed"]
 
@@ -111,8 +117,39 @@ def _lora_config(table: dict[str, Any]) -> LoraConfig:
         raise RecipeError(f"[lora]: {err}") from None
 
 
-def run(path: str | Path, resume: bool = False, overwrite: bool = False) -> dict[str, Any]:
+def _plan(cfg: dict[str, Any], lora: LoraConfig, device: Any, plan_only: bool, force: bool) -> str:
+    """The memory plan's text (logged), refusing a run far above the free memory unless ``force``."""
+    where = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        plan = plan_recipe(cfg, lora, where)
+    except InputError as err:
+        if plan_only:
+            raise
+        logger.info("no memory plan: %s", err)
+        return ""
+    if plan is None:
+        if plan_only:
+            raise RecipeError("--plan needs a transformers model ([model] hf_pretrained or hf_config): a factory's "
+                              "model is known only once built")  # fmt: skip
+        return ""
+    text = plan.report(f"memory plan: {plan.estimate.method}, {plan.estimate.trainable:,} trainable parameters")
+    logger.info("%s", text)
+    if plan.ratio > REFUSE_ABOVE and not force and not plan_only:
+        raise RecipeError(f"the memory plan needs {plan.estimate.total / GB:.1f} GB, {plan.ratio:.1f}× the "
+                          f"{plan.available / GB:.1f} GB free on {plan.device}; lower [train] batch_size or [data] "
+                          "seq, set [model] quantize = 'nf4' or gradient_checkpointing = true, or force the run "
+                          "(--force)")  # fmt: skip
+    return text
+
+
+def run(
+    path: str | Path, resume: bool = False, overwrite: bool = False, plan_only: bool = False, force: bool = False
+) -> dict[str, Any]:
     """Train the adapter a config describes; the final adapter goes to ``<out_dir>/adapter``.
+
+    First the memory plan (``lorakit.recipe_plan``; transformers models) is logged; a plan above
+    ``REFUSE_ABOVE`` × the device's free memory is refused unless ``force``. ``plan_only`` returns
+    ``{"plan": text}`` after it, having built and written nothing.
 
     The run is a pure function of the recipe: ``[train] seed`` (default 0) seeds the base model's
     construction (random weights for ``hf_config`` or a factory that does not load ``weights``),
@@ -139,12 +176,15 @@ def run(path: str | Path, resume: bool = False, overwrite: bool = False) -> dict
     if "max_steps" not in train:
         raise RecipeError("[train] max_steps is missing; allowed: an integer >= 1, the optimizer steps to train")
     train["overwrite"] = bool(overwrite or train.get("overwrite", False))
+    lora = _lora_config(dict(cfg["lora"]))
+    plan = _plan(cfg, lora, train.get("device"), plan_only, force)
+    if plan_only:
+        return {"plan": plan}
     check_out_dir(cfg["out_dir"], resume, train["overwrite"])
     adapter_dir = Path(cfg["out_dir"]) / "adapter"
     if not train["overwrite"] and adapter_dir.exists() and not adapter_dir.is_dir():
         raise RecipeError(f"{adapter_dir} is a file, where the run writes its adapter folder; remove it, or "
                           "choose another out_dir")  # fmt: skip
-    lora = _lora_config(dict(cfg["lora"]))
     # Under torchrun: joins the process group (NCCL for CUDA, else gloo) and returns this process's device.
     device = init_distributed(train.pop("device", None))
     seed, (rank, size) = train.get("seed", 0), world()
