@@ -19,6 +19,7 @@ import secrets
 import shutil
 import stat
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from .errors import InputError
@@ -301,3 +302,39 @@ def write_folder(directory: str | os.PathLike[str], files: dict[str, bytes]) -> 
     with contextlib.suppress(OSError):  # durability of the rename; the new folder is already in place
         fsync_path(target.parent)
     return target
+
+
+@contextlib.contextmanager
+def replacing_folder(directory: str | os.PathLike[str]) -> Iterator[Path]:
+    """A fresh hidden folder beside ``directory`` to write a whole output into (a model export,
+    whose files are too large to hold in memory for ``write_folder``). When the block ends, its
+    files are fsynced and it replaces ``directory`` in one step (a previous folder there is
+    deleted); when the block raises, it is deleted and ``directory`` is left as it was."""
+    target = Path(os.path.abspath(directory))
+    if target.exists() and not target.is_dir():
+        raise InputError(f"{directory}: a file, not a folder")
+    if target.is_dir() and _in_place(target):
+        raise InputError(f"{directory}: is a mount point or the working folder (or holds one), so it cannot be "
+                         "replaced as a whole; write into a new folder")  # fmt: skip
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        recover_folder(target)
+        tmp = _temp_name(target, "tmp")
+        os.mkdir(tmp)
+    except OSError as err:
+        raise _save_error(err, target) from err
+    previous: Path | None = tmp
+    try:
+        yield tmp
+        for root, _, names in os.walk(tmp):
+            for name in names:
+                fsync_path(Path(root) / name)
+        fsync_path(tmp)
+        previous = _swap_in(tmp, target) if target.is_dir() else os.rename(tmp, target)  # (None)
+    except OSError as err:
+        raise _save_error(err, target) from err
+    finally:
+        if previous is not None:
+            remove_tree(previous)
+    with contextlib.suppress(OSError):
+        fsync_path(target.parent)

@@ -1,6 +1,6 @@
 """The ``lorakit`` command line.
 
-The library's own commands are ``train``, ``inspect``, ``merge`` and ``memory``. Other installed
+The library's own commands are ``train``, ``inspect``, ``merge``, ``memory`` and ``export``. Other installed
 packages add commands through the ``lorakit.commands`` entry-point group: each entry point names a
 callable that takes the arguments after its verb (``list[str]``) and returns an exit code. They are
 listed by ``lorakit --help`` from the package metadata alone and imported only when their verb runs.
@@ -29,7 +29,7 @@ from typing import NoReturn
 from .errors import InputError
 from .planner import BYTES, METHODS
 
-COMMANDS = ("train", "inspect", "merge", "memory")
+COMMANDS = ("train", "inspect", "merge", "memory", "export")
 PLUGIN_GROUP = "lorakit.commands"
 
 
@@ -200,63 +200,32 @@ def _merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _memory(args: argparse.Namespace) -> int:
-    from . import planner
+def _export(args: argparse.Namespace) -> int:
+    from . import export
 
-    options = {"--params": args.params, "--config": args.config, "--method": args.method, "--dtype": args.dtype,
-               "--rank": args.rank, "--targets": args.targets, "--batch": args.batch, "--seq": args.seq}  # fmt: skip
-    given = [flag for flag, value in options.items() if value is not None]
-    rank, dtype, method = args.rank or 8, args.dtype or "fp32", args.method or "all"
-    if args.seed_table:
-        extra = [f for f in given if f != "--rank"]
-        if extra:
-            raise InputError(f"memory --seed-table prints a fixed table; {', '.join(extra)} cannot go with it "
-                             "(allowed: --rank)")  # fmt: skip
-        rows = [planner.estimate_memory(config=planner.LLAMA_3_1_8B, method="full")]
-        rows.append(planner.estimate_memory(config=planner.LLAMA_3_1_8B, method="lora", dtype="bf16", r=rank))
-        rows.append(planner.estimate_memory(config=planner.LLAMA_3_1_8B, method="qlora", r=rank))
-        print("LLaMA weights (GB = 1e9 bytes), the seed's table:\n")
-        print("| model | fp32 | fp16 | int8 | int4 |\n|---|---:|---:|---:|---:|")
-        for name, gbs in planner.seed_table():
-            print(f"| {name} | " + " | ".join(f"{g:.2f}" for g in gbs) + " |")
-        arch = planner.architecture(planner.LLAMA_3_1_8B)
-        print(
-            f"\nFull fine-tuning arithmetic, Llama-3.1-8B ({arch.total:,} parameters): weights "
-            f"{arch.total:,} × 4 B = {arch.total * 4 / 1e9:.1f} GB; one layer holds {arch.per_layer:,} parameters, "
-            f"whose gradients and two AdamW moments take {arch.per_layer:,} × 4 B × 3 = "
-            f"{arch.per_layer * 12 / 1e9:.2f} GB, {arch.layers} layers of them.\n"
-        )
-        title = f"Llama-3.1-8B: full fine-tuning (fp32) vs LoRA (bf16 base) vs QLoRA, r={rank}"
-        print(planner.format_report(rows, title))
-        return 0
-    if args.config is None:
-        if args.params is None:
-            raise InputError("memory needs --params N, --config config.json or --seed-table; none was given")
-        shaped = [f for f in ("--rank", "--targets", "--batch", "--seq") if f in given]
-        if shaped or method in ("lora", "qlora"):
-            what = ", ".join(shaped) if shaped else f"--method {method}"
-            raise InputError(f"{what} needs --config (a transformers config.json: the layers' shapes); "
-                             "with --params alone, allowed: --method all, weights or full and --dtype")  # fmt: skip
-        methods = ["weights", "full"] if method == "all" else [method]
-        rows = [planner.estimate_memory(args.params, method=m, dtype=dtype) for m in methods]
-        if method == "all":
-            print("| dtype | weights GB |\n|---|---:|")
-            for d in planner.BYTES:
-                print(f"| {d} | {args.params * planner.BYTES[d] / 1e9:.3f} |")
-            print()
-        print(planner.format_report(rows, f"{args.params:,} parameters"))
-        return 0
-    targets = args.targets or "all-linear"
-    methods = list(planner.METHODS) if method == "all" else [method]
-    rows = [planner.estimate_memory(args.params, args.config, method=m, dtype=args.dtype, r=rank, targets=targets,
-                                    batch=args.batch, seq=args.seq) for m in methods]  # fmt: skip
-    arch = planner.architecture(args.config)
-    title = (
-        f"{args.config}: {arch.model_type}, {arch.total:,} parameters, {arch.layers} layers of "
-        f"{arch.per_layer:,}; r={rank}, targets={targets}"
-    )
-    print(planner.format_report(rows, title))
+    adapter = _existing(args.adapter, "export ADAPTER", folder=True)
+    if not (args.merged or args.peft):
+        raise InputError("export needs --merged DIR and/or --peft DIR (what to write)")
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(args.dtype or "", args.dtype)
+    model, folder = export.load_adapted(args.base, adapter)
+    inputs = [folder, adapter]
+    if args.peft:
+        info = export.export_peft(model, args.peft, base_model=args.base_model_id or str(args.base),
+                                  overwrite=args.force, inputs=inputs)  # fmt: skip
+        print(f"wrote {info['out']} (PEFT adapter): " + ", ".join(f"{k} {v:,} B" for k, v in info["files"].items()))
+    if args.merged:
+        info = export.export_merged(model, folder, args.merged, dtype=export.CONFIG_DTYPES.get(dtype or ""),
+                                    max_shard_size=args.shard_size, overwrite=args.force, inputs=inputs)  # fmt: skip
+        total = sum(info["files"].values())
+        print(f"wrote {info['out']} (merged transformers model, {info['dtype']}): {len(info['files'])} files, "
+              f"{total / 1e6:,.1f} MB")  # fmt: skip
     return 0
+
+
+def _memory(args: argparse.Namespace) -> int:
+    from .cli_memory import memory_command
+
+    return memory_command(args)
 
 
 def build_parser(plugins: dict[str, EntryPoint] | None = None) -> argparse.ArgumentParser:
@@ -292,6 +261,17 @@ def build_parser(plugins: dict[str, EntryPoint] | None = None) -> argparse.Argum
     mer.add_argument("--out", required=True, help="where to write the merged safetensors file")
     mer.add_argument("--force", action="store_true", help="replace --out even if it is not a safetensors file")
     mer.set_defaults(func=_merge)
+
+    exp = sub.add_parser("export", help="adapter → merged transformers folder and/or PEFT folder with a model card")
+    exp.add_argument("adapter", help="an adapter folder (lorakit or PEFT)")
+    exp.add_argument("--base", required=True, help="the base model: a transformers folder or a cached hub id")
+    exp.add_argument("--merged", help="write the merged model here (a transformers folder)")
+    exp.add_argument("--peft", help="write the adapter here as a PEFT folder with a model card")
+    exp.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="merged weights' dtype (default: the base's)")
+    exp.add_argument("--shard-size", default="2GB", help="largest safetensors shard of the merged model (default 2GB)")
+    exp.add_argument("--base-model-id", help="the base's hub id for the model card (default: --base as given)")
+    exp.add_argument("--force", action="store_true", help="replace non-empty output folders")
+    exp.set_defaults(func=_export)
 
     mem = sub.add_parser(
         "memory",

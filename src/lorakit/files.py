@@ -309,3 +309,29 @@ def resolve_adapter(
     except (HfHubHTTPError, OSError) as err:
         raise AdapterLoadError(f"{repo_id}: could not fetch the adapter from the hub: {err}") from None
     return Path(folder) / prefix if prefix else Path(folder)
+
+
+def resolve_model_folder(source: str | os.PathLike[str], where: str) -> Path:
+    """The local folder of a transformers model given as a folder (with ``config.json``) or as a
+    hub id (``owner/name``) already in the Hugging Face cache. Never downloads: a model is
+    gigabytes, and a run must not depend on the network; the error says how to fetch it."""
+    path = Path(source)
+    if (path / "config.json").is_file():
+        return path
+    text = os.fspath(source)
+    if path.exists() or not _REPO_ID.match(text):
+        raise InputError(f"{where}: {text!r} is not a model folder (no config.json there) nor a hub id 'owner/name'")
+    repo_id = text.removeprefix("hf://")
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+    except ImportError:
+        raise InputError(f"{where}: {text!r}: no such folder; a hub id needs huggingface_hub installed") from None
+    try:
+        folder = Path(snapshot_download(repo_id, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise InputError(f"{where}: {repo_id!r} is not in the local Hugging Face cache, and lorakit never downloads "
+                         f"a model during a run; fetch it first: hf download {repo_id}") from None  # fmt: skip
+    if not (folder / "config.json").is_file():
+        raise InputError(f"{where}: the cached {repo_id!r} ({folder}) has no config.json")
+    return folder

@@ -2,7 +2,8 @@
 config with random weights) and its tokenizer, then what real language-model work needs::
 
     [model]
-    hf_pretrained = "models/SmolLM2-135M-Instruct"
+    hf_pretrained = "models/SmolLM2-135M-Instruct"   # a local folder, or a hub id already in the local
+                                                     #   Hugging Face cache (never downloaded)
     dtype = "bfloat16"               # float32 (default) | bfloat16 | float16: the base weights
     quantize = "nf4"                 # none (default) | nf4: every linear but the output head in 4 bits
                                      #   (NF4 with double quantization, computing in dtype): QLoRA
@@ -26,6 +27,8 @@ import torch
 from torch import nn
 
 from .devices import stderr_is_terminal
+from .errors import InputError
+from .files import resolve_model_folder
 from .quantization import quantize
 from .recipe_files import RecipeError, check_keys, check_type
 from .targeting import output_head
@@ -144,12 +147,13 @@ def _base_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
                lambda v: isinstance(v, str) and bool(v))  # fmt: skip
     attention = {"attn_implementation": spec["attn_implementation"]} if "attn_implementation" in spec else {}
     if spec.get("hf_pretrained"):
-        folder = Path(spec["hf_pretrained"])
-        if not (folder / "config.json").is_file():
-            raise RecipeError(f"[model] hf_pretrained = {str(folder)!r}: no config.json there (a local model folder)")
+        try:
+            folder = resolve_model_folder(spec["hf_pretrained"], f"[model] hf_pretrained = {spec['hf_pretrained']!r}")
+        except InputError as err:
+            raise RecipeError(str(err)) from None
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        where = f"[model] hf_pretrained = {str(folder)!r}"
+        where = f"[model] hf_pretrained = {spec['hf_pretrained']!r}"
         with _quiet_transformers(where):
             model = AutoModelForCausalLM.from_pretrained(folder, **attention)
             # without tokenizer files transformers may build an empty tokenizer: text is bytes then

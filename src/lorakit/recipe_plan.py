@@ -21,6 +21,7 @@ import torch
 
 from .config import LoraConfig
 from .errors import InputError
+from .files import resolve_model_folder
 from .planner import GB, MemoryEstimate, estimate_memory, format_report
 
 #: a plan above this multiple of the free memory is refused unless forced
@@ -68,7 +69,8 @@ def available_bytes(device: torch.device) -> float:
 
 def _config_path(model: dict[str, Any]) -> Path | None:
     if model.get("hf_pretrained"):
-        return Path(model["hf_pretrained"]) / "config.json"
+        return resolve_model_folder(model["hf_pretrained"], f"[model] hf_pretrained = {model['hf_pretrained']!r}"
+                                    ) / "config.json"  # fmt: skip
     if model.get("hf_config"):
         return Path(model["hf_config"])
     return None

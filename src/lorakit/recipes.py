@@ -5,7 +5,7 @@
     [model]                          # one of:
     factory = "mypkg.models:build"   #   "module:callable" -> nn.Module, or (nn.Module, tokenizer);
     width = 256                      #   the section's other keys are its keyword arguments
-    # hf_pretrained = "dir"          #   a local transformers model folder (config, weights, tokenizer)
+    # hf_pretrained = "dir"          #   a local transformers model folder, or a hub id in the local cache
     # hf_config = "config.json"      #   a transformers architecture, random weights
     weights = "base.safetensors"     # optional: a safetensors state dict, loaded strictly
     # dtype = "bfloat16"             # optional: float32 | bfloat16 | float16; quantize = "nf4" (QLoRA);

@@ -1,0 +1,67 @@
+"""``lorakit memory``: print the memory planner's estimates (see ``lorakit.planner``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from . import planner
+from .errors import InputError
+
+
+def memory_command(args: argparse.Namespace) -> int:
+    """``lorakit memory``: the planner's tables for a parameter count, a config.json or the seed's example."""
+
+    options = {"--params": args.params, "--config": args.config, "--method": args.method, "--dtype": args.dtype,
+               "--rank": args.rank, "--targets": args.targets, "--batch": args.batch, "--seq": args.seq}  # fmt: skip
+    given = [flag for flag, value in options.items() if value is not None]
+    rank, dtype, method = args.rank or 8, args.dtype or "fp32", args.method or "all"
+    if args.seed_table:
+        extra = [f for f in given if f != "--rank"]
+        if extra:
+            raise InputError(f"memory --seed-table prints a fixed table; {', '.join(extra)} cannot go with it "
+                             "(allowed: --rank)")  # fmt: skip
+        rows = [planner.estimate_memory(config=planner.LLAMA_3_1_8B, method="full")]
+        rows.append(planner.estimate_memory(config=planner.LLAMA_3_1_8B, method="lora", dtype="bf16", r=rank))
+        rows.append(planner.estimate_memory(config=planner.LLAMA_3_1_8B, method="qlora", r=rank))
+        print("LLaMA weights (GB = 1e9 bytes), the seed's table:\n")
+        print("| model | fp32 | fp16 | int8 | int4 |\n|---|---:|---:|---:|---:|")
+        for name, gbs in planner.seed_table():
+            print(f"| {name} | " + " | ".join(f"{g:.2f}" for g in gbs) + " |")
+        arch = planner.architecture(planner.LLAMA_3_1_8B)
+        print(
+            f"\nFull fine-tuning arithmetic, Llama-3.1-8B ({arch.total:,} parameters): weights "
+            f"{arch.total:,} × 4 B = {arch.total * 4 / 1e9:.1f} GB; one layer holds {arch.per_layer:,} parameters, "
+            f"whose gradients and two AdamW moments take {arch.per_layer:,} × 4 B × 3 = "
+            f"{arch.per_layer * 12 / 1e9:.2f} GB, {arch.layers} layers of them.\n"
+        )
+        title = f"Llama-3.1-8B: full fine-tuning (fp32) vs LoRA (bf16 base) vs QLoRA, r={rank}"
+        print(planner.format_report(rows, title))
+        return 0
+    if args.config is None:
+        if args.params is None:
+            raise InputError("memory needs --params N, --config config.json or --seed-table; none was given")
+        shaped = [f for f in ("--rank", "--targets", "--batch", "--seq") if f in given]
+        if shaped or method in ("lora", "qlora"):
+            what = ", ".join(shaped) if shaped else f"--method {method}"
+            raise InputError(f"{what} needs --config (a transformers config.json: the layers' shapes); "
+                             "with --params alone, allowed: --method all, weights or full and --dtype")  # fmt: skip
+        methods = ["weights", "full"] if method == "all" else [method]
+        rows = [planner.estimate_memory(args.params, method=m, dtype=dtype) for m in methods]
+        if method == "all":
+            print("| dtype | weights GB |\n|---|---:|")
+            for d in planner.BYTES:
+                print(f"| {d} | {args.params * planner.BYTES[d] / 1e9:.3f} |")
+            print()
+        print(planner.format_report(rows, f"{args.params:,} parameters"))
+        return 0
+    targets = args.targets or "all-linear"
+    methods = list(planner.METHODS) if method == "all" else [method]
+    rows = [planner.estimate_memory(args.params, args.config, method=m, dtype=args.dtype, r=rank, targets=targets,
+                                    batch=args.batch, seq=args.seq) for m in methods]  # fmt: skip
+    arch = planner.architecture(args.config)
+    title = (
+        f"{args.config}: {arch.model_type}, {arch.total:,} parameters, {arch.layers} layers of "
+        f"{arch.per_layer:,}; r={rank}, targets={targets}"
+    )
+    print(planner.format_report(rows, title))
+    return 0

@@ -1,0 +1,108 @@
+"""``lorakit export``: a trained adapter out of lorakit, in the forms other tools read.
+
+* ``merged``: the base with ΔW merged in, as a transformers folder (``config.json`` without any
+  ``quantization_config``, sharded safetensors, the base's tokenizer and chat template copied),
+  which ``AutoModelForCausalLM.from_pretrained`` loads with no adapter code at all. The merge
+  happens in float32, then the weights take the base's own dtype (``config.json``'s) unless
+  ``dtype`` says otherwise. An adapter trained on a 4-bit (QLoRA) base is merged into the dense
+  base, as PEFT and every QLoRA export do: the difference is the base's quantization error.
+* ``peft``: the adapter alone as a PEFT folder with a model card (``README.md``) naming the base.
+* ``gguf``: see ``lorakit.gguf_export``.
+
+Each output folder is written beside its target and put in place as a whole; an existing
+non-empty folder is replaced only with ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .atomic import replacing_folder
+from .checkpoint import load_adapter
+from .errors import InputError
+from .files import resolve_model_folder
+from .hub import save_for_hub
+from .merging import merge_and_unload
+
+#: files of a transformers model folder that belong to its tokenizer
+TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "vocab", "merges", "spiece", "added_tokens", "chat_template")
+#: config.json dtype names → torch dtypes
+CONFIG_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def base_dtype(folder: Path) -> torch.dtype:
+    """The weights' dtype a model folder's ``config.json`` declares (float32 if none)."""
+    config = json.loads((folder / "config.json").read_text())
+    name = config.get("dtype") or config.get("torch_dtype") or "float32"
+    if name not in CONFIG_DTYPES:
+        raise InputError(f"{folder}/config.json: dtype {name!r}; allowed: {', '.join(CONFIG_DTYPES)}")
+    return CONFIG_DTYPES[name]
+
+
+def load_adapted(base: str | os.PathLike[str], adapter: str | os.PathLike[str]) -> tuple[nn.Module, Path]:
+    """The base model (float32, eval mode) from a transformers folder or cached hub id, with the
+    adapter loaded; and the base's folder."""
+    folder = resolve_model_folder(base, "--base")
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    load_adapter(model, adapter)
+    return model.eval(), folder
+
+
+def _check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    real = out.resolve()
+    for given in inputs:
+        if real == given.resolve() or given.resolve() in real.parents or real in given.resolve().parents:
+            raise InputError(f"{out}: inside or around an input ({given}); write the export elsewhere")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out}: a file, where the export writes a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise InputError(f"{out}: a folder that is not empty; choose a new one, or overwrite it (--force)")
+
+
+def _folder_sizes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def export_merged(
+    model: nn.Module, base_folder: Path, out: str | os.PathLike[str], *, dtype: torch.dtype | None = None,
+    max_shard_size: str | int = "2GB", overwrite: bool = False, inputs: list[Path] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Merge ``model``'s adapter into it (in place: it becomes the plain transformers model) and
+    write it to ``out``; returns ``{"out", "dtype", "files": {name: bytes}}``."""
+    out = Path(out)
+    _check_out(out, [base_folder, *(inputs or [])], overwrite)
+    dtype = dtype or base_dtype(base_folder)
+    merge_and_unload(model, dequantize=True)
+    model.to(dtype)
+    with replacing_folder(out) as tmp:
+        model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        for entry in base_folder.iterdir():
+            if entry.is_file() and entry.name.startswith(TOKENIZER_FILES):
+                shutil.copyfile(entry, tmp / entry.name)
+        config = json.loads((tmp / "config.json").read_text())
+        if "quantization_config" in config:  # a dense folder must never say it is quantized
+            del config["quantization_config"]
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return {"out": str(out), "dtype": str(dtype).removeprefix("torch."), "files": _folder_sizes(out)}
+
+
+def export_peft(
+    model: nn.Module, out: str | os.PathLike[str], *, base_model: str, overwrite: bool = False,
+    inputs: list[Path] | None = None, metrics: dict[str, float] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Write ``model``'s adapter as a PEFT folder with a model card naming ``base_model``."""
+    out = Path(out)
+    _check_out(out, inputs or [], overwrite)
+    with replacing_folder(out) as tmp:
+        about = "A LoRA adapter trained with lorakit, exported in Hugging Face PEFT's format."
+        save_for_hub(model, tmp, base_model=base_model, metrics=metrics, description=about)
+    return {"out": str(out), "files": _folder_sizes(out)}
