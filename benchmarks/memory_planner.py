@@ -100,9 +100,94 @@ def worker(name: str, method: str) -> dict:
     }
 
 
+#: language-model architectures for the plan-vs-peak check: LoRA r=8 on every linear, fp32, batch 2 × 512
+LLM_SHAPES = {
+    "llama": {"model_type": "llama"},
+    "qwen2": {"model_type": "qwen2"},
+    "mixtral": {"model_type": "mixtral", "num_local_experts": 4, "num_experts_per_tok": 2, "intermediate_size": 512},
+    # a small vocabulary: with checkpointing the peak moves from the loss to a block's backward
+    "llama-vocab-256": {"model_type": "llama", "vocab_size": 256},
+}
+LLM_COMMON = {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 6, "num_attention_heads": 8,
+              "num_key_value_heads": 2, "vocab_size": 4096, "max_position_embeddings": 512}  # fmt: skip
+LLM_BATCH, LLM_SEQ = 2, 512
+
+
+def llm_worker(name: str, checkpointing: bool) -> dict:
+    """One LoRA training step of a language model in this fresh process: the planner's total
+    against the peak growth of the allocator's live bytes from before the model was built."""
+    import transformers
+
+    from lorakit import LoraConfig, estimate_memory, inject
+
+    config = {**LLM_COMMON, **LLM_SHAPES[name]}
+    # A first, tiny model of the same type imports the modelling code (tens of MB of Python
+    # objects on the heap), so that the measurement below sees only what the real one allocates.
+    tiny = {**config, "hidden_size": 16, "intermediate_size": 16, "num_hidden_layers": 1, "vocab_size": 16}
+    warm = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**tiny))
+    inject(warm, LoraConfig(r=2, target_modules="all-linear"))
+    warm(input_ids=torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long)).loss.backward()
+    del warm
+    heap_start = _live_heap()
+    peak = [heap_start]
+
+    def sample(*_: object) -> None:
+        peak[0] = max(peak[0], _live_heap())
+
+    torch.manual_seed(0)
+    cfg = transformers.AutoConfig.for_model(**config)
+    model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
+    inject(model, LoraConfig(r=8, target_modules="all-linear"))
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    for module in model.modules():
+        module.register_forward_pre_hook(sample)
+        module.register_forward_hook(sample)
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.register_hook(lambda g: sample())
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    ids = torch.randint(0, config["vocab_size"], (LLM_BATCH, LLM_SEQ), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        loss = model(input_ids=ids, labels=ids).loss
+        sample()
+        loss.backward()
+        sample()
+        opt.step()
+        sample()
+        opt.zero_grad(set_to_none=True)
+        del loss
+    est = estimate_memory(config=config, method="lora", r=8, batch=LLM_BATCH, seq=LLM_SEQ, checkpointing=checkpointing)
+    return {"model": name, "checkpointing": checkpointing, "predicted_bytes": est.total,
+            "predicted_activation_bytes": est.activations, "peak_bytes": peak[0] - heap_start}  # fmt: skip
+
+
+def llm_rows() -> tuple[list[dict], str]:
+    results = []
+    for name in LLM_SHAPES:
+        for checkpointing in (False, True):
+            out = subprocess.run([sys.executable, __file__, "--llm-worker", name, str(int(checkpointing))],
+                                 capture_output=True, text=True, check=True).stdout  # fmt: skip
+            results.append(json.loads(out.strip().splitlines()[-1]))
+    mb = 2**20
+    rows = [f"| {r['model']} | {'yes' if r['checkpointing'] else 'no'} | {r['predicted_bytes'] / mb:.0f} | "
+            f"{r['peak_bytes'] / mb:.0f} | {r['predicted_bytes'] / r['peak_bytes']:.2f} |"
+            for r in results]  # fmt: skip
+    table = (
+        f"LoRA r=8 on every linear, fp32, batch {LLM_BATCH} × {LLM_SEQ}, AdamW, sdpa attention; {LLM_COMMON}:\n\n"
+        "| model | gradient checkpointing | planned MiB | measured peak MiB (live heap growth) | planned / measured |\n"
+        "|---|---|---:|---:|---:|\n" + "\n".join(rows) + "\n"
+    )
+    return results, table
+
+
 def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         print(json.dumps(worker(sys.argv[2], sys.argv[3])))
+        return
+    if len(sys.argv) == 4 and sys.argv[1] == "--llm-worker":
+        print(json.dumps(llm_worker(sys.argv[2], sys.argv[3] == "1")))
         return
     rows, results = [], []
     for name in ("gpt2", "llama"):

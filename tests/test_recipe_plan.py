@@ -67,18 +67,23 @@ def test_the_plan_is_the_planners_estimate_for_the_recipe_and_writes_nothing(
 
 
 def test_checkpointing_keeps_one_block_and_each_blocks_input():
-    arch = planner.architecture(folder_config := {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
-                                                  "num_hidden_layers": 6, "num_attention_heads": 4,
-                                                  "vocab_size": 100})  # fmt: skip
-    full = planner.activation_bytes(arch, 2, 32)
-    kept = planner.activation_bytes(arch, 2, 32, checkpointing=True)
-    logits = 2 * 32 * 100 * 4
-    per_block = (full - logits) / 6
-    assert kept == pytest.approx(logits + per_block + 6 * 2 * 32 * 64 * 4)
-    assert planner.estimate_memory(config=folder_config, method="lora", batch=2, seq=32, checkpointing=True
-                                   ).activations == kept  # fmt: skip
+    def arch(layers: int) -> planner.Architecture:
+        sizes = {"hidden_size": 64, "intermediate_size": 128, "vocab_size": 100, "num_attention_heads": 4}
+        return planner.architecture({"model_type": "llama", "num_hidden_layers": layers, **sizes})
+
+    def acts(layers: int, checkpointing: bool) -> float:
+        return planner.activation_bytes(arch(layers), 2, 32, checkpointing=checkpointing, lora_ranks=16)
+
+    block_input = 2 * 32 * 64 * 4  # tokens × width × fp32
+    assert acts(6, True) - acts(5, True) == block_input  # one more block costs only its input
+    assert acts(6, False) - acts(5, False) > 10 * block_input  # without checkpointing, all it keeps
+    assert acts(6, True) < acts(6, False) / 2
+    config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 6,
+              "num_attention_heads": 4, "vocab_size": 100}  # fmt: skip
+    assert planner.estimate_memory(config=config, method="lora", r=8, targets=["q_proj", "v_proj"], batch=2, seq=32,
+                                   checkpointing=True).activations == acts(6, True)  # fmt: skip
     with pytest.raises(planner.InputError, match="checkpointing = 'yes'"):
-        planner.activation_bytes(arch, 2, 32, checkpointing="yes")  # type: ignore[arg-type]
+        planner.activation_bytes(arch(6), 2, 32, checkpointing="yes")  # type: ignore[arg-type]
 
 
 def test_a_run_far_above_the_free_memory_is_refused_unless_forced(tmp_path, folder, monkeypatch, capsys):

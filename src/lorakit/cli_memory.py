@@ -7,6 +7,15 @@ import argparse
 from . import planner
 from .errors import InputError
 
+#: the seed's LLaMA sizes (parameters) for the weights-only table
+SEED_SIZES = {"7B": 7.0e9, "13B": 13.0e9, "32.5B": 32.5e9, "65.2B": 65.2e9}
+
+
+def seed_table() -> list[tuple[str, list[float]]]:
+    """The seed's LLaMA weights table: GB in fp32 / fp16 / int8 / int4."""
+    return [(n, [size * planner.BYTES[d] / planner.GB for d in ("fp32", "fp16", "int8", "int4")])
+            for n, size in SEED_SIZES.items()]  # fmt: skip
+
 
 def memory_command(args: argparse.Namespace) -> int:
     """``lorakit memory``: the planner's tables for a parameter count, a config.json or the seed's example."""
@@ -25,7 +34,7 @@ def memory_command(args: argparse.Namespace) -> int:
         rows.append(planner.estimate_memory(config=planner.LLAMA_3_1_8B, method="qlora", r=rank))
         print("LLaMA weights (GB = 1e9 bytes), the seed's table:\n")
         print("| model | fp32 | fp16 | int8 | int4 |\n|---|---:|---:|---:|---:|")
-        for name, gbs in planner.seed_table():
+        for name, gbs in seed_table():
             print(f"| {name} | " + " | ".join(f"{g:.2f}" for g in gbs) + " |")
         arch = planner.architecture(planner.LLAMA_3_1_8B)
         print(

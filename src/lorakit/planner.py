@@ -10,8 +10,7 @@ All figures are bytes; the printed tables use GB = 10⁹ bytes. Per parameter:
   matrix) an fp32 weight, gradient and two moments: 16 bytes
 * QLoRA: the adapted layers' linear weights in NF4+DQ, everything else (embeddings, norms, head)
   in the compute dtype, plus LoRA's adapter bytes
-* activations (optional): what autograd keeps per token and block, from the architecture's shapes
-  with coefficients measured on transformers' implementations (see ``activation_bytes``)
+* activations (optional): what a step keeps per token and block (``lorakit.activations``)
 """
 
 from __future__ import annotations
@@ -25,6 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import activations
+from .activations import MODEL_TYPES as ACTIVATION_TYPES
+from .activations import BlockShape
 from .errors import InputError
 from .model_count import meta_counts
 
@@ -47,8 +49,6 @@ LLAMA_3_1_8B = {
     "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
     "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
 }  # fmt: skip
-#: the seed's LLaMA sizes (parameters) for the weights-only table
-SEED_SIZES = {"7B": 7.0e9, "13B": 13.0e9, "32.5B": 32.5e9, "65.2B": 65.2e9}
 
 
 @dataclass
@@ -69,6 +69,7 @@ class Architecture:
     intermediate: int = 0
     heads: int = 0
     vocab: int = 0  # size of the output head's vocabulary (0: no LM head)
+    extra_shape: dict[str, int] = field(default_factory=dict)  # kv width, experts: BlockShape's other fields
 
     @property
     def total(self) -> int:
@@ -182,7 +183,8 @@ def architecture(config: dict[str, Any] | str | Path) -> Architecture:
         per_layer = sum(a * b for a, b in lin.values()) + biases + 2 * h  # + two RMSNorm weights
         vocab = c.count("vocab_size")
         head = 0 if c.flag("tie_word_embeddings", False) else vocab * h
-        return Architecture(kind, c.count("num_hidden_layers"), h, per_layer, vocab * h, head, h, lin, i, heads, vocab)
+        return Architecture(kind, c.count("num_hidden_layers"), h, per_layer, vocab * h, head, h, lin, i, heads, vocab,
+                            {"kv": kv * hd})  # fmt: skip
     if kind == "gpt2":
         n, heads = c.count("n_embd", "hidden_size"), c.count("n_head", "num_attention_heads")
         vocab = c.count("vocab_size")
@@ -206,7 +208,14 @@ def architecture(config: dict[str, Any] | str | Path) -> Architecture:
         shown = "missing" if kind is None else f"= {kind!r}"
         raise InputError(f"{c.where}: model_type {shown}; allowed: a transformers model type ({', '.join(MODEL_TYPES)} "
                          "by formula, any other by building it on the meta device)")  # fmt: skip
-    return Architecture(**meta_counts(cfg, c.where))  # any other transformers architecture, counted
+    counted = Architecture(**meta_counts(cfg, c.where))  # any other transformers architecture, counted
+    heads = counted.heads or 1
+    kv = int(cfg.get("num_key_value_heads") or heads) * int(cfg.get("head_dim") or counted.hidden // heads)
+    experts = int(cfg.get("num_local_experts") or cfg.get("num_experts") or 0)
+    counted.extra_shape = {"kv": kv, "experts": experts, "experts_per_token": int(cfg.get("num_experts_per_tok") or 0),
+                           "expert_intermediate": int(cfg.get("moe_intermediate_size") or counted.intermediate),
+                           "shared_intermediate": int(cfg.get("shared_expert_intermediate_size") or 0)}  # fmt: skip
+    return counted
 
 
 #: transformers' dtype names in config.json → the planner's
@@ -241,50 +250,45 @@ def _targets(targets: Any) -> list[str] | str:
 
 def lora_parameters(arch: Architecture, r: int, targets: list[str] | str = "all-linear") -> int:
     """Adapter parameters: ``r · (in + out)`` per adapted matrix per layer."""
-    r, targets = _whole(r, "r"), _targets(targets)
+    r = _whole(r, "r")
+    return arch.layers * sum(r * (arch.layer_linears[k][0] + arch.layer_linears[k][1]) for k in _chosen(arch, targets))
+
+
+def _chosen(arch: Architecture, targets: Any) -> list[str]:
+    """The block's linears that ``targets`` adapt."""
+    targets = _targets(targets)
     if targets == "all-linear":
-        chosen = list(arch.layer_linears)
-    else:
-        hit = lambda k, t: k == t or k.endswith("." + t)  # noqa: E731
-        chosen = [k for k in arch.layer_linears if any(hit(k, t) for t in targets)]
-        missing = [t for t in targets if not any(hit(k, t) for k in chosen)]
-        if missing:
-            raise InputError(f"targets {missing} match no linear layer of this {arch.model_type} architecture; "
-                             f"allowed: all-linear or names among {list(arch.layer_linears)}")  # fmt: skip
-    return arch.layers * sum(r * (arch.layer_linears[k][0] + arch.layer_linears[k][1]) for k in chosen)
-
-
-#: values autograd keeps per token and block, measured on transformers 5's implementations with
-#: saved-tensor hooks: ``h_units·h + i_units·i`` (+ ``3·heads·seq`` with eager attention, which
-#: keeps the attention probabilities). Gated MLPs keep gate, up, act and down's input (4·i); GPT-2's
-#: tanh-GELU keeps four intermediates plus c_proj's input (5·i); BERT's exact GELU keeps two.
-ACTIVATION_UNITS = {"llama": (10.5, 4), "mistral": (10.5, 4), "qwen2": (10.5, 4), "gpt2": (10.5, 5), "bert": (10.5, 2)}
-EAGER_ATTENTION = {"gpt2"}
+        return list(arch.layer_linears)
+    hit = lambda k, t: k == t or k.endswith("." + t)  # noqa: E731
+    chosen = [k for k in arch.layer_linears if any(hit(k, t) for t in targets)]
+    missing = [t for t in targets if not any(hit(k, t) for k in chosen)]
+    if missing:
+        raise InputError(f"targets {missing} match no linear layer of this {arch.model_type} architecture; "
+                         f"allowed: all-linear or names among {list(arch.layer_linears)}")  # fmt: skip
+    return chosen
 
 
 def activation_bytes(
     arch: Architecture, batch: int, seq: int, dtype: str = "fp32", eager: bool | None = None,
-    checkpointing: bool = False,
+    checkpointing: bool = False, *, lora_ranks: int | None = None, peak: bool = True,
 ) -> float:  # fmt: skip
-    """Bytes a training forward keeps for the backward: per token and block
-    ``h_units·h + i_units·i`` values (``ACTIVATION_UNITS``), ``3·heads·seq`` more with eager
-    attention, and the logits once (``vocab`` per token) for the loss. With gradient checkpointing
-    per block, each block keeps only its input (``h`` per token) and one block's activations live
-    again while its backward recomputes them."""
+    """Bytes of activations for one ``batch × seq`` step (``lorakit.activations``): what the
+    blocks keep in ``dtype`` (every block's, or with ``checkpointing`` each block's input and one
+    block's), the float32 log-softmax over the vocabulary, and with ``peak`` the loss's transient
+    float32 rows at the start of the backward. ``lora_ranks``: Σ r over one block's adapted
+    linears (LoRA; frozen linears keep less), None for full fine-tuning."""
     batch, seq = _whole(batch, "batch"), _whole(seq, "seq")
     _choice(dtype, "dtype", list(BYTES))
-    if eager is not None and not isinstance(eager, bool):
-        raise InputError(f"eager = {eager!r}; allowed: True, False or None (the architecture's default)")
-    if not isinstance(checkpointing, bool):
-        raise InputError(f"checkpointing = {checkpointing!r}; allowed: True or False")
-    if arch.model_type not in ACTIVATION_UNITS:
+    for name, value in (("eager", eager), ("checkpointing", checkpointing)):
+        if not isinstance(value, bool) and not (name == "eager" and value is None):
+            raise InputError(f"{name} = {value!r}; allowed: True or False" + " (or None)" * (name == "eager"))
+    if arch.model_type not in ACTIVATION_TYPES:
         raise InputError(f"activations: no measured coefficients for {arch.model_type!r} yet; allowed: "
-                         f"{', '.join(ACTIVATION_UNITS)} (weight, LoRA, QLoRA bytes work for any model)")  # fmt: skip
-    h_units, i_units = ACTIVATION_UNITS[arch.model_type]
-    eager = arch.model_type in EAGER_ATTENTION if eager is None else eager
-    per_block = h_units * arch.hidden + i_units * arch.intermediate + (3 * arch.heads * seq if eager else 0)
-    blocks = arch.layers * arch.hidden + per_block if checkpointing else arch.layers * per_block
-    return batch * seq * (blocks + arch.vocab) * BYTES[dtype]
+                         f"{', '.join(ACTIVATION_TYPES)} (weight, LoRA, QLoRA bytes work for any model)")  # fmt: skip
+    shape = BlockShape(arch.model_type, arch.layers, arch.hidden, arch.intermediate, arch.heads, arch.vocab,
+                       **arch.extra_shape)  # fmt: skip
+    return activations.activation_bytes(shape, batch, seq, BYTES[dtype], lora=lora_ranks is not None, peak=peak,
+                                        adapted_rank_sum=lora_ranks or 0, eager=eager, checkpointing=checkpointing)
 
 
 def _choice(value: Any, what: str, allowed: list[str] | tuple[str, ...]) -> str:
@@ -362,7 +366,8 @@ def estimate_memory(
             raise InputError(f"batch and seq (activations) need the architecture; allowed: with config, not params "
                              f"alone (method {method!r})")  # fmt: skip
         stored = compute_dtype if method == "qlora" else "fp32" if dtype == "fp32" else "bf16"
-        acts = activation_bytes(arch, batch, seq, stored, eager, checkpointing)
+        ranks = None if method == "full" else r * len(_chosen(arch, targets))
+        acts = activation_bytes(arch, batch, seq, stored, eager, checkpointing, lora_ranks=ranks)
     if method == "weights":
         return MemoryEstimate("weights", params * BYTES[dtype])
     if method == "full":
@@ -380,11 +385,6 @@ def estimate_memory(
     weights = quantized * BYTES["nf4-dq"] + (params - quantized) * BYTES[compute_dtype]
     return MemoryEstimate("qlora", weights, 0.0, 0.0, adapter, acts, n_adapter,
                           [f"block linears in NF4+DQ, the rest in {compute_dtype}"])  # fmt: skip
-
-
-def seed_table() -> list[tuple[str, list[float]]]:
-    """The seed's LLaMA weights table: GB in fp32 / fp16 / int8 / int4."""
-    return [(name, [n * BYTES[d] / GB for d in ("fp32", "fp16", "int8", "int4")]) for name, n in SEED_SIZES.items()]
 
 
 def format_report(est: list[MemoryEstimate], title: str) -> str:

@@ -1,0 +1,35 @@
+"""The planner against measured peaks: one LoRA training step of three language-model
+architectures (Llama, Qwen2, Mixtral-style experts), with and without gradient checkpointing, each
+in a fresh process (``benchmarks/memory_planner.py --llm-worker``), must be planned within 15%."""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+WORKER = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_planner.py"
+
+
+def _has_mallinfo2() -> bool:
+    try:
+        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not (sys.platform == "linux" and _has_mallinfo2()), reason="peaks come from glibc's mallinfo2")
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["stored", "checkpointed"])
+@pytest.mark.parametrize("model", ["llama", "qwen2", "mixtral", "llama-vocab-256"])
+def test_the_plan_is_within_15_percent_of_the_measured_peak(model, checkpointing):
+    out = subprocess.run([sys.executable, str(WORKER), "--llm-worker", model, str(int(checkpointing))],
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    ratio = result["predicted_bytes"] / result["peak_bytes"]
+    assert 0.85 <= ratio <= 1.15, result
