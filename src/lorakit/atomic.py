@@ -338,3 +338,29 @@ def replacing_folder(directory: str | os.PathLike[str]) -> Iterator[Path]:
             remove_tree(previous)
     with contextlib.suppress(OSError):
         fsync_path(target.parent)
+
+
+@contextlib.contextmanager
+def replacing_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temporary path beside ``path`` for a large file written by another library; when the
+    block ends it is fsynced and renamed over ``path``, when it raises it is deleted."""
+    target = Path(os.path.abspath(path))
+    if target.is_dir():
+        raise InputError(f"{path}: a folder, where a file is written")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        recover_folder(target)  # temporary files of a killed earlier write
+    except OSError as err:
+        raise _save_error(err, target) from err
+    tmp = _temp_name(target, "tmp")
+    try:
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, target)
+    except OSError as err:
+        raise _save_error(err, target) from err
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+    with contextlib.suppress(OSError):
+        fsync_path(target.parent)

@@ -204,15 +204,29 @@ def _export(args: argparse.Namespace) -> int:
     from . import export
 
     adapter = _existing(args.adapter, "export ADAPTER", folder=True)
-    if not (args.merged or args.peft):
-        raise InputError("export needs --merged DIR and/or --peft DIR (what to write)")
-    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(args.dtype or "", args.dtype)
-    model, folder = export.load_adapted(args.base, adapter)
+    if not (args.merged or args.peft or args.gguf):
+        raise InputError("export needs --merged DIR, --peft DIR and/or --gguf FILE (what to write)")
+    folder = export.base_folder(args.base)
     inputs = [folder, adapter]
+    for out in (args.merged, args.peft):  # every output is checked before any work
+        if out:
+            export.check_out(Path(out), inputs, args.force)
+    if args.gguf and Path(args.gguf).exists() and not args.force:
+        raise InputError(f"{args.gguf}: exists; choose a new file, or replace it (--force)")
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(args.dtype or "", args.dtype)
+    model = export.load_adapted(folder, adapter)
     if args.peft:
         info = export.export_peft(model, args.peft, base_model=args.base_model_id or str(args.base),
                                   overwrite=args.force, inputs=inputs)  # fmt: skip
         print(f"wrote {info['out']} (PEFT adapter): " + ", ".join(f"{k} {v:,} B" for k, v in info["files"].items()))
+    if args.gguf:  # before --merged, which casts the weights to its dtype
+        from .gguf_export import export_gguf
+        from .merging import merge_and_unload
+
+        merge_and_unload(model, dequantize=True)
+        info = export_gguf(model, folder, args.gguf, args.gguf_type)
+        print(f"wrote {info['out']} (GGUF, {args.gguf_type}): {info['tensors']} tensors, {info['bytes'] / 1e6:,.1f} MB"
+              f"{'' if info['tokenizer'] else ', no tokenizer'}")
     if args.merged:
         info = export.export_merged(model, folder, args.merged, dtype=export.CONFIG_DTYPES.get(dtype or ""),
                                     max_shard_size=args.shard_size, overwrite=args.force, inputs=inputs)  # fmt: skip
@@ -267,6 +281,8 @@ def build_parser(plugins: dict[str, EntryPoint] | None = None) -> argparse.Argum
     exp.add_argument("--base", required=True, help="the base model: a transformers folder or a cached hub id")
     exp.add_argument("--merged", help="write the merged model here (a transformers folder)")
     exp.add_argument("--peft", help="write the adapter here as a PEFT folder with a model card")
+    exp.add_argument("--gguf", help="write the merged model here as one GGUF file (llama.cpp; Llama family)")
+    exp.add_argument("--gguf-type", choices=["f32", "f16", "bf16"], default="f32", help="GGUF tensor type")
     exp.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], help="merged weights' dtype (default: the base's)")
     exp.add_argument("--shard-size", default="2GB", help="largest safetensors shard of the merged model (default 2GB)")
     exp.add_argument("--base-model-id", help="the base's hub id for the model card (default: --base as given)")

@@ -46,18 +46,23 @@ def base_dtype(folder: Path) -> torch.dtype:
     return CONFIG_DTYPES[name]
 
 
-def load_adapted(base: str | os.PathLike[str], adapter: str | os.PathLike[str]) -> tuple[nn.Module, Path]:
-    """The base model (float32, eval mode) from a transformers folder or cached hub id, with the
-    adapter loaded; and the base's folder."""
-    folder = resolve_model_folder(base, "--base")
+def base_folder(base: str | os.PathLike[str]) -> Path:
+    """The base model's folder: a transformers folder, or a hub id in the local cache."""
+    return resolve_model_folder(base, "--base")
+
+
+def load_adapted(folder: Path, adapter: str | os.PathLike[str]) -> nn.Module:
+    """The base model of ``folder`` (float32, eval mode) with the adapter loaded."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     load_adapter(model, adapter)
-    return model.eval(), folder
+    return model.eval()
 
 
-def _check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
+def check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """Refuse an output folder that is an input, lies inside or around one, is a file, or is not
+    empty (unless ``overwrite``)."""
     real = out.resolve()
     for given in inputs:
         if real == given.resolve() or given.resolve() in real.parents or real in given.resolve().parents:
@@ -79,7 +84,7 @@ def export_merged(
     """Merge ``model``'s adapter into it (in place: it becomes the plain transformers model) and
     write it to ``out``; returns ``{"out", "dtype", "files": {name: bytes}}``."""
     out = Path(out)
-    _check_out(out, [base_folder, *(inputs or [])], overwrite)
+    check_out(out, [base_folder, *(inputs or [])], overwrite)
     dtype = dtype or base_dtype(base_folder)
     merge_and_unload(model, dequantize=True)
     model.to(dtype)
@@ -101,7 +106,7 @@ def export_peft(
 ) -> dict[str, Any]:  # fmt: skip
     """Write ``model``'s adapter as a PEFT folder with a model card naming ``base_model``."""
     out = Path(out)
-    _check_out(out, inputs or [], overwrite)
+    check_out(out, inputs or [], overwrite)
     with replacing_folder(out) as tmp:
         about = "A LoRA adapter trained with lorakit, exported in Hugging Face PEFT's format."
         save_for_hub(model, tmp, base_model=base_model, metrics=metrics, description=about)
