@@ -53,10 +53,13 @@ def _demo_headlines(args: argparse.Namespace) -> int:
 
 
 def _demo_chat(args: argparse.Namespace) -> int:
-    from .demos.chat_recipe import Settings, quick, run
+    from .demos.chat_recipe import Settings, quick, run, run_seeds
 
     settings = Settings(out=args.out, seed=args.seed, steps=args.steps, rank=args.rank, progress=not args.no_progress)
-    run(quick(settings) if args.quick else settings)
+    if args.seeds:
+        run_seeds(quick(settings) if args.quick else settings, args.seeds)
+    else:
+        run(quick(settings) if args.quick else settings)
     return 0
 
 
@@ -191,6 +194,7 @@ def demo_parser() -> argparse.ArgumentParser:
     )
     ch.add_argument("--out", default="runs/chat", help="output folder (default: %(default)s)")
     ch.add_argument("--seed", type=int, default=0)
+    ch.add_argument("--seeds", type=int, nargs="+", help="run once per seed (in OUT/seed-K) and report mean ± sd")
     ch.add_argument("--steps", type=int, default=80, help="optimizer steps (default: %(default)s)")
     ch.add_argument("--rank", type=int, default=8)
     ch.add_argument("--quick", action="store_true", help="a few steps and conversations (smoke test)")

@@ -214,3 +214,24 @@ def test_sweep_sentiment_quick(tmp_path):
         assert full["effective_rank_99"] > 4  # a full update is not rank 4 ...
         assert r["lora_spectra"]["4"][layer]["effective_rank_99"] <= 4  # ... a rank-4 LoRA update is
     assert (tmp_path / "accuracy_vs_rank.png").is_file() and (tmp_path / "svd_energy.png").is_file()
+
+
+@needs_smollm2
+@needs_bbc
+def test_chat_quick_writes_a_recipe_that_lorakit_train_runs(tmp_path, capsys):
+    from lorakit.recipes import read_config
+    from lorakit_experiments.data.text import BBC_TOPICS
+
+    assert main(["demo", "chat", "--out", str(tmp_path), "--quick", "--no-progress"]) == 0
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["held_out_loss"]["after"] < r["held_out_loss"]["before"]
+    assert 0 <= r["after"]["section_accuracy"] <= 100 and r["test_conversations"] == 4
+    rows = [json.loads(line) for line in (tmp_path / "test.jsonl").read_text().splitlines()]
+    assert [m["role"] for m in rows[0]["messages"]] == ["system", "user", "assistant", "user", "assistant"]
+    assert all(row["messages"][2]["content"] in BBC_TOPICS for row in rows)
+    recipe = read_config(tmp_path / "recipe.toml")
+    assert recipe["model"]["quantize"] == "nf4" and recipe["data"]["kind"] == "chat"
+    # the written recipe is an ordinary one: lorakit plans it like any other
+    assert main(["train", str(tmp_path / "recipe.toml"), "--plan"]) == 0
+    assert "memory plan: qlora, 2,442,240 trainable parameters" in capsys.readouterr().out
+    assert (tmp_path / "chat.png").stat().st_size > 10_000

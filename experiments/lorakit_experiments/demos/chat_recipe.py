@@ -162,6 +162,35 @@ def run(s: Settings, log=print) -> dict:
     return results
 
 
+def run_seeds(s: Settings, seeds: list[int], log=print) -> dict:
+    """``run`` once per seed (into ``<out>/seed-<k>``), then the mean and standard deviation of
+    each after-training figure (the base model's are the same for every seed) in ``results.json``."""
+    import statistics
+
+    per_seed = []
+    for seed in seeds:
+        per_seed.append(run(Settings(**{**asdict(s), "seed": seed, "out": str(Path(s.out) / f"seed-{seed}")}), log))
+    figures = {"held-out loss": lambda r: r["held_out_loss"]["after"],
+               "section accuracy (%)": lambda r: r["after"]["section_accuracy"],
+               "headline ROUGE-L": lambda r: r["after"]["rougeL"]}  # fmt: skip
+    base = {"held-out loss": per_seed[0]["held_out_loss"]["before"],
+            "section accuracy (%)": per_seed[0]["before"]["section_accuracy"],
+            "headline ROUGE-L": per_seed[0]["before"]["rougeL"]}  # fmt: skip
+    summary = {"seeds": seeds, "test_conversations": per_seed[0]["test_conversations"], "base": base, "tuned": {
+        name: {"mean": statistics.mean(f(r) for r in per_seed), "sd": statistics.stdev(f(r) for r in per_seed)
+               if len(per_seed) > 1 else 0.0, "per_seed": [f(r) for r in per_seed]} for name, f in figures.items()},
+        "minutes_per_seed": [r["seconds"] / 60 for r in per_seed]}  # fmt: skip
+    lines = [f"SmolLM2-135M-Instruct, QLoRA r={s.rank}, {s.steps} steps; seeds {seeds}, "
+             f"{summary['test_conversations']} held-out conversations", "",
+             "| | base | QLoRA-tuned, mean ± sd |", "|---|---:|---:|"]  # fmt: skip
+    lines += [f"| {name} | {base[name]:.2f} | {v['mean']:.2f} ± {v['sd']:.2f} |"
+              for name, v in summary["tuned"].items()]  # fmt: skip
+    write_results(s.out, summary)  # the seeds' own results are in seed-<k>/results.json
+    (Path(s.out) / "results.md").write_text("\n".join(lines) + "\n")
+    log("\n".join(lines))
+    return summary
+
+
 def format_table(r: dict) -> str:
     b, a = r["before"], r["after"]
     lines = [
