@@ -23,6 +23,7 @@ from .config import LoraConfig
 from .errors import InputError
 from .files import resolve_model_folder
 from .planner import GB, MemoryEstimate, estimate_memory, format_report
+from .trainer import TrainerConfig
 
 #: a plan above this multiple of the free memory is refused unless forced
 REFUSE_ABOVE = 1.5
@@ -91,7 +92,7 @@ def plan_recipe(cfg: dict[str, Any], lora: LoraConfig, device: torch.device) -> 
     dtype = PLANNER_DTYPES[str(model.get("dtype", "float32"))]
     method = "qlora" if model.get("quantize") == "nf4" else "lora"
     seq = data.get("seq", DEFAULT_SEQ.get(str(data.get("kind")))) if "factory" not in data else None
-    batch = int(train.get("batch_size", 8)) if seq is not None else None
+    batch = int(train.get("batch_size", TrainerConfig.batch_size)) if seq is not None else None
     notes = []
     if lora.rank_pattern or lora.alpha_pattern or lora.use_dora or lora.modules_to_save:
         notes.append("adapter bytes use r for every module (rank_pattern, DoRA magnitudes and modules_to_save "
