@@ -116,7 +116,7 @@ def test_outputs_are_checked_before_any_work_and_replaced_whole(base, adapter, t
     assert main(["export", str(adapter), "--base", str(base), "--merged", str(out)]) == 2
     assert "not empty; choose a new one, or overwrite it (--force)" in capsys.readouterr().err
     assert main(["export", str(adapter), "--base", str(base)]) == 2
-    assert "export needs --merged DIR and/or --peft DIR" in capsys.readouterr().err
+    assert "export needs --merged DIR, --peft DIR and/or --gguf FILE" in capsys.readouterr().err
     assert main(["export", str(adapter), "--base", str(base), "--merged", str(adapter / "inside")]) == 2
     assert "inside or around an input" in capsys.readouterr().err
     assert main(["export", str(adapter), "--base", str(tmp_path / "nothing"), "--merged", str(tmp_path / "m")]) == 2
