@@ -32,7 +32,7 @@ TIERS: list[set[str]] = [
     {"injection", "counting"},
     {"merging", "routing", "checkpoint", "combine", "offline", "family", "soft_prompts", "loraplus"},
     {"hub", "trainer", "pretrained", "recipe_models", "chat_data"},
-    {"recipe_data", "recipe_plan", "export"},  # a recipe's [data] section, which may name factories as [model] does
+    {"recipe_data", "recipe_plan", "export", "gguf_export"},  # a recipe's [data] section, which may name factories as [model] does
     {"recipes", "cli_memory"},
     {"cli"},
     {"", "__main__"},  # the package itself: lorakit/__init__.py re-exports the public API
