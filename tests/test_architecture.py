@@ -27,12 +27,12 @@ TIERS: list[set[str]] = [
     {"peft_keys", "config_checks", "model_count"},  # PEFT's adapter_config.json keys; LoraConfig's value checks
     {"config", "targeting", "functional", "loss_plot", "planner", "atomic"},
     {"files", "quantization", "bank", "devices", "distributed", "optim", "train_state"},
-    {"run_dir", "trainer_checks", "recipe_files"},  # what training and recipes check before they run
+    {"run_dir", "trainer_checks", "recipe_files", "gguf_export"},  # what training and recipes check before they run
     {"layers"},
     {"injection", "counting"},
     {"merging", "routing", "checkpoint", "combine", "offline", "family", "soft_prompts", "loraplus"},
     {"hub", "trainer", "pretrained", "recipe_models", "chat_data"},
-    {"recipe_data", "recipe_plan", "export", "gguf_export"},  # a recipe's [data] section, which may name factories as [model] does
+    {"recipe_data", "recipe_plan", "export"},  # recipe sections; exports to other tools
     {"recipes", "cli_memory"},
     {"cli"},
     {"", "__main__"},  # the package itself: lorakit/__init__.py re-exports the public API

@@ -60,6 +60,61 @@ def test_only_the_assistant_turns_and_their_end_markers_carry_loss(tokenizer):
     assert labels[:n] == [IGNORE] * n and labels[n] == ids[n]
 
 
+def test_an_opening_assistant_turn_learns_its_words_not_the_template_header(tokenizer):
+    turns = [{"role": "assistant", "content": "Hi"}, {"role": "user", "content": "u"},
+             {"role": "assistant", "content": "Yo"}]  # fmt: skip
+    ids, labels = encode({"messages": turns}, tokenizer, "row")
+    learned = [t for t, label in zip(ids, labels, strict=True) if label != IGNORE]
+    assert learned == _ids(tokenizer, "Hi<|im_end|>\nYo<|im_end|>\n")
+
+
+def test_extra_message_keys_reach_the_template_and_its_errors_name_the_row(tokenizer):
+    template = tokenizer.chat_template
+    tokenizer.chat_template = (
+        "{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
+        "{{ raise_exception('system only first') }}{% endif %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m.get('tool_calls') %}call {{ m['tool_calls'][0]['name'] }}{% else %}{{ m['content'] }}{% endif %}"
+        "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    try:
+        row = {"messages": [{"role": "user", "content": "Weather?"},
+                            {"role": "assistant", "content": None, "tool_calls": [{"name": "sky"}]}]}  # fmt: skip
+        ids, labels = encode(row, tokenizer, "row")
+        assert [t for t, label in zip(ids, labels, strict=True) if label != IGNORE] == _ids(
+            tokenizer, "call sky<|im_end|>\n")  # fmt: skip
+        bad = {"messages": [*CONVERSATION[1:3], {"role": "system", "content": "late"}, CONVERSATION[4]]}
+        with pytest.raises(RecipeError, match=r"d.jsonl, line 7: the chat template refuses this conversation "
+                                              r"\(TemplateError: system only first\)"):  # fmt: skip
+            encode(bad, tokenizer, "d.jsonl, line 7")
+    finally:
+        tokenizer.chat_template = template
+
+
+def test_sentencepiece_style_tokenizers_get_the_ids_of_the_whole_text():
+    """A Metaspace tokenizer tokenized piece by piece would put a word-start marker before every
+    piece; the whole conversation is tokenized once, and the answers' tokens carry the loss."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    corpus = ["[INST] Hi there [/INST]Yo friend</s>[INST] more [/INST]Fine</s>"] * 50
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=60, special_tokens=["<unk>", "<s>", "</s>"]))
+    template = ("{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+                "{% else %}{{ m['content'] }}</s>{% endif %}{% endfor %}")  # fmt: skip
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="</s>", chat_template=template)
+    turns = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Yo friend"},
+             {"role": "user", "content": "more"}, {"role": "assistant", "content": "Fine"}]  # fmt: skip
+    ids, labels = encode({"messages": turns}, fast, "row")
+    assert ids == _ids(fast, fast.apply_chat_template(turns, tokenize=False))
+    pieces = fast.convert_ids_to_tokens([t for t, label in zip(ids, labels, strict=True) if label != IGNORE])
+    learned = "".join(pieces).replace("▁", " ")
+    # every answer character is learned (a token that merged the prompt's last word with the
+    # answer's first is learned whole); the user turns are not
+    assert "Yo friend</s>" in learned and "Fine</s>" in learned
+    assert "Hi" not in learned and "more" not in learned
+
+
 def test_prompt_completion_rows_are_one_user_and_one_assistant_turn(tokenizer):
     pair = encode({"prompt": "Hi", "completion": "Yo"}, tokenizer, "row")
     turns = encode({"messages": CONVERSATION[1:3]}, tokenizer, "row")
@@ -101,7 +156,7 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(tokenizer):
     ("row", "message"),
     [
         ({"messages": []}, "'messages' must be a non-empty list"),
-        ({"messages": [{"role": "user"}]}, r"messages\[0\] must be an object with string 'role' and 'content'"),
+        ({"messages": [{"role": "user"}]}, r"messages\[0\] must be an object with a string 'role' and a string"),
         ({"messages": [{"role": "user", "content": "hi"}]}, r"no assistant message.*roles: \['user'\]"),
         ({"prompt": "hi"}, r"expected 'messages' .* keys: \['prompt'\]"),
         ({"prompt": "hi", "completion": 3}, "expected 'messages'"),
@@ -225,7 +280,8 @@ def test_long_examples_are_cut_with_a_warning_and_answerless_ones_left_out(tmp_p
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"prompt": "p" * 50, "completion": "c"}) + "\n"
                     + json.dumps({"prompt": "p", "completion": "c" * 50}) + "\n")  # fmt: skip
-    with pytest.warns(UserWarning, match=r"2 example\(s\) longer than seq = 30 .* 1 of them losing every answer"):
+    warning = r"2 example\(s\) longer than seq = 30 tokens were cut to it; 1 example\(s\) without an answer"
+    with pytest.warns(UserWarning, match=warning):
         data = build_data({"kind": "chat", "path": str(path), "seq": 30}, tokenizer, 101)
     assert data.num_examples == 1 and data.collate([0])["input_ids"].shape == (1, 30)
 

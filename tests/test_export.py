@@ -119,6 +119,10 @@ def test_outputs_are_checked_before_any_work_and_replaced_whole(base, adapter, t
     assert "export needs --merged DIR, --peft DIR and/or --gguf FILE" in capsys.readouterr().err
     assert main(["export", str(adapter), "--base", str(base), "--merged", str(adapter / "inside")]) == 2
     assert "inside or around an input" in capsys.readouterr().err
+    link = tmp_path / "link"
+    link.symlink_to(out)
+    assert main(["export", str(adapter), "--base", str(base), "--merged", str(link), "--force"]) == 2
+    assert "a symbolic link; name the folder itself" in capsys.readouterr().err
     assert main(["export", str(adapter), "--base", str(tmp_path / "nothing"), "--merged", str(tmp_path / "m")]) == 2
     assert "is not a model folder (no config.json there) nor a hub id" in capsys.readouterr().err
 

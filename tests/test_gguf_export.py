@@ -21,7 +21,7 @@ pytest.importorskip("tokenizers")
 TEXT = "LoRA freezes the base weights and learns a low-rank update beside them. " * 20
 
 
-def _bpe_llama(folder: Path) -> None:
+def _bpe_llama(folder: Path, **config_changes) -> None:
     """A 2-layer Llama (GQA) with a small BPE tokenizer trained here, offline."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
@@ -35,14 +35,18 @@ def _bpe_llama(folder: Path) -> None:
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=96, max_position_embeddings=64,
-                         tie_word_embeddings=False)  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(folder)
+                         tie_word_embeddings=False, **config_changes)  # fmt: skip
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):  # attention_bias: non-zero biases, so that their order matters
+                p.normal_(0, 0.5)
+    model.save_pretrained(folder)
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[Path, Path]:
+def _trained(tmp_path_factory, **config_changes) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("bpe-llama")
-    _bpe_llama(base)
+    _bpe_llama(base, **config_changes)
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(base)
@@ -55,6 +59,24 @@ def trained(tmp_path_factory) -> tuple[Path, Path]:
     adapter = tmp_path_factory.mktemp("adapter")
     lk.save_adapter(model, adapter)
     return base, adapter
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, Path]:
+    return _trained(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def biased(tmp_path_factory) -> tuple[Path, Path]:
+    """Query/key/value biases (attention_bias) and a head dimension other than width / heads."""
+    return _trained(tmp_path_factory, attention_bias=True, head_dim=8)
+
+
+@pytest.fixture(scope="module")
+def narrow(tmp_path_factory) -> tuple[Path, Path]:
+    """A head dimension other than width / heads (transformers' GGUF reader drops Llama's attention
+    biases, which llama.cpp reads, so the biased model is checked tensor by tensor only)."""
+    return _trained(tmp_path_factory, head_dim=8)
 
 
 def _merged(base: Path, adapter: Path):
@@ -73,40 +95,46 @@ def test_the_rope_reordering_is_a_permutation_and_its_inverse():
     assert moved[:4, 0].tolist() == [0.0, 6.0, 3.0, 9.0] and torch.equal(rope_deinterleave(moved, 2), w)
 
 
-@pytest.mark.parametrize("file_type", ["f32", "bf16", "f16"])
-def test_gguf_tensors_are_the_merged_weights(trained, tmp_path, capsys, file_type):
-    base, adapter = trained
+@pytest.mark.parametrize(("which", "file_type"), [("trained", "f32"), ("trained", "bf16"), ("trained", "f16"),
+                                                  ("biased", "f32")])  # fmt: skip
+def test_gguf_tensors_are_the_merged_weights(which, request, tmp_path, capsys, file_type):
+    base, adapter = request.getfixturevalue(which)
     out = tmp_path / "model.gguf"
     assert main(["export", str(adapter), "--base", str(base), "--gguf", str(out), "--gguf-type", file_type]) == 0
-    assert f"(GGUF, {file_type}): 21 tensors" in capsys.readouterr().out
+    count = 21 + 8 * (which == "biased")  # q, k, v, o biases in two layers
+    assert f"(GGUF, {file_type}): {count} tensors" in capsys.readouterr().out
     merged = _merged(base, adapter)
     reader = gguf.GGUFReader(str(out))
     tensors = {t.name: t for t in reader.tensors}
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2)
     state = merged.state_dict()
-    assert len(tensors) == len(state) == 21
+    assert len(tensors) == len(state) == count
     for key, expected in state.items():
-        t = tensors[names.get_name(key, try_suffixes=(".weight",))]
+        t = tensors[names.get_name(key, try_suffixes=(".weight", ".bias"))]
         got = torch.from_numpy(t.data.copy())
         if t.tensor_type == gguf.GGMLQuantizationType.BF16:  # the reader hands bf16 over as raw bytes
             got = got.view(torch.uint8).view(torch.bfloat16)
         got = got.reshape(expected.shape)
-        if key.endswith(("q_proj.weight", "k_proj.weight")):
+        if "q_proj" in key or "k_proj" in key:  # weights' rows and biases' entries alike
             got = rope_deinterleave(got, 4 if "q_proj" in key else 2)
         kind = torch.float32 if expected.dim() == 1 or file_type == "f32" else {
             "bf16": torch.bfloat16, "f16": torch.float16}[file_type]  # fmt: skip
         assert got.dtype == kind and torch.equal(got, expected.to(kind)), key  # bitwise: no quantization
     fields = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.ggml.token")}
     assert fields["general.architecture"] == "llama" and fields["llama.block_count"] == 2
-    assert fields["llama.attention.head_count_kv"] == 2 and fields["llama.rope.dimension_count"] == 16
+    head_dim = 8 if which == "biased" else 16
+    assert fields["llama.attention.head_count_kv"] == 2 and fields["llama.rope.dimension_count"] == head_dim
+    assert fields.get("llama.attention.key_length") == (8 if which == "biased" else None)
 
 
-def test_transformers_loads_the_gguf_file_and_computes_the_merged_model(trained, tmp_path):
+@pytest.mark.parametrize("which", ["trained", "narrow"])
+def test_transformers_loads_the_gguf_file_and_computes_the_merged_model(which, request, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    base, adapter = trained
+    base, adapter = request.getfixturevalue(which)
     out = tmp_path / "m" / "model.gguf"
     assert main(["export", str(adapter), "--base", str(base), "--gguf", str(out)]) == 0
+    assert "gguf" not in capsys.readouterr().err.lower()  # the gguf package's own log lines stay quiet
     loaded = AutoModelForCausalLM.from_pretrained(out.parent, gguf_file=out.name, dtype=torch.float32).eval()
     merged = _merged(base, adapter)
     ids = torch.tensor([[1, 5, 17, 30, 42, 8, 9, 60]])
@@ -137,3 +165,30 @@ def test_what_cannot_be_written_is_refused(trained, tmp_path, capsys):
     with pytest.raises(InputError, match="model_type 'gpt2' is not written yet; allowed: llama, mistral"):
         export_gguf(gpt2, base, tmp_path / "g.gguf")
     assert not (tmp_path / "g.gguf").exists()
+    # never over an input, even forced; outputs never overlap; every check before any work
+    for gguf_path, message in [(base / "model.safetensors", "inside or around an input"),
+                               (adapter / "adapter_model.safetensors", "inside or around an input")]:  # fmt: skip
+        before = gguf_path.read_bytes()
+        assert main(["export", str(adapter), "--base", str(base), "--gguf", str(gguf_path), "--force"]) == 2
+        assert message in capsys.readouterr().err and gguf_path.read_bytes() == before
+    peft_dir = tmp_path / "peft"
+    args = ["export", str(adapter), "--base", str(base), "--peft", str(peft_dir), "--gguf", str(peft_dir / "m.gguf")]
+    assert main([*args, "--force"]) == 2
+    assert "overlap; each export needs its own place" in capsys.readouterr().err and not peft_dir.exists()
+    roped = tmp_path / "roped"
+    roped.mkdir()
+    for f in base.iterdir():
+        (roped / f.name).write_bytes(f.read_bytes())
+    import json
+
+    config = json.loads((roped / "config.json").read_text())
+    config["rope_parameters"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                 "original_max_position_embeddings": 16, "rope_theta": 10000.0}  # fmt: skip
+    (roped / "config.json").write_text(json.dumps(config))
+    fresh = tmp_path / "new.gguf"
+    assert main(["export", str(adapter), "--base", str(roped), "--peft", str(peft_dir), "--gguf", str(fresh)]) == 2
+    assert "rope_type 'llama3'; only the default rotary embedding" in capsys.readouterr().err
+    assert not peft_dir.exists()  # refused before the PEFT folder was written
+    assert main(["export", str(adapter), "--base", str(base), "--merged", str(tmp_path / "m"), "--shard-size",
+                 "banana"]) == 2  # fmt: skip
+    assert "--shard-size 'banana'; allowed: a size such as 500MB" in capsys.readouterr().err

@@ -9,9 +9,11 @@ chat template and cut at each assistant turn::
     full_k   = render(messages[:a_k + 1])                           # ... and what it must write
 
 ``full_k[len(prompt_k):]`` (the answer and the template's end-of-turn marker) carries the loss;
-everything between two answers (system, user, tool turns, the template's headers) is context with
-label -100. The pieces are tokenized one by one, so an answer's first token is the one the model
-generates after the generation prompt, as at inference. A template that rewrites earlier turns
+everything between two answers (system, user, tool turns, the template's headers, BOS; for a
+conversation that opens with the assistant, what precedes its text) is context
+with label -100. The whole text is tokenized at once and a token carries loss when its characters
+overlap an answer (fast tokenizers' offsets), so SentencePiece-style tokenizers see the ids they
+see at inference; a slow tokenizer tokenizes piece by piece. A template that rewrites earlier turns
 (``full_{k-1}`` not a prefix of ``prompt_k``, e.g. one that drops past reasoning) is refused, naming
 the row: its masks could not be right. Without a tokenizer (byte-level models) only
 ``prompt``/``completion`` rows work: bytes of the prompt, then of the completion.
@@ -47,32 +49,45 @@ def jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             yield line_no, row
 
 
-def _messages(row: dict[str, Any], where: str) -> list[dict[str, str]]:
+def _messages(row: dict[str, Any], where: str) -> list[dict[str, Any]]:
+    """The row's conversation; every key of a message is kept (a template may read ``tool_calls``,
+    ``name``, ...), ``role`` must be a string and ``content`` a string (or null beside other keys)."""
     if "messages" in row:
         messages = row["messages"]
         if not isinstance(messages, list) or not messages:
             raise RecipeError(f"{where}: 'messages' must be a non-empty list of {{'role', 'content'}} objects")
         for i, m in enumerate(messages):
-            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
-                raise RecipeError(f"{where}: messages[{i}] must be an object with string 'role' and 'content'")
+            content_ok = isinstance(m, dict) and (isinstance(m.get("content"), str) or (m.get("content") is None
+                                                                                        and len(m) > 2))  # fmt: skip
+            if not (isinstance(m, dict) and isinstance(m.get("role"), str) and content_ok):
+                raise RecipeError(f"{where}: messages[{i}] must be an object with a string 'role' and a string "
+                                  "'content' (null only beside other keys such as tool_calls)")  # fmt: skip
         if not any(m["role"] == "assistant" for m in messages):
             raise RecipeError(f"{where}: no assistant message, so nothing to learn; roles: "
                               f"{sorted({m['role'] for m in messages})}")  # fmt: skip
-        return [{"role": m["role"], "content": m["content"]} for m in messages]
+        return [dict(m) for m in messages]
     if isinstance(row.get("prompt"), str) and isinstance(row.get("completion"), str):
         return [{"role": "user", "content": row["prompt"]}, {"role": "assistant", "content": row["completion"]}]
     raise RecipeError(f"{where}: expected 'messages' (a list of role/content objects) or string 'prompt' and "
                       f"'completion'; keys: {sorted(row)}")  # fmt: skip
 
 
-def _pieces(tokenizer: Any, messages: list[dict[str, str]], where: str) -> list[tuple[str, bool]]:
+def _pieces(tokenizer: Any, messages: list[dict[str, Any]], where: str) -> list[tuple[str, bool]]:
     """The rendered conversation as ``(text, carries loss)`` pieces, in order."""
-    render = lambda msgs, gen: tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)  # noqa: E731
+
+    def render(msgs: list[dict[str, Any]], gen: bool) -> str:
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        except Exception as err:  # templates raise on conversations they do not accept
+            raise RecipeError(f"{where}: the chat template refuses this conversation ({type(err).__name__}: "
+                              f"{err})") from None  # fmt: skip
+
     pieces, done = [], ""
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        prompt, full = render(messages[:k], True) if k else "", render(messages[: k + 1], False)
+        full = render(messages[: k + 1], False)
+        prompt = render(messages[:k], True) if k else _opening_header(full, m, where)
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise RecipeError(f"{where}: the chat template renders earlier turns differently once message {k} is "
                               "added, so the assistant's tokens cannot be told apart; use a template that only "
@@ -86,6 +101,38 @@ def _pieces(tokenizer: Any, messages: list[dict[str, str]], where: str) -> list[
     return [(text, loss) for text, loss in pieces if text]
 
 
+def _tokenize(tokenizer: Any, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    """Ids of the whole text, tokenized at once as at inference over a conversation; a token carries
+    loss when it overlaps an answer piece (by the fast tokenizer's character offsets). A tokenizer
+    without offsets tokenizes piece by piece."""
+    if not getattr(tokenizer, "is_fast", False):
+        tokens = [tokenizer(text, add_special_tokens=False)["input_ids"] for text, _ in pieces]
+        ids = [t for piece in tokens for t in piece]
+        return ids, [t if loss else IGNORE for piece, (_, loss) in zip(tokens, pieces, strict=True) for t in piece]
+    spans, at = [], 0
+    for text, loss in pieces:
+        if loss:
+            spans.append((at, at + len(text)))
+        at += len(text)
+    encoded = tokenizer("".join(text for text, _ in pieces), add_special_tokens=False, return_offsets_mapping=True)
+    ids = list(encoded["input_ids"])
+    hits = [any(s < b and (e > a or (e == s and s >= a)) for a, b in spans) for s, e in encoded["offset_mapping"]]
+    return ids, [t if hit else IGNORE for t, hit in zip(ids, hits, strict=True)]
+
+
+def _opening_header(full: str, message: dict[str, Any], where: str) -> str:
+    """What a conversation that opens with the assistant renders before the answer (BOS, the
+    turn's header): transformers refuses to render an empty conversation, so it is found as the
+    text before the answer's first occurrence."""
+    content = message.get("content")
+    at = full.find(content) if isinstance(content, str) and content else -1
+    if at < 0:
+        raise RecipeError(f"{where}: the conversation opens with an assistant turn whose text the template does "
+                          "not render as given, so its header cannot be told apart; start with a user or "
+                          "system turn")  # fmt: skip
+    return full[:at]
+
+
 def encode(row: dict[str, Any], tokenizer: Any, where: str) -> tuple[list[int], list[int]]:
     """``(input ids, labels)`` of one row: labels equal the ids on the assistant's tokens, -100 elsewhere."""
     messages = _messages(row, where)
@@ -93,20 +140,16 @@ def encode(row: dict[str, Any], tokenizer: Any, where: str) -> tuple[list[int], 
         if "messages" in row:
             raise RecipeError(f"{where}: 'messages' rows need a tokenizer with a chat template; the model has no "
                               "tokenizer (bytes): use prompt/completion rows")  # fmt: skip
-        pieces = [(messages[0]["content"], False), (messages[1]["content"], True)]
-        tokens = [list(text.encode()) for text, _ in pieces]
+        prompt, answer = list(messages[0]["content"].encode()), list(messages[1]["content"].encode())
+        return prompt + answer, [IGNORE] * len(prompt) + answer
+    if not getattr(tokenizer, "chat_template", None):
+        if "messages" in row:
+            raise RecipeError(f"{where}: the tokenizer has no chat template to render 'messages' with")
+        eos = getattr(tokenizer, "eos_token", None) or ""
+        pieces = [(messages[0]["content"], False), (messages[1]["content"] + eos, True)]
     else:
-        if not getattr(tokenizer, "chat_template", None):
-            if "messages" in row:
-                raise RecipeError(f"{where}: the tokenizer has no chat template to render 'messages' with")
-            eos = getattr(tokenizer, "eos_token", None) or ""
-            pieces = [(messages[0]["content"], False), (messages[1]["content"] + eos, True)]
-        else:
-            pieces = _pieces(tokenizer, messages, where)
-        tokens = [tokenizer(text, add_special_tokens=False)["input_ids"] for text, _ in pieces]
-    ids = [t for piece in tokens for t in piece]
-    labels = [t if loss else IGNORE for piece, (_, loss) in zip(tokens, pieces, strict=True) for t in piece]
-    return ids, labels
+        pieces = _pieces(tokenizer, messages, where)
+    return _tokenize(tokenizer, pieces)
 
 
 def pack(examples: list[tuple[list[int], list[int]]], seq: int) -> list[tuple[list[int], list[int], list[int]]]:

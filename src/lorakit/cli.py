@@ -207,12 +207,9 @@ def _export(args: argparse.Namespace) -> int:
     if not (args.merged or args.peft or args.gguf):
         raise InputError("export needs --merged DIR, --peft DIR and/or --gguf FILE (what to write)")
     folder = export.base_folder(args.base)
+    export.check_outputs(folder, adapter, merged=args.merged, peft=args.peft, gguf=args.gguf, overwrite=args.force,
+                         shard_size=args.shard_size)  # fmt: skip
     inputs = [folder, adapter]
-    for out in (args.merged, args.peft):  # every output is checked before any work
-        if out:
-            export.check_out(Path(out), inputs, args.force)
-    if args.gguf and Path(args.gguf).exists() and not args.force:
-        raise InputError(f"{args.gguf}: exists; choose a new file, or replace it (--force)")
     dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(args.dtype or "", args.dtype)
     model = export.load_adapted(folder, adapter)
     if args.peft:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -60,17 +61,57 @@ def load_adapted(folder: Path, adapter: str | os.PathLike[str]) -> nn.Module:
     return model.eval()
 
 
+def _overlap(a: Path, b: Path) -> bool:
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
 def check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
-    """Refuse an output folder that is an input, lies inside or around one, is a file, or is not
-    empty (unless ``overwrite``)."""
-    real = out.resolve()
+    """Refuse an output folder that is a symbolic link, is or lies inside or around an input, is a
+    file, or is not empty (unless ``overwrite``)."""
+    if out.is_symlink():
+        raise InputError(f"{out}: a symbolic link; name the folder itself (the export replaces it as a whole)")
     for given in inputs:
-        if real == given.resolve() or given.resolve() in real.parents or real in given.resolve().parents:
+        if _overlap(out, given):
             raise InputError(f"{out}: inside or around an input ({given}); write the export elsewhere")
     if out.exists() and not out.is_dir():
         raise InputError(f"{out}: a file, where the export writes a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise InputError(f"{out}: a folder that is not empty; choose a new one, or overwrite it (--force)")
+
+
+SHARD_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB)$", re.IGNORECASE)
+
+
+def check_outputs(
+    folder: Path, adapter: Path, *, merged: str | None, peft: str | None, gguf: str | None, overwrite: bool,
+    shard_size: str = "2GB",
+) -> None:  # fmt: skip
+    """Every output of one export checked before any work: none overlaps an input or another
+    output, folders as ``check_out``, the GGUF file is new (or ``overwrite``) and its model type
+    written, the shard size readable."""
+    inputs = [folder, adapter]
+    outputs = [Path(p) for p in (merged, peft, gguf) if p]
+    for i, a in enumerate(outputs):
+        for b in outputs[i + 1 :]:
+            if _overlap(a, b):
+                raise InputError(f"outputs {a} and {b} overlap; each export needs its own place")
+    for out in (merged, peft):
+        if out:
+            check_out(Path(out), inputs, overwrite)
+    if gguf:
+        path = Path(gguf)
+        if any(_overlap(path, given) for given in inputs):
+            raise InputError(f"{gguf}: inside or around an input ({folder} or {adapter}); write it elsewhere")
+        if path.is_symlink() or path.is_dir():
+            raise InputError(f"{gguf}: a {'symbolic link' if path.is_symlink() else 'folder'}; name a new file")
+        if path.exists() and not overwrite:
+            raise InputError(f"{gguf}: exists; choose a new file, or replace it (--force)")
+        from .gguf_export import check_gguf_config
+
+        check_gguf_config(json.loads((folder / "config.json").read_text()))
+    if merged and not (isinstance(shard_size, int) or SHARD_SIZE.match(str(shard_size))):
+        raise InputError(f"--shard-size {shard_size!r}; allowed: a size such as 500MB or 2GB (B, KB, MB, GB, TB)")
 
 
 def _folder_sizes(folder: Path) -> dict[str, int]:

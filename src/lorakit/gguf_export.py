@@ -17,6 +17,7 @@ tokens and chat template; other tokenizers are left out, with a warning.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -45,6 +46,24 @@ def rope_deinterleave(weight: torch.Tensor, heads: int) -> torch.Tensor:
     """The inverse of :func:`rope_interleave`."""
     out = weight.shape[0]
     return weight.reshape(heads, out // heads // 2, 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def check_gguf_config(config: dict[str, Any]) -> None:
+    """Refuse, before any work, a model this writer would get wrong: another architecture, or a
+    rotary embedding with scaling (llama.cpp needs its own frequency tables for those)."""
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise InputError("--gguf needs the gguf package (llama.cpp's writer): pip install gguf") from None
+    kind = config.get("model_type")
+    if kind not in ARCHITECTURES:
+        raise InputError(f"--gguf: model_type {kind!r} is not written yet; allowed: {', '.join(ARCHITECTURES)}")
+    for key in ("rope_scaling", "rope_parameters"):
+        rope = config.get(key) or {}
+        kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+        if kind not in (None, "default"):
+            raise InputError(f"--gguf: {key} has rope_type {kind!r}; only the default rotary embedding is written "
+                             "(use --merged for this model)")  # fmt: skip
 
 
 def _array(tensor: torch.Tensor, file_type: str) -> tuple[np.ndarray, Any]:
@@ -106,12 +125,9 @@ def _tokenizer(writer: Any, folder: Path, vocab_size: int) -> bool:
 def export_gguf(model: nn.Module, folder: Path, out: str | os.PathLike[str], file_type: str = "f32") -> dict[str, Any]:
     """Write a merged (plain transformers) Llama-family ``model`` to the GGUF file ``out``, with the
     tokenizer of the model folder ``folder``; returns ``{"out", "tensors", "bytes", "tokenizer"}``."""
-    import gguf
-
     config = model.config
-    kind = getattr(config, "model_type", None)
-    if kind not in ARCHITECTURES:
-        raise InputError(f"--gguf: model_type {kind!r} is not written yet; allowed: {', '.join(ARCHITECTURES)}")
+    check_gguf_config(config.to_dict())
+    kind = config.model_type
     if file_type not in FILE_TYPES:
         raise InputError(f"--gguf-type {file_type!r}; allowed: {', '.join(FILE_TYPES)}")
     if any(type(m).__module__.startswith("lorakit") for m in model.modules()):
@@ -119,6 +135,24 @@ def export_gguf(model: nn.Module, folder: Path, out: str | os.PathLike[str], fil
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     arch = ARCHITECTURES[kind]
+    quiet = logging.getLogger("gguf")  # its INFO lines (file names, endianness) are not the user's business
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)
+    try:
+        count, has_tokenizer = _write(model, folder, out, file_type, arch, heads, kv_heads, head_dim)
+    finally:
+        quiet.setLevel(level)
+    if not has_tokenizer:
+        warnings.warn(f"--gguf: {folder} has no BPE tokenizer.json; the GGUF file holds no tokenizer",
+                      UserWarning, stacklevel=2)  # fmt: skip
+    return {"out": str(out), "tensors": count, "bytes": Path(out).stat().st_size, "tokenizer": has_tokenizer}
+
+
+def _write(model: nn.Module, folder: Path, out: str | os.PathLike[str], file_type: str, arch: str, heads: int,
+           kv_heads: int, head_dim: int) -> tuple[int, bool]:  # fmt: skip
+    import gguf
+
+    config = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     with replacing_file(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
@@ -130,6 +164,9 @@ def export_gguf(model: nn.Module, folder: Path, out: str | os.PathLike[str], fil
         writer.add_head_count(heads)
         writer.add_head_count_kv(kv_heads)
         writer.add_rope_dimension_count(head_dim)
+        if head_dim * heads != config.hidden_size:  # llama.cpp assumes width / heads unless told
+            writer.add_key_length(head_dim)
+            writer.add_value_length(head_dim)
         rope = getattr(config, "rope_parameters", None) or {}
         writer.add_rope_freq_base(float(getattr(config, "rope_theta", None) or rope.get("rope_theta", 10000.0)))
         writer.add_layer_norm_rms_eps(config.rms_norm_eps)
@@ -144,9 +181,9 @@ def export_gguf(model: nn.Module, folder: Path, out: str | os.PathLike[str], fil
             name = names.get_name(key, try_suffixes=(".weight", ".bias"))
             if name is None:
                 raise InputError(f"--gguf: no llama.cpp name for tensor {key!r}")
-            if key.endswith("q_proj.weight"):
+            if key.endswith(("q_proj.weight", "q_proj.bias")):  # a bias's entries follow their rows
                 tensor = rope_interleave(tensor, heads)
-            elif key.endswith("k_proj.weight"):
+            elif key.endswith(("k_proj.weight", "k_proj.bias")):
                 tensor = rope_interleave(tensor, kv_heads)
             array, raw = _array(tensor, file_type)
             writer.add_tensor(name, array, raw_dtype=raw)
@@ -155,7 +192,4 @@ def export_gguf(model: nn.Module, folder: Path, out: str | os.PathLike[str], fil
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-    if not has_tokenizer:
-        warnings.warn(f"--gguf: {folder} has no BPE tokenizer.json; the GGUF file holds no tokenizer",
-                      UserWarning, stacklevel=2)  # fmt: skip
-    return {"out": str(out), "tensors": count, "bytes": Path(out).stat().st_size, "tokenizer": has_tokenizer}
+    return count, has_tokenizer

@@ -26,7 +26,6 @@ from typing import Any
 
 from . import activations
 from .activations import MODEL_TYPES as ACTIVATION_TYPES
-from .activations import BlockShape
 from .errors import InputError
 from .model_count import meta_counts
 
@@ -279,13 +278,13 @@ def activation_bytes(
     linears (LoRA; frozen linears keep less), None for full fine-tuning."""
     batch, seq = _whole(batch, "batch"), _whole(seq, "seq")
     _choice(dtype, "dtype", list(BYTES))
-    for name, value in (("eager", eager), ("checkpointing", checkpointing)):
-        if not isinstance(value, bool) and not (name == "eager" and value is None):
-            raise InputError(f"{name} = {value!r}; allowed: True or False" + " (or None)" * (name == "eager"))
+    if not (isinstance(eager, bool) or eager is None) or not isinstance(checkpointing, bool):
+        raise InputError(f"eager = {eager!r}, checkpointing = {checkpointing!r}; allowed: True or False "
+                         "(eager also None)")  # fmt: skip
     if arch.model_type not in ACTIVATION_TYPES:
         raise InputError(f"activations: no measured coefficients for {arch.model_type!r} yet; allowed: "
                          f"{', '.join(ACTIVATION_TYPES)} (weight, LoRA, QLoRA bytes work for any model)")  # fmt: skip
-    shape = BlockShape(arch.model_type, arch.layers, arch.hidden, arch.intermediate, arch.heads, arch.vocab,
+    shape = activations.BlockShape(arch.model_type, arch.layers, arch.hidden, arch.intermediate, arch.heads, arch.vocab,
                        **arch.extra_shape)  # fmt: skip
     return activations.activation_bytes(shape, batch, seq, BYTES[dtype], lora=lora_ranks is not None, peak=peak,
                                         adapted_rank_sum=lora_ranks or 0, eager=eager, checkpointing=checkpointing)
@@ -349,6 +348,8 @@ def estimate_memory(
     _choice(dtype, "dtype", list(BYTES))
     _choice(compute_dtype, "compute_dtype", COMPUTE_DTYPES)
     r, targets = _whole(r, "r"), _targets(targets)
+    if not isinstance(checkpointing, bool):
+        raise InputError(f"checkpointing = {checkpointing!r}; allowed: True or False")
     if (batch is None) != (seq is None):
         given, needed = ("batch", "seq") if seq is None else ("seq", "batch")
         raise InputError(f"{given} = {batch if seq is None else seq!r} without {needed}; "

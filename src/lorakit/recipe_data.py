@@ -127,10 +127,10 @@ def _chat_examples(path: Path, tokenizer: Any, vocab_size: int | None, seq: int)
             dropped += 1
             continue
         examples.append((ids, labels))
-    if cut:
-        warnings.warn(f"{path}: {cut} example(s) longer than seq = {seq} tokens were cut to it"
-                      f"{f', {dropped} of them losing every answer token (left out)' if dropped else ''}",
-                      UserWarning, stacklevel=3)  # fmt: skip
+    if cut or dropped:
+        warnings.warn(f"{path}: {cut} example(s) longer than seq = {seq} tokens were cut to it; {dropped} "
+                      "example(s) without an answer token (after the cut) were left out", UserWarning,
+                      stacklevel=3)  # fmt: skip
     if not examples:
         raise RecipeError(f"{path}: no example with an answer token within seq = {seq}")
     return examples

@@ -59,7 +59,7 @@ import torch
 from torch import nn
 
 from .config import LoraConfig
-from .devices import init_distributed, world
+from .devices import init_distributed, resolve_device, world
 from .errors import InputError
 from .injection import inject
 from .planner import GB
@@ -119,7 +119,9 @@ def _lora_config(table: dict[str, Any]) -> LoraConfig:
 
 def _plan(cfg: dict[str, Any], lora: LoraConfig, device: Any, plan_only: bool, force: bool) -> str:
     """The memory plan's text (logged), refusing a run far above the free memory unless ``force``."""
-    where = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    # the same checks as the run's (a CUDA device on a CPU-only torch is one clear line)
+    default = "cuda" if torch.cuda.is_available() else "cpu"
+    where = resolve_device(device) if device is not None else torch.device(default)
     try:
         plan = plan_recipe(cfg, lora, where)
     except InputError as err:
