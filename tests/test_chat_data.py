@@ -273,6 +273,7 @@ def test_packing_and_an_eval_file_in_a_recipe(tmp_path, folder):
                      f'eval_path = "{held}"', steps=3)  # fmt: skip
     result = run(recipe)
     assert result["eval_examples"] == 6 and result["examples"] < 24  # several examples per packed row
+    assert result["packed_from"] == 24
     assert math.isfinite(result["eval"]["eval_loss"])
 
 

@@ -161,7 +161,7 @@ def test_hub_ids_come_from_the_local_cache_only(base, adapter, tmp_path, monkeyp
     assert main(["export", str(adapter), "--base", "me/tiny-llama", "--merged", str(tmp_path / "m")]) == 0
     assert main(["export", str(adapter), "--base", "me/elsewhere", "--merged", str(tmp_path / "n")]) == 2
     err = capsys.readouterr().err
-    assert "'me/elsewhere' is not in the local Hugging Face cache" in err and "hf download me/elsewhere" in err
+    assert "no hub id 'me/elsewhere' in the local Hugging Face cache" in err and "hf download me/elsewhere" in err
 
     corpus = tmp_path / "c.txt"
     corpus.write_text("Cached models train offline. " * 40)

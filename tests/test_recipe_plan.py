@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from lorakit import planner
 from lorakit.cli import main
@@ -119,6 +120,15 @@ def test_what_the_plan_cannot_count_is_said(tmp_path, folder, capsys, caplog):
     factory.write_text(text)
     assert main(["train", str(factory), "--plan"]) == 2
     assert "--plan needs a transformers model" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks a CPU-only machine's message")
+def test_a_cuda_device_without_cuda_is_one_line(tmp_path, folder, capsys):
+    recipe = _recipe(tmp_path, folder)
+    recipe.write_text(recipe.read_text() + 'device = "cuda"\n')
+    assert main(["train", str(recipe), "--plan"]) == 2
+    err = capsys.readouterr().err
+    assert "cuda" in err and "Traceback" not in err and len(err.strip().splitlines()) == 2
 
 
 def test_a_missing_config_is_named(tmp_path, folder, capsys):

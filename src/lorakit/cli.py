@@ -157,7 +157,8 @@ def _train(args: argparse.Namespace) -> int:
         print(result["plan"])
         return 0
     if result.get("rank", 0) == 0:
-        print(f"trained {result['step']} steps on {result['examples']:,} examples; "
+        rows = f" ({result['packed_from']:,} examples packed)" if result.get("packed_from") else ""
+        print(f"trained {result['step']} steps on {result['examples']:,} {'rows' if rows else 'examples'}{rows}; "
               f"adapter written to {result['adapter']}")  # fmt: skip
         if "eval" in result:
             shown = [("before", result.get("eval_before")), ("after", result["eval"])]

@@ -330,8 +330,9 @@ def resolve_model_folder(source: str | os.PathLike[str], where: str) -> Path:
     try:
         folder = Path(snapshot_download(repo_id, local_files_only=True))
     except LocalEntryNotFoundError:
-        raise InputError(f"{where}: {repo_id!r} is not in the local Hugging Face cache, and lorakit never downloads "
-                         f"a model during a run; fetch it first: hf download {repo_id}") from None  # fmt: skip
+        raise InputError(f"{where}: no folder {text!r} here, and no hub id {repo_id!r} in the local Hugging Face "
+                         f"cache (lorakit never downloads a model during a run; fetch it first: hf download "
+                         f"{repo_id})") from None  # fmt: skip
     if not (folder / "config.json").is_file():
         raise InputError(f"{where}: the cached {repo_id!r} ({folder}) has no config.json")
     return folder

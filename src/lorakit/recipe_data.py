@@ -54,6 +54,7 @@ class RecipeData:
     loss_fn: Callable[[nn.Module, Any], torch.Tensor]
     evaluate: Callable[[nn.Module], dict[str, float]] | None = None
     eval_examples: int = 0
+    packed_from: int = 0  # with packing: the examples laid into the num_examples rows
 
 
 def _factory_data(spec: dict[str, Any], tokenizer: Any) -> RecipeData:
@@ -219,7 +220,8 @@ def build_data(spec: dict[str, Any], tokenizer: Any, vocab_size: int | None = No
     if "eval_path" in spec:
         held_examples = _chat_examples(_file(spec, "eval_path"), tokenizer, vocab_size, seq)
     rows: list[tuple[list[int], ...]] = [examples[i] for i in train]
-    if spec.get("packing"):
+    packed_from = len(rows) if spec.get("packing") else 0
+    if packed_from:
         rows = list(pack(rows, seq))  # type: ignore[arg-type]
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = pad if pad is not None else (getattr(tokenizer, "eos_token_id", None) or 0)
@@ -235,4 +237,4 @@ def build_data(spec: dict[str, Any], tokenizer: Any, vocab_size: int | None = No
     if held_examples:
         evaluate = _evaluator(lambda idx: collate_rows([held_examples[i] for i in idx], pad), len(held_examples),
                               eval_batch, chat_loss, lambda b: int((b["labels"][:, 1:] != IGNORE).sum()))  # fmt: skip
-    return RecipeData(collate, len(rows), chat_loss, evaluate, len(held_examples))
+    return RecipeData(collate, len(rows), chat_loss, evaluate, len(held_examples), packed_from)

@@ -219,6 +219,8 @@ def run(
     if trainer.rank == 0:
         save_adapter(model, adapter_dir)
     result.update(adapter=str(adapter_dir), examples=n, rank=trainer.rank)
+    if data.packed_from:
+        result["packed_from"] = data.packed_from
     if after is not None:
         result.update(eval_examples=data.eval_examples, eval=after, **({"eval_before": before} if before else {}))
     return result
