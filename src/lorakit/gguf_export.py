@@ -9,9 +9,15 @@ so the query and key projections' rows are reordered per head::
     W.reshape(heads, 2, d/2, in).swapaxes(1, 2).reshape(out, in)     # d: head dimension
 
 (``heads`` is the key/value head count for ``k_proj``). Nothing else changes: weights are written
-as they are in float32, float16 or bfloat16 (norms always in float32), unquantized. A BPE
-tokenizer (``tokenizer.json``) goes in as llama.cpp's ``gpt2`` tokenizer with its merges, special
-tokens and chat template; other tokenizers are left out, with a warning.
+as they are in float32, float16 or bfloat16 (norms always in float32), unquantized; attention
+biases follow their rows; a head dimension other than width / heads is written as the key and
+value length. A rotary embedding with scaling (``rope_type`` other than default, e.g. Llama 3.1's)
+is refused: llama.cpp needs frequency tables this writer does not make. A BPE tokenizer
+(``tokenizer.json``) goes in as llama.cpp's ``gpt2`` tokenizer with its merges, special tokens
+and chat template, with the ``default`` pre-tokenizer (llama.cpp picks its pre-tokenizer by name,
+and a Llama-3-style tokenizer's own name is not derived here); other tokenizers are left out,
+with a warning. Checked by reading the file back (``gguf``) and loading it with transformers' GGUF
+reader; llama.cpp itself is not run in the tests (it is not installed here).
 """
 
 from __future__ import annotations
