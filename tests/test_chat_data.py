@@ -66,6 +66,19 @@ def test_an_opening_assistant_turn_learns_its_words_not_the_template_header(toke
     ids, labels = encode({"messages": turns}, tokenizer, "row")
     learned = [t for t, label in zip(ids, labels, strict=True) if label != IGNORE]
     assert learned == _ids(tokenizer, "Hi<|im_end|>\nYo<|im_end|>\n")
+    # answers that also occur in the template's own text: the header is found by position, not by search
+    for first in ("assistant", "s", "<|im_start|>", ""):
+        ids, labels = encode({"messages": [{"role": "assistant", "content": first}, *turns[1:]]}, tokenizer, "row")
+        learned = [t for t, label in zip(ids, labels, strict=True) if label != IGNORE]
+        assert learned == _ids(tokenizer, f"{first}<|im_end|>\nYo<|im_end|>\n"), first
+    template = tokenizer.chat_template
+    tokenizer.chat_template = "<|im_start|>system\nYou are a bot.<|im_end|>\n" + template  # a default system prompt
+    try:
+        ids, labels = encode({"messages": [{"role": "assistant", "content": "You"}]}, tokenizer, "row")
+        learned = [t for t, label in zip(ids, labels, strict=True) if label != IGNORE]
+        assert learned == _ids(tokenizer, "You<|im_end|>\n")
+    finally:
+        tokenizer.chat_template = template
 
 
 def test_extra_message_keys_reach_the_template_and_its_errors_name_the_row(tokenizer):

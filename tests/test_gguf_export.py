@@ -189,6 +189,18 @@ def test_what_cannot_be_written_is_refused(trained, tmp_path, capsys):
     assert main(["export", str(adapter), "--base", str(roped), "--peft", str(peft_dir), "--gguf", str(fresh)]) == 2
     assert "rope_type 'llama3'; only the default rotary embedding" in capsys.readouterr().err
     assert not peft_dir.exists()  # refused before the PEFT folder was written
-    assert main(["export", str(adapter), "--base", str(base), "--merged", str(tmp_path / "m"), "--shard-size",
-                 "banana"]) == 2  # fmt: skip
-    assert "--shard-size 'banana'; allowed: a size such as 500MB" in capsys.readouterr().err
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000.0}
+    config.update(model_type="mistral", architectures=["MistralForCausalLM"], sliding_window=4)
+    (roped / "config.json").write_text(json.dumps(config))
+    assert main(["export", str(adapter), "--base", str(roped), "--peft", str(peft_dir), "--gguf", str(fresh)]) == 2
+    assert "sliding_window = 4: llama.cpp's Llama attends to every earlier token" in capsys.readouterr().err
+    for size in ("banana", "100B"):
+        assert main(["export", str(adapter), "--base", str(base), "--peft", str(peft_dir), "--merged",
+                     str(tmp_path / "m"), "--shard-size", size]) == 2  # fmt: skip
+        assert f"--shard-size '{size}'; allowed: a size such as 500MB" in capsys.readouterr().err
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    assert main(["export", str(adapter), "--base", str(base), "--peft", str(peft_dir), "--gguf",
+                 str(blocker / "x.gguf")]) == 2  # fmt: skip
+    assert "afile is a file, so nothing can be written below it" in capsys.readouterr().err
+    assert not peft_dir.exists()

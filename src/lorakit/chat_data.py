@@ -22,7 +22,7 @@ the row: its masks could not be right. Without a tokenizer (byte-level models) o
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,7 @@ def _pieces(tokenizer: Any, messages: list[dict[str, Any]], where: str) -> list[
         if m["role"] != "assistant":
             continue
         full = render(messages[: k + 1], False)
-        prompt = render(messages[:k], True) if k else _opening_header(full, m, where)
+        prompt = render(messages[:k], True) if k else _opening_header(render, m, full, where)
         if not (prompt.startswith(done) and full.startswith(prompt)):
             raise RecipeError(f"{where}: the chat template renders earlier turns differently once message {k} is "
                               "added, so the assistant's tokens cannot be told apart; use a template that only "
@@ -120,17 +120,21 @@ def _tokenize(tokenizer: Any, pieces: list[tuple[str, bool]]) -> tuple[list[int]
     return ids, [t if hit else IGNORE for t, hit in zip(ids, hits, strict=True)]
 
 
-def _opening_header(full: str, message: dict[str, Any], where: str) -> str:
-    """What a conversation that opens with the assistant renders before the answer (BOS, the
-    turn's header): transformers refuses to render an empty conversation, so it is found as the
-    text before the answer's first occurrence."""
-    content = message.get("content")
-    at = full.find(content) if isinstance(content, str) and content else -1
-    if at < 0:
-        raise RecipeError(f"{where}: the conversation opens with an assistant turn whose text the template does "
-                          "not render as given, so its header cannot be told apart; start with a user or "
-                          "system turn")  # fmt: skip
-    return full[:at]
+#: stands in for an opening assistant turn's text while its header is found
+SENTINEL = "\x00lorakit-answer\x00"
+
+
+def _opening_header(render: Callable[[list[dict[str, Any]], bool], str], message: dict[str, Any], full: str,
+                    where: str) -> str:  # fmt: skip
+    """What a conversation that opens with the assistant renders before the answer (BOS, a default
+    system prompt, the turn's header). transformers refuses to render an empty conversation, so the
+    turn is rendered with a sentinel for its text, and the header is what precedes the sentinel."""
+    probe = render([{**message, "content": SENTINEL}], False)
+    header = probe[: probe.find(SENTINEL)] if SENTINEL in probe else None
+    if header is None or not full.startswith(header):
+        raise RecipeError(f"{where}: the template does not show the opening assistant turn's text as given, so its "
+                          "header cannot be told apart from the answer; start with a user or system turn")  # fmt: skip
+    return header
 
 
 def encode(row: dict[str, Any], tokenizer: Any, where: str) -> tuple[list[int], list[int]]:

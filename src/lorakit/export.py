@@ -80,7 +80,7 @@ def check_out(out: Path, inputs: list[Path], overwrite: bool) -> None:
         raise InputError(f"{out}: a folder that is not empty; choose a new one, or overwrite it (--force)")
 
 
-SHARD_SIZE = re.compile(r"^\d+(\.\d+)?\s*(B|KB|MB|GB|TB)$", re.IGNORECASE)
+SHARD_SIZE = re.compile(r"^\d+(\.\d+)?\s*(KB|MB|GB|TB)$", re.IGNORECASE)  # the units huggingface_hub reads
 
 
 def check_outputs(
@@ -96,6 +96,10 @@ def check_outputs(
         for b in outputs[i + 1 :]:
             if _overlap(a, b):
                 raise InputError(f"outputs {a} and {b} overlap; each export needs its own place")
+    for out in outputs:
+        blocked = next((p for p in out.absolute().parents if p.exists() and not p.is_dir()), None)
+        if blocked is not None:
+            raise InputError(f"{out}: {blocked} is a file, so nothing can be written below it")
     for out in (merged, peft):
         if out:
             check_out(Path(out), inputs, overwrite)
@@ -111,7 +115,7 @@ def check_outputs(
 
         check_gguf_config(json.loads((folder / "config.json").read_text()))
     if merged and not (isinstance(shard_size, int) or SHARD_SIZE.match(str(shard_size))):
-        raise InputError(f"--shard-size {shard_size!r}; allowed: a size such as 500MB or 2GB (B, KB, MB, GB, TB)")
+        raise InputError(f"--shard-size {shard_size!r}; allowed: a size such as 500MB or 2GB (KB, MB, GB, TB)")
 
 
 def _folder_sizes(folder: Path) -> dict[str, int]:

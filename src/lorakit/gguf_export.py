@@ -12,7 +12,8 @@ so the query and key projections' rows are reordered per head::
 as they are in float32, float16 or bfloat16 (norms always in float32), unquantized; attention
 biases follow their rows; a head dimension other than width / heads is written as the key and
 value length. A rotary embedding with scaling (``rope_type`` other than default, e.g. Llama 3.1's)
-is refused: llama.cpp needs frequency tables this writer does not make. A BPE tokenizer
+is refused (llama.cpp needs frequency tables this writer does not make), and so is a sliding
+attention window shorter than the context (llama.cpp's Llama attends to every earlier token). A BPE tokenizer
 (``tokenizer.json``) goes in as llama.cpp's ``gpt2`` tokenizer with its merges, special tokens
 and chat template, with the ``default`` pre-tokenizer (llama.cpp picks its pre-tokenizer by name,
 and a Llama-3-style tokenizer's own name is not derived here); other tokenizers are left out,
@@ -64,6 +65,10 @@ def check_gguf_config(config: dict[str, Any]) -> None:
     kind = config.get("model_type")
     if kind not in ARCHITECTURES:
         raise InputError(f"--gguf: model_type {kind!r} is not written yet; allowed: {', '.join(ARCHITECTURES)}")
+    window = config.get("sliding_window")
+    if window is not None and window < config.get("max_position_embeddings", window + 1):
+        raise InputError(f"--gguf: sliding_window = {window}: llama.cpp's Llama attends to every earlier token, so "
+                         "the file would compute another model past that length (use --merged for this model)")
     for key in ("rope_scaling", "rope_parameters"):
         rope = config.get(key) or {}
         kind = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
@@ -162,7 +167,7 @@ def _write(model: nn.Module, folder: Path, out: str | os.PathLike[str], file_typ
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     with replacing_file(out) as tmp:
         writer = gguf.GGUFWriter(str(tmp), arch)
-        writer.add_name(getattr(config, "_name_or_path", "") or Path(folder).name)
+        writer.add_name(Path(getattr(config, "_name_or_path", "") or folder).name)
         writer.add_context_length(config.max_position_embeddings)
         writer.add_embedding_length(config.hidden_size)
         writer.add_block_count(config.num_hidden_layers)

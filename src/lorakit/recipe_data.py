@@ -128,10 +128,10 @@ def _chat_examples(path: Path, tokenizer: Any, vocab_size: int | None, seq: int)
             dropped += 1
             continue
         examples.append((ids, labels))
-    if cut or dropped:
-        warnings.warn(f"{path}: {cut} example(s) longer than seq = {seq} tokens were cut to it; {dropped} "
-                      "example(s) without an answer token (after the cut) were left out", UserWarning,
-                      stacklevel=3)  # fmt: skip
+    said = ([f"{cut} example(s) longer than seq = {seq} tokens were cut to it"] if cut else []) + (
+        [f"{dropped} example(s) without an answer token (after any cut) were left out"] if dropped else [])  # fmt: skip
+    if said:
+        warnings.warn(f"{path}: {'; '.join(said)}", UserWarning, stacklevel=3)
     if not examples:
         raise RecipeError(f"{path}: no example with an answer token within seq = {seq}")
     return examples
