@@ -235,3 +235,11 @@ def test_chat_quick_writes_a_recipe_that_lorakit_train_runs(tmp_path, capsys):
     assert main(["train", str(tmp_path / "recipe.toml"), "--plan"]) == 0
     assert "memory plan: qlora, 2,442,240 trainable parameters" in capsys.readouterr().out
     assert (tmp_path / "chat.png").stat().st_size > 10_000
+
+
+def test_the_chat_demo_reads_the_section_an_answer_names_first():
+    from lorakit_experiments.demos.chat_recipe import named_section
+
+    assert named_section("The article is for the sport section.") == "sports"
+    assert named_section("Tech, not business") == "tech" and named_section("business") == "business"
+    assert named_section("Politics") == "politics" and named_section("The article is for") is None

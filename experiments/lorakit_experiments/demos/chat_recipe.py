@@ -7,13 +7,14 @@ The demo writes the conversations as chat JSONL and a recipe (``recipe.toml``) t
 ``lorakit train`` user could have written: NF4 base with double quantization (QLoRA), LoRA on every
 linear, loss on the assistant's turns only. ``lorakit train`` reports the held-out loss before and
 after; the demo then asks the base model and the tuned one the held-out questions (greedy) and
-scores the section (accuracy) and the headline (ROUGE-L against the real one, with the real
-section as the first answer).
+scores the section (accuracy: the first section the answer names, in any wording) and the
+headline (ROUGE-L against the real one, with the real section as the first answer).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -103,13 +104,21 @@ def ask(model, tokenizer, conversations: list[list[dict[str, str]]], progress: b
         return [tokenizer(tokenizer.apply_chat_template(c[:turns], tokenize=False, add_generation_prompt=True),
                           add_special_tokens=False)["input_ids"] for c in conversations]  # fmt: skip
 
-    sections = chat_lm.generate(model, tokenizer, prompts(2), max_new_tokens=4, progress=progress, desc="section")
+    sections = chat_lm.generate(model, tokenizer, prompts(2), max_new_tokens=12, progress=progress, desc="section")
     headlines = chat_lm.generate(model, tokenizer, prompts(4), max_new_tokens=24, progress=progress, desc="headline")
     return {"section": sections, "headline": [clean_headline(h) for h in headlines]}
 
 
+def named_section(answer: str) -> str | None:
+    """The section an answer names first ("The article is for the sport section." → sports), or None."""
+    stems = {t: t[:-1] if t.endswith("s") and not t.endswith("ss") else t for t in BBC_TOPICS}  # sport(s), politic(s)
+    found = [(m.start(), topic) for topic, stem in stems.items()
+             for m in [re.search(rf"\b{stem}s?\b", answer, re.IGNORECASE)] if m]  # fmt: skip
+    return min(found)[1] if found else None
+
+
 def score(answers: dict[str, list[str]], conversations: list[list[dict[str, str]]]) -> dict[str, float]:
-    said = [a.strip().lower().split(" ")[0].strip(".,:;!*") if a.strip() else "" for a in answers["section"]]
+    said = [named_section(a) for a in answers["section"]]
     truth = [c[2]["content"] for c in conversations]
     accuracy = 100 * sum(s == t for s, t in zip(said, truth, strict=True)) / len(truth)
     return {"section_accuracy": accuracy, **rouge(answers["headline"], [c[4]["content"] for c in conversations])}
