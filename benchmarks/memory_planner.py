@@ -41,6 +41,19 @@ def _live_heap() -> int:
     return info.uordblks + info.hblkhd
 
 
+def _train_step(model, ids, opt, sample, after_step=None) -> None:
+    """Forward, backward and AdamW step, sampling the live heap between them."""
+    loss = model(input_ids=ids, labels=ids).loss
+    sample()
+    loss.backward()
+    sample()
+    opt.step()
+    sample()
+    if after_step is not None:
+        after_step()
+    opt.zero_grad(set_to_none=True)
+
+
 def worker(name: str, method: str) -> dict:
     from transformers import GPT2LMHeadModel, LlamaForCausalLM  # noqa: F401  (import cost is not training memory)
 
@@ -69,23 +82,17 @@ def worker(name: str, method: str) -> dict:
         p.register_hook(lambda g: sample())
     opt = torch.optim.AdamW(params, lr=1e-4)
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    for step in range(2):
-        if step == 0:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                loss = model(input_ids=ids, labels=ids).loss
-        else:
-            loss = model(input_ids=ids, labels=ids).loss
-        sample()
-        loss.backward()
-        sample()
-        opt.step()
-        sample()
-        if step == 0:
-            state = sum(p.numel() * p.element_size() for p in model.parameters())
-            state += sum(p.grad.numel() * p.grad.element_size() for p in params)
-            state += sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items() if k != "step")
-        opt.zero_grad(set_to_none=True)
-        del loss
+    state = 0
+
+    def measure_state() -> None:  # weights, gradients and moments, after the first step
+        nonlocal state
+        state = sum(p.numel() * p.element_size() for p in model.parameters())
+        state += sum(p.grad.numel() * p.grad.element_size() for p in params)
+        state += sum(t.numel() * t.element_size() for s in opt.state.values() for k, t in s.items() if k != "step")
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        _train_step(model, ids, opt, sample, measure_state)
+    _train_step(model, ids, opt, sample)
     saved = sum(n for ptr, n in seen.items() if ptr not in weights)
     kind = "full" if method == "full" else "lora"
     est = planner.estimate_memory(config=cfg, method=kind, r=8, targets=TARGETS[name], batch=8, seq=128)
@@ -158,14 +165,7 @@ def llm_worker(name: str, checkpointing: bool) -> dict:
     opt = torch.optim.AdamW(params, lr=1e-4)
     ids = torch.randint(0, config["vocab_size"], (LLM_BATCH, LLM_SEQ), generator=torch.Generator().manual_seed(0))
     for _ in range(2):
-        loss = model(input_ids=ids, labels=ids).loss
-        sample()
-        loss.backward()
-        sample()
-        opt.step()
-        sample()
-        opt.zero_grad(set_to_none=True)
-        del loss
+        _train_step(model, ids, opt, sample)
     est = estimate_memory(config=config, method="lora", r=8, batch=LLM_BATCH, seq=LLM_SEQ, checkpointing=checkpointing)
     return {"model": name, "checkpointing": checkpointing, "predicted_bytes": est.total,
             "predicted_activation_bytes": est.activations, "peak_bytes": peak[0] - heap_start}  # fmt: skip

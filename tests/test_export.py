@@ -13,7 +13,7 @@ import lorakit as lk
 from lorakit.cli import main
 from lorakit.recipes import run
 
-from .tiny_lm import tiny_llama_folder
+from .tiny_lm import as_if_trained, tiny_llama_folder
 from .tolerance import assert_close
 
 pytest.importorskip("transformers")
@@ -37,14 +37,8 @@ def _load(folder: Path, dtype: torch.dtype = torch.float32):
 def adapter(base, tmp_path_factory) -> Path:
     """An adapter with non-zero B on every linear layer (as after training), saved by lorakit."""
     model = _load(base)
-    torch.manual_seed(1)
-    lk.inject(model, lk.LoraConfig(r=4, alpha=8.0, target_modules="all-linear"))
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
     path = tmp_path_factory.mktemp("adapter")
-    lk.save_adapter(model, path)
+    as_if_trained(model, path)
     return path
 
 

@@ -12,6 +12,7 @@ import lorakit as lk
 from lorakit.cli import main
 from lorakit.gguf_export import rope_deinterleave, rope_interleave
 
+from .tiny_lm import as_if_trained
 from .tolerance import assert_close
 
 gguf = pytest.importorskip("gguf")
@@ -49,15 +50,8 @@ def _trained(tmp_path_factory, **config_changes) -> tuple[Path, Path]:
     _bpe_llama(base, **config_changes)
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(base)
-    lk.inject(model, lk.LoraConfig(r=4, alpha=8.0, target_modules="all-linear"))
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.2)
     adapter = tmp_path_factory.mktemp("adapter")
-    lk.save_adapter(model, adapter)
+    as_if_trained(AutoModelForCausalLM.from_pretrained(base), adapter)
     return base, adapter
 
 

@@ -45,3 +45,16 @@ def tiny_llama_folder(folder: Path, chat: bool = False, seed: int = 0) -> None:
     )  # fmt: skip
     LlamaForCausalLM(config).save_pretrained(folder)
     char_tokenizer(folder, chat)
+
+
+def as_if_trained(model, folder: Path, seed: int = 1) -> None:
+    """LoRA r=4, alpha 8 on every linear of ``model`` with non-zero B (as after training), saved to ``folder``."""
+    import lorakit as lk
+
+    torch.manual_seed(seed)
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8.0, target_modules="all-linear"))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    lk.save_adapter(model, folder)
