@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -65,6 +66,9 @@ def test_the_merged_folder_loads_in_plain_transformers_and_generates_the_same_to
     assert {"tokenizer.json", "tokenizer_config.json"} <= {p.name for p in out.iterdir()}
     config = json.loads((out / "config.json").read_text())
     assert "quantization_config" not in config
+    mask = os.umask(0)
+    os.umask(mask)
+    assert {p.stat().st_mode & 0o777 for p in out.iterdir()} == {0o666 & ~mask}  # not transformers' private 0600
     merged, adapted = _load(out), _adapted(base, adapter)
     assert not any(type(m).__module__.startswith("lorakit") for m in merged.modules())
     with torch.no_grad():

@@ -31,6 +31,7 @@ from .errors import InputError
 from .files import resolve_model_folder
 from .hub import save_for_hub
 from .merging import merge_and_unload
+from .recipe_models import quiet_transformers
 
 #: files of a transformers model folder that belong to its tokenizer
 TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "vocab", "merges", "spiece", "added_tokens", "chat_template")
@@ -56,7 +57,8 @@ def load_adapted(folder: Path, adapter: str | os.PathLike[str]) -> nn.Module:
     """The base model of ``folder`` (float32, eval mode) with the adapter loaded."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
+    with quiet_transformers(f"--base {folder}"):
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, local_files_only=True)
     load_adapter(model, adapter)
     return model.eval()
 
@@ -118,6 +120,12 @@ def check_outputs(
         raise InputError(f"--shard-size {shard_size!r}; allowed: a size such as 500MB or 2GB (KB, MB, GB, TB)")
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _folder_sizes(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.is_file()}
 
@@ -133,8 +141,11 @@ def export_merged(
     dtype = dtype or base_dtype(base_folder)
     merge_and_unload(model, dequantize=True)
     model.to(dtype)
-    with replacing_folder(out) as tmp:
+    with replacing_folder(out) as tmp, quiet_transformers(f"--merged {out}", "save"):
         model.save_pretrained(tmp, max_shard_size=max_shard_size)
+        mode = 0o666 & ~_umask()  # transformers writes its shards through private (0600) temporary files
+        for entry in tmp.iterdir():
+            entry.chmod(mode)
         for entry in base_folder.iterdir():
             if entry.is_file() and entry.name.startswith(TOKENIZER_FILES):
                 shutil.copyfile(entry, tmp / entry.name)

@@ -154,7 +154,7 @@ def _base_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         where = f"[model] hf_pretrained = {spec['hf_pretrained']!r}"
-        with _quiet_transformers(where):
+        with quiet_transformers(where):
             model = AutoModelForCausalLM.from_pretrained(folder, **attention)
             # without tokenizer files transformers may build an empty tokenizer: text is bytes then
             files = any(f.name.startswith(("tokenizer", "vocab", "merges", "spiece")) for f in folder.iterdir())
@@ -168,16 +168,16 @@ def _base_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
             raise RecipeError(f"[model] hf_config = {str(path)!r}: no such file")
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        with _quiet_transformers(f"[model] hf_config = {str(path)!r}"):
+        with quiet_transformers(f"[model] hf_config = {str(path)!r}"):
             config = AutoConfig.from_pretrained(path.parent if path.name == "config.json" else path)
             return AutoModelForCausalLM.from_config(config, **attention), None
     raise RecipeError("[model] needs one of factory, hf_pretrained, hf_config")
 
 
 @contextlib.contextmanager
-def _quiet_transformers(where: str) -> Iterator[None]:
-    """transformers' loading progress bars off when stderr is not a terminal (they would flood a
-    log with carriage returns), and its errors reported as naming ``where``."""
+def quiet_transformers(where: str, action: str = "load") -> Iterator[None]:
+    """transformers' progress bars off when stderr is not a terminal (they would flood a log with
+    carriage returns), and its errors reported as naming ``where`` (it cannot ``action`` it)."""
     from transformers.utils import logging as hf_logging
 
     bars = hf_logging.is_progress_bar_enabled()
@@ -186,7 +186,7 @@ def _quiet_transformers(where: str) -> Iterator[None]:
     try:
         yield
     except (OSError, ValueError, KeyError, RuntimeError) as err:
-        raise RecipeError(f"{where}: transformers cannot load it: {type(err).__name__}: {err}") from err
+        raise RecipeError(f"{where}: transformers cannot {action} it: {type(err).__name__}: {err}") from err
     finally:
         if bars and not hf_logging.is_progress_bar_enabled():
             hf_logging.enable_progress_bar()
