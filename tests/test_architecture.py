@@ -25,12 +25,12 @@ TIERS: list[set[str]] = [
     {"errors"},
     {"activations"},  # the planner's activation model: plain arithmetic
     {"peft_keys", "config_checks", "model_count"},  # PEFT's adapter_config.json keys; LoraConfig's value checks
-    {"config", "targeting", "functional", "loss_plot", "planner", "atomic"},
+    {"config", "targeting", "functional", "loss_plot", "planner", "atomic", "chunked_loss"},
     {"files", "quantization", "bank", "devices", "distributed", "optim", "train_state"},
     {"run_dir", "trainer_checks", "recipe_files", "gguf_export"},  # what training and recipes check before they run
     {"layers"},
     {"injection", "counting"},
-    {"merging", "routing", "checkpoint", "combine", "offline", "family", "soft_prompts", "loraplus"},
+    {"merging", "routing", "checkpoint", "combine", "offline", "family", "soft_prompts", "loraplus", "lm_loss"},
     {"hub", "trainer", "pretrained", "recipe_models", "chat_data"},
     {"recipe_data", "recipe_plan", "export"},  # recipe sections; exports to other tools
     {"recipes", "cli_memory"},

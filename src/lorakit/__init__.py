@@ -8,6 +8,7 @@ lk.save_adapter(model, "out/adapter")      # PEFT-compatible safetensors + adapt
 """
 
 from .checkpoint import AdapterLoadError, load_adapter, read_config, save_adapter
+from .chunked_loss import chunked_cross_entropy
 from .combine import combine_adapters, effective_rank, singular_values
 from .config import LoraConfig
 from .counting import ParameterCount, count_parameters
@@ -38,6 +39,7 @@ from .layers import (
     UnsupportedModuleError,
     register_kind,
 )
+from .lm_loss import use_chunked_loss
 from .loraplus import loraplus, loraplus_groups
 from .merging import is_merged, merge, merge_and_unload, unmerge
 from .optim import make_optimizer, paged_adamw
@@ -74,6 +76,7 @@ __all__ = [
     "adapter_configs",
     "add_adapter",
     "architecture",
+    "chunked_cross_entropy",
     "combine_adapters",
     "count_parameters",
     "delete_adapter",
@@ -107,4 +110,5 @@ __all__ = [
     "set_trainable",
     "singular_values",
     "unmerge",
+    "use_chunked_loss",
 ]
