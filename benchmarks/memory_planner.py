@@ -128,12 +128,12 @@ LLM_COMMON = {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers":
 LLM_BATCH, LLM_SEQ = 2, 512
 
 
-def llm_worker(name: str, checkpointing: bool) -> dict:
+def llm_worker(name: str, checkpointing: bool, chunked: bool = False) -> dict:
     """One LoRA training step of a language model in this fresh process: the planner's total
     against the peak growth of the allocator's live bytes from before the model was built."""
     import transformers
 
-    from lorakit import LoraConfig, estimate_memory, inject
+    from lorakit import LoraConfig, estimate_memory, inject, use_chunked_loss
 
     config = {**LLM_COMMON, **LLM_SHAPES[name]}
     # A first, tiny model of the same type imports the modelling code (tens of MB of Python
@@ -155,6 +155,8 @@ def llm_worker(name: str, checkpointing: bool) -> dict:
     inject(model, LoraConfig(r=8, target_modules="all-linear"))
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if chunked:
+        use_chunked_loss(model, chunk=256)
     model.train()
     for module in model.modules():
         module.register_forward_pre_hook(sample)
@@ -166,18 +168,21 @@ def llm_worker(name: str, checkpointing: bool) -> dict:
     ids = torch.randint(0, config["vocab_size"], (LLM_BATCH, LLM_SEQ), generator=torch.Generator().manual_seed(0))
     for _ in range(2):
         _train_step(model, ids, opt, sample)
-    est = estimate_memory(config=config, method="lora", r=8, batch=LLM_BATCH, seq=LLM_SEQ, checkpointing=checkpointing)
-    return {"model": name, "checkpointing": checkpointing, "predicted_bytes": est.total,
+    est = estimate_memory(config=config, method="lora", r=8, batch=LLM_BATCH, seq=LLM_SEQ, checkpointing=checkpointing,
+                          loss_chunk=256 if chunked else None)  # fmt: skip
+    return {"model": name + (" + chunked loss" if chunked else ""), "checkpointing": checkpointing,
+            "predicted_bytes": est.total,
             "predicted_activation_bytes": est.activations, "peak_bytes": peak[0] - heap_start}  # fmt: skip
 
 
 def llm_rows() -> tuple[list[dict], str]:
     results = []
-    for name in LLM_SHAPES:
-        for checkpointing in (False, True):
-            out = subprocess.run([sys.executable, __file__, "--llm-worker", name, str(int(checkpointing))],
-                                 capture_output=True, text=True, check=True).stdout  # fmt: skip
-            results.append(json.loads(out.strip().splitlines()[-1]))
+    runs = [(name, ckpt, "0") for name in LLM_SHAPES for ckpt in (False, True)]
+    runs += [("llama", ckpt, "1") for ckpt in (False, True)]  # with lk.use_chunked_loss, 256 rows per chunk
+    for name, checkpointing, chunked in runs:
+        out = subprocess.run([sys.executable, __file__, "--llm-worker", name, str(int(checkpointing)), chunked],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+        results.append(json.loads(out.strip().splitlines()[-1]))
     mb = 2**20
     rows = [f"| {r['model']} | {'yes' if r['checkpointing'] else 'no'} | {r['predicted_bytes'] / mb:.0f} | "
             f"{r['peak_bytes'] / mb:.0f} | {r['predicted_bytes'] / r['peak_bytes']:.2f} |"
@@ -194,8 +199,8 @@ def main() -> None:
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":
         print(json.dumps(worker(sys.argv[2], sys.argv[3])))
         return
-    if len(sys.argv) == 4 and sys.argv[1] == "--llm-worker":
-        print(json.dumps(llm_worker(sys.argv[2], sys.argv[3] == "1")))
+    if len(sys.argv) in (4, 5) and sys.argv[1] == "--llm-worker":
+        print(json.dumps(llm_worker(sys.argv[2], sys.argv[3] == "1", sys.argv[4:] == ["1"])))
         return
     rows, results = [], []
     for name in ("gpt2", "llama"):

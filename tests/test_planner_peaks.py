@@ -1,6 +1,7 @@
 """The planner against measured peaks: one LoRA training step of three language-model
-architectures (Llama, Qwen2, Mixtral-style experts), with and without gradient checkpointing, each
-in a fresh process (``benchmarks/memory_planner.py --llm-worker``), must be planned within 15%."""
+architectures (Llama, Qwen2, Mixtral-style experts; and Llama with the chunked loss), with and
+without gradient checkpointing, each in a fresh process (``benchmarks/memory_planner.py
+--llm-worker``), must be planned within 15%."""
 
 from __future__ import annotations
 
@@ -25,10 +26,11 @@ def _has_mallinfo2() -> bool:
 
 @pytest.mark.skipif(not (sys.platform == "linux" and _has_mallinfo2()), reason="peaks come from glibc's mallinfo2")
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["stored", "checkpointed"])
-@pytest.mark.parametrize("model", ["llama", "qwen2", "mixtral", "llama-vocab-256"])
+@pytest.mark.parametrize("model", ["llama", "qwen2", "mixtral", "llama-vocab-256", "llama+chunked-loss"])
 def test_the_plan_is_within_15_percent_of_the_measured_peak(model, checkpointing):
-    out = subprocess.run([sys.executable, str(WORKER), "--llm-worker", model, str(int(checkpointing))],
-                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    name, _, chunked = model.partition("+")
+    command = [sys.executable, str(WORKER), "--llm-worker", name, str(int(checkpointing)), "1" if chunked else "0"]
+    out = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     ratio = result["predicted_bytes"] / result["peak_bytes"]

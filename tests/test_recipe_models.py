@@ -123,3 +123,19 @@ def test_the_attention_implementation_is_passed_to_transformers(tmp_path):
         build_model({"factory": "tests.models:mlp_factory", "attn_implementation": "sdpa"})
     with pytest.raises(RecipeError, match=r"\[model\] attn_implementation = 3 \(int\)"):
         build_model({"hf_config": _config_file(tmp_path), "attn_implementation": 3})
+
+
+def test_chunked_loss_in_a_recipe_computes_the_same_loss_without_logits(tmp_path):
+    from .tiny_lm import tiny_llama_folder
+    from .tolerance import assert_close
+
+    tiny_llama_folder(tmp_path / "m")
+    plain, _ = build_model({"hf_pretrained": str(tmp_path / "m")})
+    chunked, _ = build_model({"hf_pretrained": str(tmp_path / "m"), "chunked_loss": 7})
+    ids = torch.randint(0, 98, (2, 19), generator=torch.Generator().manual_seed(0))
+    out = chunked(input_ids=ids, labels=ids)
+    assert out.logits is None
+    assert_close(out.loss, plain(input_ids=ids, labels=ids).loss, reduction=101, depth=3)
+    for bad in ("yes", 0, 1.5):
+        with pytest.raises(RecipeError, match=r"\[model\] chunked_loss = .*true, false or rows per chunk"):
+            build_model({"hf_pretrained": str(tmp_path / "m"), "chunked_loss": bad})

@@ -48,18 +48,21 @@ batch_size = 2
 
 
 @pytest.mark.parametrize(
-    ("model", "method", "dtype", "checkpointing"),
-    [("", "lora", "fp32", False), ('dtype = "bfloat16"\ngradient_checkpointing = true', "lora", "bf16", True),
-     ('dtype = "bfloat16"\nquantize = "nf4"', "qlora", "bf16", False)],
+    ("model", "method", "dtype", "checkpointing", "chunk"),
+    [("", "lora", "fp32", False, None),
+     ('dtype = "bfloat16"\ngradient_checkpointing = true', "lora", "bf16", True, None),
+     ('dtype = "bfloat16"\nquantize = "nf4"', "qlora", "bf16", False, None),
+     ("chunked_loss = 16", "lora", "fp32", False, 16), ("chunked_loss = true", "lora", "fp32", False, 1024)],
 )  # fmt: skip
 def test_the_plan_is_the_planners_estimate_for_the_recipe_and_writes_nothing(
-    tmp_path, folder, capsys, model, method, dtype, checkpointing
+    tmp_path, folder, capsys, model, method, dtype, checkpointing, chunk
 ):
     recipe = _recipe(tmp_path, folder, model)
     assert main(["train", str(recipe), "--plan"]) == 0
     out = capsys.readouterr().out
     expected = planner.estimate_memory(config=folder / "config.json", method=method, dtype=dtype, r=4,
-                                       compute_dtype=dtype, batch=2, seq=64, checkpointing=checkpointing)  # fmt: skip
+                                       compute_dtype=dtype, batch=2, seq=64, checkpointing=checkpointing,
+                                       loss_chunk=chunk)  # fmt: skip
     row = next(line for line in out.splitlines() if line.startswith(f"| {method} |"))
     assert row.split("|")[-2].strip() == f"{expected.total / 1e9:.3f}"
     assert f"memory plan: {method}, {expected.trainable:,} trainable parameters" in out

@@ -81,10 +81,10 @@ def block_units(shape: BlockShape, lora: bool, adapted_rank_sum: int, seq: int, 
 
 def activation_bytes(
     shape: BlockShape, batch: int, seq: int, value_bytes: float, *, lora: bool, adapted_rank_sum: int = 0,
-    eager: bool | None = None, checkpointing: bool = False, peak: bool = True,
+    eager: bool | None = None, checkpointing: bool = False, peak: bool = True, loss_chunk: int | None = None,
 ) -> float:  # fmt: skip
     """Bytes of activations at the step's peak for ``batch × seq`` tokens (``peak=False``: what
-    autograd saves, without the loss's transient rows).
+    autograd saves, without the loss's transient rows; ``loss_chunk``: the chunked loss's rows).
 
     Without checkpointing the peak is at the end of the forward: every block's values, the final
     norm's, the log-softmax and the transient rows. With it, the larger of that moment (blocks'
@@ -94,6 +94,11 @@ def activation_bytes(
     block = block_units(shape, lora, adapted_rank_sum, seq, eager)
     outside = (0.25 if lora else 3.25) * shape.hidden
     loss = (1 + (LOSS_TRANSIENT if peak else 0)) * shape.vocab * 4
+    # the chunked loss (lorakit.chunked_loss) keeps one logsumexp per token, and while it runs one
+    # chunk's float32 logits and their gradient
+    fixed = 2 * min(loss_chunk, batch * seq) * shape.vocab * 4 if loss_chunk and peak else 0
+    if loss_chunk:
+        loss = 4
     if not checkpointing:
         per_token = (shape.layers * block + outside) * value_bytes + loss
     else:
@@ -101,4 +106,4 @@ def activation_bytes(
         width = shape.experts_per_token * shape.expert_intermediate if shape.experts else shape.intermediate
         backward = inputs + block + BACKWARD_TRANSIENT * width  # the MLP's gradients beside its values
         per_token = max((inputs + outside) * value_bytes + loss, backward * value_bytes)
-    return batch * seq * per_token
+    return batch * seq * per_token + fixed

@@ -40,14 +40,11 @@ BYTES = {
 }
 GB = 1e9
 METHODS = ("weights", "full", "lora", "qlora")
-MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2", "bert")
 COMPUTE_DTYPES = ("fp32", "fp16", "bf16")
 
 #: Llama-3.1-8B's published architecture (config.json), for the seed's worked example
-LLAMA_3_1_8B = {
-    "model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False,
-}  # fmt: skip
+LLAMA_3_1_8B = {"model_type": "llama", "hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
+                "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256, "tie_word_embeddings": False}
 
 
 @dataclass
@@ -205,8 +202,8 @@ def architecture(config: dict[str, Any] | str | Path) -> Architecture:
         return Architecture(kind, c.count("num_hidden_layers"), h, per_layer, emb + 2 * h, 0, h * h + h, lin, i, heads)
     if not isinstance(kind, str) or not kind:
         shown = "missing" if kind is None else f"= {kind!r}"
-        raise InputError(f"{c.where}: model_type {shown}; allowed: a transformers model type ({', '.join(MODEL_TYPES)} "
-                         "by formula, any other by building it on the meta device)")  # fmt: skip
+        raise InputError(f"{c.where}: model_type {shown}; allowed: a transformers model type (llama, mistral, qwen2, "
+                         "gpt2, bert by formula, any other by building it on the meta device)")  # fmt: skip
     counted = Architecture(**meta_counts(cfg, c.where))  # any other transformers architecture, counted
     heads = counted.heads or 1
     kv = int(cfg.get("num_key_value_heads") or heads) * int(cfg.get("head_dim") or counted.hidden // heads)
@@ -229,8 +226,7 @@ def config_dtype(config: dict[str, Any] | str | Path) -> str | None:
         if value is None:
             continue
         if value not in CONFIG_DTYPES:
-            raise InputError(f"{c.where}: {key} = {value!r}; allowed: {', '.join(CONFIG_DTYPES)} (or give dtype "
-                             "explicitly)")  # fmt: skip
+            raise InputError(f"{c.where}: {key} = {value!r}; allowed: {', '.join(CONFIG_DTYPES)} (or give dtype)")
         return CONFIG_DTYPES[value]
     return None
 
@@ -269,13 +265,14 @@ def _chosen(arch: Architecture, targets: Any) -> list[str]:
 
 def activation_bytes(
     arch: Architecture, batch: int, seq: int, dtype: str = "fp32", eager: bool | None = None,
-    checkpointing: bool = False, *, lora_ranks: int | None = None, peak: bool = True,
+    checkpointing: bool = False, *, lora_ranks: int | None = None, peak: bool = True, loss_chunk: int | None = None,
 ) -> float:  # fmt: skip
     """Bytes of activations for one ``batch × seq`` step (``lorakit.activations``): what the
     blocks keep in ``dtype`` (every block's, or with ``checkpointing`` each block's input and one
     block's), the float32 log-softmax over the vocabulary, and with ``peak`` the loss's transient
     float32 rows at the start of the backward. ``lora_ranks``: Σ r over one block's adapted
-    linears (LoRA; frozen linears keep less), None for full fine-tuning."""
+    linears (LoRA; frozen linears keep less), None for full fine-tuning; ``loss_chunk``: rows per
+    chunk of ``lk.use_chunked_loss`` (None: the model's own loss)."""
     batch, seq = _whole(batch, "batch"), _whole(seq, "seq")
     _choice(dtype, "dtype", list(BYTES))
     if not (isinstance(eager, bool) or eager is None) or not isinstance(checkpointing, bool):
@@ -286,8 +283,10 @@ def activation_bytes(
                          f"{', '.join(ACTIVATION_TYPES)} (weight, LoRA, QLoRA bytes work for any model)")  # fmt: skip
     shape = activations.BlockShape(arch.model_type, arch.layers, arch.hidden, arch.intermediate, arch.heads, arch.vocab,
                        **arch.extra_shape)  # fmt: skip
+    loss_chunk = _whole(loss_chunk, "loss_chunk") if loss_chunk is not None else None
     return activations.activation_bytes(shape, batch, seq, BYTES[dtype], lora=lora_ranks is not None, peak=peak,
-                                        adapted_rank_sum=lora_ranks or 0, eager=eager, checkpointing=checkpointing)
+                                        adapted_rank_sum=lora_ranks or 0, eager=eager, checkpointing=checkpointing,
+                                        loss_chunk=loss_chunk)  # fmt: skip
 
 
 def _choice(value: Any, what: str, allowed: list[str] | tuple[str, ...]) -> str:
@@ -333,6 +332,7 @@ def estimate_memory(
     seq: int | None = None,
     checkpointing: bool = False,
     eager: bool | None = None,
+    loss_chunk: int | None = None,
 ) -> MemoryEstimate:
     """Memory for ``method`` in ``weights`` | ``full`` | ``lora`` | ``qlora``.
 
@@ -340,8 +340,8 @@ def estimate_memory(
     Give ``params`` (a count) or ``config`` (a transformers config dict or ``config.json`` path;
     needed for LoRA/QLoRA, which must know the matrices' shapes, and for activations, which also
     need ``batch`` and ``seq``; ``checkpointing``: gradient checkpointing per block; ``eager``:
-    attention that keeps its probabilities, None for the architecture's default). Every argument is
-    checked: bad input raises ``InputError``.
+    attention that keeps its probabilities, None for the architecture's default; ``loss_chunk``: the
+    chunked loss's rows per chunk). Every argument is checked: bad input raises ``InputError``.
     """
     _choice(method, "method", METHODS)
     dtype = dtype if dtype is not None else (config_dtype(config) if config is not None else None) or "fp32"
@@ -370,7 +370,7 @@ def estimate_memory(
                              f"alone (method {method!r})")  # fmt: skip
         stored = compute_dtype if method == "qlora" else "fp32" if dtype == "fp32" else "bf16"
         ranks = None if method == "full" else r * len(_chosen(arch, targets))
-        acts = activation_bytes(arch, batch, seq, stored, eager, checkpointing, lora_ranks=ranks)
+        acts = activation_bytes(arch, batch, seq, stored, eager, checkpointing, lora_ranks=ranks, loss_chunk=loss_chunk)
     if method == "weights":
         return MemoryEstimate("weights", params * BYTES[dtype])
     if method == "full":

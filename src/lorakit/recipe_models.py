@@ -9,6 +9,8 @@ config with random weights) and its tokenizer, then what real language-model wor
                                      #   (NF4 with double quantization, computing in dtype): QLoRA
     gradient_checkpointing = true    # transformers models: recompute each block in the backward
     attn_implementation = "sdpa"     # transformers models: eager | sdpa | flash_attention_2 | ...
+    chunked_loss = true              # transformers causal LMs: the loss in chunks of 1,024 tokens (or
+                                     #   an integer: rows per chunk), never the [tokens, vocab] logits
 
 Every key is checked: a wrong type or value is a ``RecipeError`` naming ``[model] key``, the value
 and what is allowed.
@@ -26,9 +28,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .chunked_loss import DEFAULT_CHUNK
 from .devices import stderr_is_terminal
-from .errors import InputError
+from .errors import InputError, is_whole
 from .files import resolve_model_folder
+from .lm_loss import use_chunked_loss
 from .quantization import quantize
 from .recipe_files import RecipeError, check_keys, check_type
 from .targeting import output_head
@@ -36,7 +40,7 @@ from .targeting import output_head
 #: ``[model] dtype`` values → torch dtypes
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: keys every kind of ``[model]`` section may have besides its own
-COMMON_KEYS = {"weights", "dtype", "quantize", "gradient_checkpointing"}
+COMMON_KEYS = {"weights", "dtype", "quantize", "gradient_checkpointing", "chunked_loss"}
 
 
 def resolve_factory(section: str, ref: Any) -> Callable[..., Any]:
@@ -93,10 +97,13 @@ def build_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
     check_type("model", spec, "dtype", f"one of {', '.join(map(repr, DTYPES))}", lambda v: str(v) in DTYPES)
     check_type("model", spec, "quantize", "'nf4' or 'none'", lambda v: str(v) in ("nf4", "none"))
     check_type("model", spec, "gradient_checkpointing", "true or false", lambda v: isinstance(v, bool))
+    check_type("model", spec, "chunked_loss", "true, false or rows per chunk (an integer >= 1)",
+               lambda v: isinstance(v, bool) or is_whole(v, 1))  # fmt: skip
     weights = Path(spec["weights"]) if spec.get("weights") else None
     if weights is not None and not weights.is_file():
         raise RecipeError(f"[model] weights = {str(weights)!r}: no such file")
-    options = {key: spec.pop(key) for key in ("dtype", "quantize", "gradient_checkpointing") if key in spec}
+    options = {key: spec.pop(key) for key in ("dtype", "quantize", "gradient_checkpointing", "chunked_loss")
+               if key in spec}  # fmt: skip
     model, tokenizer = _base_model(spec)
     if weights is not None:
         from safetensors.torch import load_file
@@ -126,6 +133,12 @@ def _prepared(model: nn.Module, options: dict[str, Any]) -> nn.Module:
                               f"(got {type(model).__name__})")  # fmt: skip
         # Non-reentrant: the frozen embeddings' output needs no gradient for the adapters inside to get one.
         enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    chunk = options.get("chunked_loss", False)
+    if chunk is not False:
+        try:
+            use_chunked_loss(model, DEFAULT_CHUNK if chunk is True else int(chunk))
+        except InputError as err:
+            raise RecipeError(f"[model] chunked_loss: {err}") from None
     return model
 
 

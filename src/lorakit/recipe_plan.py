@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from .chunked_loss import DEFAULT_CHUNK
 from .config import LoraConfig
 from .errors import InputError
 from .files import resolve_model_folder
@@ -100,13 +101,15 @@ def plan_recipe(cfg: dict[str, Any], lora: LoraConfig, device: torch.device) -> 
     options = {"method": method, "dtype": dtype, "r": lora.r, "targets": targets, "compute_dtype": dtype}
     eager = model.get("attn_implementation") == "eager"
     checkpointing = bool(model.get("gradient_checkpointing", False))
+    chunk = model.get("chunked_loss", False)
+    options["loss_chunk"] = None if chunk is False else DEFAULT_CHUNK if chunk is True else int(chunk)
     try:
         estimate = estimate_memory(config=path, batch=batch, seq=seq, checkpointing=checkpointing, eager=eager or None,
                                    **options)  # fmt: skip
     except InputError as err:
         if batch is None or "activations" not in str(err):
             raise
-        estimate = estimate_memory(config=path, **options)
+        estimate = estimate_memory(config=path, **{k: v for k, v in options.items() if k != "loss_chunk"})
         notes.append(f"no activation estimate: {err}")
     if seq is None:
         notes.append("no activation estimate: a [data] factory does not say its sequence length")
