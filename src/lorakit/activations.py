@@ -93,12 +93,10 @@ def activation_bytes(
     eager = shape.model_type in EAGER_ATTENTION if eager is None else eager
     block = block_units(shape, lora, adapted_rank_sum, seq, eager)
     outside = (0.25 if lora else 3.25) * shape.hidden
-    loss = (1 + (LOSS_TRANSIENT if peak else 0)) * shape.vocab * 4
     # the chunked loss (lorakit.chunked_loss) keeps one logsumexp per token, and while it runs one
     # chunk's float32 logits and their gradient
+    loss = 4 if loss_chunk else (1 + (LOSS_TRANSIENT if peak else 0)) * shape.vocab * 4
     fixed = 2 * min(loss_chunk, batch * seq) * shape.vocab * 4 if loss_chunk and peak else 0
-    if loss_chunk:
-        loss = 4
     if not checkpointing:
         per_token = (shape.layers * block + outside) * value_bytes + loss
     else:

@@ -211,7 +211,11 @@ def _export(args: argparse.Namespace) -> int:
     export.check_outputs(folder, adapter, merged=args.merged, peft=args.peft, gguf=args.gguf, overwrite=args.force,
                          shard_size=args.shard_size)  # fmt: skip
     inputs = [folder, adapter]
-    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(args.dtype or "", args.dtype)
+    from .planner import CONFIG_DTYPES
+    from .recipe_models import DTYPES
+
+    flag_names = {planner_name: name for name, planner_name in CONFIG_DTYPES.items()}  # fp32 -> float32
+    dtype = DTYPES[flag_names[args.dtype]] if args.dtype else None
     model = export.load_adapted(folder, adapter)
     if args.peft:
         info = export.export_peft(model, args.peft, base_model=args.base_model_id or str(args.base),
@@ -226,7 +230,7 @@ def _export(args: argparse.Namespace) -> int:
         print(f"wrote {info['out']} (GGUF, {args.gguf_type}): {info['tensors']} tensors, {info['bytes'] / 1e6:,.1f} MB"
               f"{'' if info['tokenizer'] else ', no tokenizer'}")
     if args.merged:
-        info = export.export_merged(model, folder, args.merged, dtype=export.CONFIG_DTYPES.get(dtype or ""),
+        info = export.export_merged(model, folder, args.merged, dtype=dtype,
                                     max_shard_size=args.shard_size, overwrite=args.force, inputs=inputs)  # fmt: skip
         total = sum(info["files"].values())
         print(f"wrote {info['out']} (merged transformers model, {info['dtype']}): {len(info['files'])} files, "

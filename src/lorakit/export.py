@@ -31,21 +31,17 @@ from .errors import InputError
 from .files import resolve_model_folder
 from .hub import save_for_hub
 from .merging import merge_and_unload
-from .recipe_models import quiet_transformers
+from .recipe_models import DTYPES, quiet_transformers
 
 #: files of a transformers model folder that belong to its tokenizer
 TOKENIZER_FILES = ("tokenizer", "special_tokens_map", "vocab", "merges", "spiece", "added_tokens", "chat_template")
-#: config.json dtype names → torch dtypes
-CONFIG_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
 def base_dtype(folder: Path) -> torch.dtype:
     """The weights' dtype a model folder's ``config.json`` declares (float32 if none)."""
     config = json.loads((folder / "config.json").read_text())
     name = config.get("dtype") or config.get("torch_dtype") or "float32"
-    if name not in CONFIG_DTYPES:
-        raise InputError(f"{folder}/config.json: dtype {name!r}; allowed: {', '.join(CONFIG_DTYPES)}")
-    return CONFIG_DTYPES[name]
+    if name not in DTYPES:
+        raise InputError(f"{folder}/config.json: dtype {name!r}; allowed: {', '.join(DTYPES)}")
+    return DTYPES[name]
 
 
 def base_folder(base: str | os.PathLike[str]) -> Path:

@@ -136,21 +136,16 @@ def _tokenizer(writer: Any, folder: Path, vocab_size: int) -> bool:
 def export_gguf(model: nn.Module, folder: Path, out: str | os.PathLike[str], file_type: str = "f32") -> dict[str, Any]:
     """Write a merged (plain transformers) Llama-family ``model`` to the GGUF file ``out``, with the
     tokenizer of the model folder ``folder``; returns ``{"out", "tensors", "bytes", "tokenizer"}``."""
-    config = model.config
-    check_gguf_config(config.to_dict())
-    kind = config.model_type
+    check_gguf_config(model.config.to_dict())
     if file_type not in FILE_TYPES:
         raise InputError(f"--gguf-type {file_type!r}; allowed: {', '.join(FILE_TYPES)}")
     if any(type(m).__module__.startswith("lorakit") for m in model.modules()):
         raise InputError("--gguf needs the merged model (no lorakit layers left): merge_and_unload it first")
-    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    arch = ARCHITECTURES[kind]
     quiet = logging.getLogger("gguf")  # its INFO lines (file names, endianness) are not the user's business
     level = quiet.level
     quiet.setLevel(logging.WARNING)
     try:
-        count, has_tokenizer = _write(model, folder, out, file_type, arch, heads, kv_heads, head_dim)
+        count, has_tokenizer = _write(model, folder, out, file_type)
     finally:
         quiet.setLevel(level)
     if not has_tokenizer:
@@ -159,14 +154,15 @@ def export_gguf(model: nn.Module, folder: Path, out: str | os.PathLike[str], fil
     return {"out": str(out), "tensors": count, "bytes": Path(out).stat().st_size, "tokenizer": has_tokenizer}
 
 
-def _write(model: nn.Module, folder: Path, out: str | os.PathLike[str], file_type: str, arch: str, heads: int,
-           kv_heads: int, head_dim: int) -> tuple[int, bool]:  # fmt: skip
+def _write(model: nn.Module, folder: Path, out: str | os.PathLike[str], file_type: str) -> tuple[int, bool]:
     import gguf
 
     config = model.config
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     with replacing_file(out) as tmp:
-        writer = gguf.GGUFWriter(str(tmp), arch)
+        writer = gguf.GGUFWriter(str(tmp), ARCHITECTURES[config.model_type])
         writer.add_name(Path(getattr(config, "_name_or_path", "") or folder).name)
         writer.add_context_length(config.max_position_embeddings)
         writer.add_embedding_length(config.hidden_size)

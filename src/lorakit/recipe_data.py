@@ -222,7 +222,7 @@ def build_data(spec: dict[str, Any], tokenizer: Any, vocab_size: int | None = No
     rows: list[tuple[list[int], ...]] = [examples[i] for i in train]
     packed_from = len(rows) if spec.get("packing") else 0
     if packed_from:
-        rows = list(pack(rows, seq))  # type: ignore[arg-type]
+        rows = pack(rows, seq)  # type: ignore[assignment, arg-type]
     pad = getattr(tokenizer, "pad_token_id", None)
     pad = pad if pad is not None else (getattr(tokenizer, "eos_token_id", None) or 0)
 

@@ -23,13 +23,11 @@ from .chunked_loss import DEFAULT_CHUNK
 from .config import LoraConfig
 from .errors import InputError
 from .files import resolve_model_folder
-from .planner import GB, MemoryEstimate, estimate_memory, format_report
+from .planner import CONFIG_DTYPES, GB, MemoryEstimate, estimate_memory, format_report
 from .trainer import TrainerConfig
 
 #: a plan above this multiple of the free memory is refused unless forced
 REFUSE_ABOVE = 1.5
-#: [model] dtype → the planner's dtype names
-PLANNER_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 #: tokens per example when [data] does not say (lorakit.recipe_data's defaults)
 DEFAULT_SEQ = {"chat": 512, "jsonl": 128, "text": 128}
 
@@ -90,7 +88,7 @@ def plan_recipe(cfg: dict[str, Any], lora: LoraConfig, device: torch.device) -> 
     if not (targets == "all-linear" or isinstance(targets, list)):
         raise InputError(f"[lora] target_modules = {targets!r}: the plan counts adapters for a list of module "
                          "names or 'all-linear', not a pattern")  # fmt: skip
-    dtype = PLANNER_DTYPES[str(model.get("dtype", "float32"))]
+    dtype = CONFIG_DTYPES[str(model.get("dtype", "float32"))]
     method = "qlora" if model.get("quantize") == "nf4" else "lora"
     seq = data.get("seq", DEFAULT_SEQ.get(str(data.get("kind")))) if "factory" not in data else None
     batch = int(train.get("batch_size", TrainerConfig.batch_size)) if seq is not None else None
@@ -109,7 +107,7 @@ def plan_recipe(cfg: dict[str, Any], lora: LoraConfig, device: torch.device) -> 
     except InputError as err:
         if batch is None or "activations" not in str(err):
             raise
-        estimate = estimate_memory(config=path, **{k: v for k, v in options.items() if k != "loss_chunk"})
+        estimate = estimate_memory(config=path, **options)
         notes.append(f"no activation estimate: {err}")
     if seq is None:
         notes.append("no activation estimate: a [data] factory does not say its sequence length")
