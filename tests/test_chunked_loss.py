@@ -176,12 +176,67 @@ def test_use_chunked_loss_gives_the_models_own_loss_and_gradients(kind, tied, tr
     assert model(input_ids=ids, labels=labels).logits is not None
 
 
+def _loss_and_grads(model, ids, labels, params):
+    torch.manual_seed(2)  # the same dropout masks in both forwards
+    out = model(input_ids=ids, labels=labels)
+    return out, torch.autograd.grad(out.loss, params)
+
+
+@pytest.mark.parametrize(("tied", "dropout", "lora_bias"), [(False, 0.0, False), (True, 0.0, False),
+                                                             (False, 0.1, True)])  # fmt: skip
+def test_a_lora_head_enters_the_chunked_loss_as_its_low_rank_term(tied, dropout, lora_bias):
+    import lorakit as lk
+
+    model = _tiny("llama", tied)
+    config = lk.LoraConfig(r=4, target_modules=["q_proj", "lm_head"], dropout=dropout, lora_bias=lora_bias)
+    lk.inject(model, config)
+    lk.add_adapter(model, lk.LoraConfig(r=3, target_modules=["lm_head"]), "second")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "lora_bias" in name:
+                p.normal_(0, 0.3)
+    ids = torch.randint(0, 101, (2, 19), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    for running in ("default", ["default", "second"]):
+        lk.set_adapter(model, running)
+        params = [p for p in model.parameters() if p.requires_grad]
+        assert any("lm_head" in n for n, p in model.named_parameters() if p.requires_grad)
+        plain, want = _loss_and_grads(model, ids, labels, params)
+        lk.use_chunked_loss(model, chunk=7)
+        out, got = _loss_and_grads(model, ids, labels, params)
+        lk.use_chunked_loss(model, chunk=None)
+        assert out.logits is None
+        assert_close(out.loss, plain.loss, reduction=101, magnitude=plain.loss.detach().abs(), depth=3)
+        for g, w in zip(got, want, strict=True):
+            assert_close(g, w, reduction=101, depth=4)
+    with lk.disable_adapters(model):  # the head's base weight alone, no low-rank term
+        plain = model(input_ids=ids, labels=labels).loss
+        lk.use_chunked_loss(model, chunk=7)
+        assert_close(model(input_ids=ids, labels=labels).loss, plain, reduction=101, magnitude=plain.abs(), depth=3)
+
+
+def test_a_modules_to_save_head_trains_its_own_copy():
+    import lorakit as lk
+
+    model = _tiny("llama", False)
+    lk.inject(model, lk.LoraConfig(r=4, target_modules=["v_proj"], modules_to_save=["lm_head"]))
+    ids = torch.randint(0, 101, (2, 11), generator=torch.Generator().manual_seed(1))
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain, want = _loss_and_grads(model, ids, ids, params)
+    lk.use_chunked_loss(model, chunk=4)
+    out, got = _loss_and_grads(model, ids, ids, params)
+    assert_close(out.loss, plain.loss, reduction=101, magnitude=plain.loss.detach().abs(), depth=3)
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w, reduction=101, depth=4)
+
+
 def test_use_chunked_loss_refuses_what_it_cannot_compute():
     import lorakit as lk
 
     model = _tiny("llama", False)
-    lk.inject(model, lk.LoraConfig(r=4, target_modules=["lm_head"]))
-    with pytest.raises(InputError, match="the output head is a LoraLinear; allowed: a plain nn.Linear"):
+    lk.inject(model, lk.LoraConfig(r=4, target_modules=["lm_head"], use_dora=True))
+    with pytest.raises(InputError, match="the output head is a DoraLinear on a Linear; allowed: an nn.Linear, plain"):
         lk.use_chunked_loss(model)
     with pytest.raises(InputError, match="is not a transformers causal LM"):
         lk.use_chunked_loss(torch.nn.Linear(2, 2))

@@ -12,6 +12,7 @@ from .chunked_loss import chunked_cross_entropy
 from .combine import combine_adapters, effective_rank, singular_values
 from .config import LoraConfig
 from .counting import ParameterCount, count_parameters
+from .cpu_memory import return_freed_memory
 from .devices import init_distributed, move_to
 from .errors import ArgumentTypeError, InputError
 from .hub import model_card, push_to_hub, save_for_hub
@@ -102,6 +103,7 @@ __all__ = [
     "quantized_size",
     "read_config",
     "register_kind",
+    "return_freed_memory",
     "route",
     "save_adapter",
     "save_adapters",

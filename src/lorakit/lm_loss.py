@@ -7,8 +7,12 @@ With ``labels`` the wrapped forward runs the model's body (its ``base_model_pref
 ends with the final norm), shifts as transformers does (position t predicts label t+1; -100
 ignored) and returns ``loss`` with ``logits=None``; without ``labels`` it is the original forward
 (generation is unchanged). ``num_items_in_batch`` (Hugging Face Trainer's gradient accumulation)
-divides the summed loss as transformers' own loss does. The head must be a plain linear layer
-(frozen, trainable or tied); models that scale or cap their logits are refused.
+divides the summed loss as transformers' own loss does. The head may be a plain linear layer
+(frozen, trainable or tied), a LoRA-adapted one (its running adapters enter as the loss's low-rank
+term ``t Bᵀ``, so no ``[vocab, width]`` gradient is formed for the frozen head) or a
+``modules_to_save`` copy; it is looked up at each call, so switching adapters works. Models that
+scale or cap their logits are refused, and so are heads whose output the loss cannot write as
+``h Wᵀ + b + t Bᵀ`` (DoRA, 4-bit, a per-row route).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from torch import nn
 
 from .chunked_loss import DEFAULT_CHUNK, chunked_cross_entropy
 from .errors import InputError
-from .layers import LoraLayer
+from .layers import LoraLayer, LoraLinear, ModulesToSave
 
 ORIGINAL = "_lorakit_plain_forward"
 #: config attributes that change logits after the head: the chunked loss would not apply them
@@ -42,9 +46,7 @@ def use_chunked_loss(model: nn.Module, chunk: int | None = DEFAULT_CHUNK) -> nn.
     if not isinstance(body, nn.Module) or body is model or head is None:
         raise InputError(f"use_chunked_loss: {type(model).__name__} is not a transformers causal LM with a body "
                          "and an output head")  # fmt: skip
-    if isinstance(head, LoraLayer) or type(head) is not nn.Linear:
-        raise InputError(f"use_chunked_loss: the output head is a {type(head).__name__}; allowed: a plain nn.Linear "
-                         "(an adapter on the head is not folded into the chunked loss yet)")  # fmt: skip
+    head_problem(head)
     config = getattr(model, "config", None)
     changed = [k for k in LOGIT_CHANGES if getattr(config, k, None) not in (None, 1, 1.0)]
     if changed:
@@ -61,9 +63,12 @@ def use_chunked_loss(model: nn.Module, chunk: int | None = DEFAULT_CHUNK) -> nn.
         kwargs.pop("logits_to_keep", None)
         kwargs.pop("return_dict", None)
         out = body(*args, **kwargs)
-        hidden = out[0]
+        # The head's terms see every position, as the head itself would (the same dropout draws).
+        weight, bias, low_rank = head_terms(model.get_output_embeddings(), out[0])
+        low_rank = None if low_rank is None else (low_rank[0][:, :-1], low_rank[1])
+        hidden = out[0][:, :-1]
         shifted = labels[:, 1:].to(hidden.device)
-        loss = chunked_cross_entropy(hidden[:, :-1], head.weight, shifted, head.bias, chunk=chunk,
+        loss = chunked_cross_entropy(hidden, weight, shifted, bias, chunk=chunk, low_rank=low_rank,
                                      reduction="sum" if items is not None else "mean")  # fmt: skip
         if items is not None:
             loss = loss / items
@@ -74,3 +79,31 @@ def use_chunked_loss(model: nn.Module, chunk: int | None = DEFAULT_CHUNK) -> nn.
     model.__dict__[ORIGINAL] = original
     model.forward = forward
     return model
+
+
+def head_problem(head: nn.Module, call: bool = False) -> nn.Module:
+    """The head's running ``nn.Linear`` (inside a LoRA or ``modules_to_save`` wrapper), or an error
+    that names what the chunked loss cannot compute."""
+    inner = head.active_module() if isinstance(head, ModulesToSave) else head
+    if isinstance(inner, LoraLayer):
+        if isinstance(inner, LoraLinear) and inner.variant == "lora" and type(inner.base_layer) is nn.Linear:
+            return inner
+        what = f"a {type(inner).__name__} on a {type(inner.base_layer).__name__}"
+    elif type(inner) is nn.Linear:
+        return inner
+    else:
+        what = f"a {type(inner).__name__}"
+    when = "now " if call else ""
+    raise InputError(f"use_chunked_loss: the output head is {when}{what}; allowed: an nn.Linear, plain LoRA on one, "
+                     "or a modules_to_save copy of one")  # fmt: skip
+
+
+def head_terms(head: nn.Module, hidden: Any) -> tuple[Any, Any, tuple[Any, Any] | None]:
+    """``(W, b, (t, B) or None)`` with logits ``hidden Wᵀ + b + t Bᵀ``, for the head as it is now."""
+    inner = head_problem(head, call=True)
+    if not isinstance(inner, LoraLinear):
+        return inner.weight, inner.bias, None
+    t, B, extra = inner.low_rank_terms(hidden)
+    base = inner.base_layer
+    bias = base.bias if extra is None else (extra if base.bias is None else base.bias + extra)
+    return base.weight, bias, None if t is None else (t, B)

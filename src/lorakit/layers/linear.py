@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..bank import bank_delta_gathered, routed_input_dropout
+from ..errors import InputError
 from ..functional import lora_linear
 from ..targeting import is_conv1d, is_linear4bit
 from . import principal
@@ -102,6 +103,30 @@ class LoraLinear(LoraLayer):
             A, B = self.lora_A[name], self.lora_B[name]
             return lora_linear(x, base.weight, base.bias, A, B, self.scaling[name], p, self.fan_in_fan_out)
         return super().forward_with(name, x, *args, **kwargs)
+
+    def low_rank_terms(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """What this layer's running adapters add to ``base(x)``, as ``(t, B, b)`` with the output
+        ``base(x) + t Bᵀ + b``: ``t = [s_k · dropout_k(x) A_kᵀ]`` and ``B = [B_k]`` side by side over
+        the running adapters (rank ``Σ r_k``), ``b`` their scaled lora biases (None where there are
+        none). For a loss that takes the head's factors instead of its output (``chunked_loss``)."""
+        if self.route is not None and not self.adapters_disabled:
+            raise InputError(f"{type(self).__name__}: a per-row route is active; it has no single low-rank term")
+        if self.fan_in_fan_out or type(self.base_layer) is not nn.Linear or self.variant != "lora":
+            raise InputError(f"{type(self).__name__} on a {type(self.base_layer).__name__}: low-rank terms are "
+                             "given for plain LoRA on an nn.Linear only")  # fmt: skip
+        first = self.adapter_to_run()
+        names = [] if first is None else [first, *self.also_active]
+        if not names:
+            return None, None, None
+        ts, Bs, bias = [], [], None
+        for name in names:
+            A = self.lora_A[name]
+            ts.append(F.linear(self.lora_dropout[name](x).to(A.dtype), A) * self.scaling[name])
+            Bs.append(self.lora_B[name])
+            extra = self.scaled_lora_bias(name)
+            bias = extra if bias is None else (bias if extra is None else bias + extra)
+        one = len(names) == 1
+        return (ts[0] if one else torch.cat(ts, -1)), (Bs[0] if one else torch.cat(Bs, 1)), bias
 
     def bank_layout(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return A, B.transpose(1, 2).contiguous()  # A [S, R, in], B [S, R, out]
