@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 import lorakit as lk
 import lorakit.cli as cli
-from lorakit import planner
+from lorakit import memory_estimate, planner
 from lorakit.cli import main
 from lorakit.errors import InputError
 
@@ -110,7 +110,7 @@ def test_all_linear_as_a_target_list_is_all_linear(tmp_path, capsys):
     code, out, _ = run(["memory", "--config", str(tmp_path / "config.json"), "--targets", "all-linear", "--method",
                         "lora"], capsys)  # fmt: skip
     lora = planner.estimate_memory(config=planner.LLAMA_3_1_8B, method="lora", targets="all-linear")
-    assert code == 0 and out.strip().endswith(planner.format_report([lora], "").splitlines()[-1])
+    assert code == 0 and out.strip().endswith(memory_estimate.format_report([lora], "").splitlines()[-1])
 
 
 # ------------------------------------------------------------------------------ memory: config files

@@ -8,6 +8,7 @@ lk.save_adapter(model, "out/adapter")      # PEFT-compatible safetensors + adapt
 """
 
 from .checkpoint import AdapterLoadError, load_adapter, read_config, save_adapter
+from .checkpointing import disable_checkpointing, enable_checkpointing
 from .chunked_loss import chunked_cross_entropy
 from .combine import combine_adapters, effective_rank, singular_values
 from .config import LoraConfig
@@ -42,9 +43,10 @@ from .layers import (
 )
 from .lm_loss import use_chunked_loss
 from .loraplus import loraplus, loraplus_groups
+from .memory_estimate import MemoryEstimate
 from .merging import is_merged, merge, merge_and_unload, unmerge
 from .optim import make_optimizer, paged_adamw
-from .planner import MemoryEstimate, architecture, estimate_memory
+from .planner import architecture, estimate_memory
 from .pretrained import save_adapters
 from .quantization import QuantizedSize, quantize, quantized_size
 from .routing import route, set_trainable
@@ -82,7 +84,9 @@ __all__ = [
     "count_parameters",
     "delete_adapter",
     "disable_adapters",
+    "disable_checkpointing",
     "effective_rank",
+    "enable_checkpointing",
     "estimate_memory",
     "find_targets",
     "init_distributed",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import planner
+from . import memory_estimate, planner
 from .errors import InputError
 
 #: the seed's LLaMA sizes (parameters) for the weights-only table
@@ -13,7 +13,7 @@ SEED_SIZES = {"7B": 7.0e9, "13B": 13.0e9, "32.5B": 32.5e9, "65.2B": 65.2e9}
 
 def seed_table() -> list[tuple[str, list[float]]]:
     """The seed's LLaMA weights table: GB in fp32 / fp16 / int8 / int4."""
-    return [(n, [size * planner.BYTES[d] / planner.GB for d in ("fp32", "fp16", "int8", "int4")])
+    return [(n, [size * planner.BYTES[d] / memory_estimate.GB for d in ("fp32", "fp16", "int8", "int4")])
             for n, size in SEED_SIZES.items()]  # fmt: skip
 
 
@@ -44,7 +44,7 @@ def memory_command(args: argparse.Namespace) -> int:
             f"{arch.per_layer * 12 / 1e9:.2f} GB, {arch.layers} layers of them.\n"
         )
         title = f"Llama-3.1-8B: full fine-tuning (fp32) vs LoRA (bf16 base) vs QLoRA, r={rank}"
-        print(planner.format_report(rows, title))
+        print(memory_estimate.format_report(rows, title))
         return 0
     if args.config is None:
         if args.params is None:
@@ -61,7 +61,7 @@ def memory_command(args: argparse.Namespace) -> int:
             for d in planner.BYTES:
                 print(f"| {d} | {args.params * planner.BYTES[d] / 1e9:.3f} |")
             print()
-        print(planner.format_report(rows, f"{args.params:,} parameters"))
+        print(memory_estimate.format_report(rows, f"{args.params:,} parameters"))
         return 0
     targets = args.targets or "all-linear"
     methods = list(planner.METHODS) if method == "all" else [method]
@@ -72,5 +72,5 @@ def memory_command(args: argparse.Namespace) -> int:
         f"{args.config}: {arch.model_type}, {arch.total:,} parameters, {arch.layers} layers of "
         f"{arch.per_layer:,}; r={rank}, targets={targets}"
     )
-    print(planner.format_report(rows, title))
+    print(memory_estimate.format_report(rows, title))
     return 0

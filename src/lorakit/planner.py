@@ -27,6 +27,7 @@ from typing import Any
 from . import activations
 from .activations import MODEL_TYPES as ACTIVATION_TYPES
 from .errors import InputError
+from .memory_estimate import MemoryEstimate
 from .model_count import meta_counts
 
 BYTES = {
@@ -38,7 +39,6 @@ BYTES = {
     "nf4": 4.5 / 8,
     "nf4-dq": (4 + 8 / 64 + 32 / (64 * 256)) / 8,
 }
-GB = 1e9
 METHODS = ("weights", "full", "lora", "qlora")
 COMPUTE_DTYPES = ("fp32", "fp16", "bf16")
 
@@ -295,30 +295,6 @@ def _choice(value: Any, what: str, allowed: list[str] | tuple[str, ...]) -> str:
     return value
 
 
-@dataclass
-class MemoryEstimate:
-    """Bytes by component; ``total`` adds them up."""
-
-    method: str
-    weights: float
-    gradients: float = 0.0
-    optimizer: float = 0.0
-    adapter: float = 0.0
-    activations: float = 0.0
-    trainable: int = 0
-    notes: list[str] = field(default_factory=list)
-
-    @property
-    def total(self) -> float:
-        # The weights' gradients appear as the backward frees the activations: a step holds the
-        # larger of the two at its peak, not both (measured: benchmarks/memory_planner.py).
-        return self.weights + self.optimizer + self.adapter + max(self.gradients, self.activations)
-
-    def as_gb(self) -> dict[str, float]:
-        return {k: round(getattr(self, k) / GB, 3) for k in ("weights", "gradients", "optimizer", "adapter",
-                                                            "activations", "total")}  # fmt: skip
-
-
 def estimate_memory(
     params: float | None = None,
     config: dict[str, Any] | str | Path | None = None,
@@ -388,13 +364,3 @@ def estimate_memory(
     weights = quantized * BYTES["nf4-dq"] + (params - quantized) * BYTES[compute_dtype]
     return MemoryEstimate("qlora", weights, 0.0, 0.0, adapter, acts, n_adapter,
                           [f"block linears in NF4+DQ, the rest in {compute_dtype}"])  # fmt: skip
-
-
-def format_report(est: list[MemoryEstimate], title: str) -> str:
-    rows = [f"{title}", "", "| method | weights | gradients | optimizer | adapter | activations | total (GB) |",
-            "|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for e in est:
-        g = e.as_gb()
-        rows.append(f"| {e.method} | {g['weights']:.3f} | {g['gradients']:.3f} | {g['optimizer']:.3f} | "
-                    f"{g['adapter']:.3f} | {g['activations']:.3f} | {g['total']:.3f} |")  # fmt: skip
-    return "\n".join(rows)

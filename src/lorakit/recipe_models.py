@@ -8,6 +8,7 @@ config with random weights) and its tokenizer, then what real language-model wor
     quantize = "nf4"                 # none (default) | nf4: every linear but the output head in 4 bits
                                      #   (NF4 with double quantization, computing in dtype): QLoRA
     gradient_checkpointing = true    # transformers models: recompute each block in the backward
+    checkpoint_keep = ["attention"]  # with it: store the attention kernels' outputs, recompute the rest
     attn_implementation = "sdpa"     # transformers models: eager | sdpa | flash_attention_2 | ...
     chunked_loss = true              # transformers causal LMs: the loss in chunks of 1,024 tokens (or
                                      #   an integer: rows per chunk), never the [tokens, vocab] logits
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpointing import KEEPABLE, enable_checkpointing
 from .chunked_loss import DEFAULT_CHUNK
 from .devices import stderr_is_terminal
 from .errors import InputError, is_whole
@@ -40,7 +42,7 @@ from .targeting import output_head
 #: ``[model] dtype`` values → torch dtypes
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: keys every kind of ``[model]`` section may have besides its own
-COMMON_KEYS = {"weights", "dtype", "quantize", "gradient_checkpointing", "chunked_loss"}
+COMMON_KEYS = {"weights", "dtype", "quantize", "gradient_checkpointing", "checkpoint_keep", "chunked_loss"}
 
 
 def resolve_factory(section: str, ref: Any) -> Callable[..., Any]:
@@ -97,13 +99,17 @@ def build_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
     check_type("model", spec, "dtype", f"one of {', '.join(map(repr, DTYPES))}", lambda v: str(v) in DTYPES)
     check_type("model", spec, "quantize", "'nf4' or 'none'", lambda v: str(v) in ("nf4", "none"))
     check_type("model", spec, "gradient_checkpointing", "true or false", lambda v: isinstance(v, bool))
+    check_type("model", spec, "checkpoint_keep", f"a list of {sorted(KEEPABLE)}",
+               lambda v: isinstance(v, list) and all(k in KEEPABLE for k in v))  # fmt: skip
+    if spec.get("checkpoint_keep") and not spec.get("gradient_checkpointing"):
+        raise RecipeError("[model] checkpoint_keep applies with gradient_checkpointing = true")
     check_type("model", spec, "chunked_loss", "true, false or rows per chunk (an integer >= 1)",
                lambda v: isinstance(v, bool) or is_whole(v, 1))  # fmt: skip
     weights = Path(spec["weights"]) if spec.get("weights") else None
     if weights is not None and not weights.is_file():
         raise RecipeError(f"[model] weights = {str(weights)!r}: no such file")
-    options = {key: spec.pop(key) for key in ("dtype", "quantize", "gradient_checkpointing", "chunked_loss")
-               if key in spec}  # fmt: skip
+    options = {key: spec.pop(key) for key in ("dtype", "quantize", "gradient_checkpointing", "checkpoint_keep",
+                                              "chunked_loss") if key in spec}  # fmt: skip
     model, tokenizer = _base_model(spec)
     if weights is not None:
         from safetensors.torch import load_file
@@ -132,7 +138,7 @@ def _prepared(model: nn.Module, options: dict[str, Any]) -> nn.Module:
             raise RecipeError("[model] gradient_checkpointing = true needs a transformers model that supports it "
                               f"(got {type(model).__name__})")  # fmt: skip
         # Non-reentrant: the frozen embeddings' output needs no gradient for the adapters inside to get one.
-        enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, options.get("checkpoint_keep"))
     chunk = options.get("chunked_loss", False)
     if chunk is not False:
         try:

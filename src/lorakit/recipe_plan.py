@@ -23,7 +23,8 @@ from .chunked_loss import DEFAULT_CHUNK
 from .config import LoraConfig
 from .errors import InputError
 from .files import resolve_model_folder
-from .planner import CONFIG_DTYPES, GB, MemoryEstimate, estimate_memory, format_report
+from .memory_estimate import GB, MemoryEstimate, format_report
+from .planner import CONFIG_DTYPES, estimate_memory
 from .trainer import TrainerConfig
 
 #: a plan above this multiple of the free memory is refused unless forced

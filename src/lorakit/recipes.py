@@ -62,7 +62,7 @@ from .config import LoraConfig
 from .devices import init_distributed, resolve_device, world
 from .errors import InputError
 from .injection import inject
-from .planner import GB
+from .memory_estimate import GB
 from .recipe_data import build_data
 from .recipe_files import RecipeError, check_keys, check_type, read_config
 from .recipe_models import build_model, resolve_factory
