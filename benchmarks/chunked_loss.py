@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import resource
 import subprocess
 import sys
@@ -20,7 +19,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, save
+from common import cpu_model, machine, save
 
 SMOLLM2 = {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30, "num_attention_heads": 9,
            "num_key_value_heads": 3, "vocab_size": 49152, "tie_word_embeddings": True}  # fmt: skip
@@ -51,15 +50,6 @@ def worker(seq: int, chunked: bool, checkpointing: bool) -> dict:
             "seconds": seconds, "peak_rss_mb": peak, "rss_before_step_mb": before}  # fmt: skip
 
 
-def cpu_model() -> str:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return "unknown"
-    found = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-    return found.group(1).strip() if found else "unknown"
-
-
 def main() -> None:
     if len(sys.argv) == 5 and sys.argv[1] == "--worker":
         print(json.dumps(worker(int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4] == "1")))
@@ -86,7 +76,7 @@ def main() -> None:
           "| tokens | grad. checkpointing | peak RSS MB, own loss | chunked | ratio | step s, own | chunked | "
           "loss difference |\n|---:|---|---:|---:|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n")  # fmt: skip
     print(md)
-    save("chunked_loss", {"machine": {**info, "cpu_model": cpu_model()}, "results": results}, md)
+    save("chunked_loss", {"machine": info, "results": results}, md)
 
 
 if __name__ == "__main__":

@@ -156,6 +156,16 @@ def median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo ("unknown" elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    names = [line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")]
+    return names[0] if names else "unknown"
+
+
 def machine(device: torch.device | str | None = None) -> dict:
     """The machine a result comes from; ``device``: the one the benchmark ran on (None: the GPU if
     there is one, as before)."""
@@ -166,6 +176,7 @@ def machine(device: torch.device | str | None = None) -> dict:
     return {
         "platform": platform.platform(),
         "processor": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

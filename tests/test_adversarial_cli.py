@@ -82,6 +82,10 @@ OPTION_CASES = {  # argv (CONFIG = a good llama config.json) -> message fragment
     "seed table with rank 0": (["--seed-table", "--rank", "0"], "argument --rank: '0' is not allowed"),
     "params below the config's linears": (["--config", "CONFIG", "--params", "1000"], "params = 1,000 is fewer"),
     "unknown option": (["--params", "7e9", "--rnak", "4"], "unrecognized arguments: --rnak 4"),
+    "checkpointing with params": (["--params", "7e9", "--checkpointing"], "--checkpointing needs --config"),
+    "loss chunk without seq": (["--config", "CONFIG", "--loss-chunk", "64"], "--loss-chunk shape the activation"),
+    "unknown keep": (["--config", "CONFIG", "--keep", "mlp"], "argument --keep: invalid choice: 'mlp'"),
+    "loss chunk zero": (["--config", "CONFIG", "--loss-chunk", "0"], "argument --loss-chunk: '0' is not allowed"),
 }
 
 
@@ -111,6 +115,18 @@ def test_all_linear_as_a_target_list_is_all_linear(tmp_path, capsys):
                         "lora"], capsys)  # fmt: skip
     lora = planner.estimate_memory(config=planner.LLAMA_3_1_8B, method="lora", targets="all-linear")
     assert code == 0 and out.strip().endswith(memory_estimate.format_report([lora], "").splitlines()[-1])
+
+
+def test_the_step_options_reach_the_plan(llama_json, capsys):
+    step = {"config": llama_json, "method": "lora", "batch": 1, "seq": 256}
+    for argv, options in ((["--checkpointing"], {"checkpointing": True}),
+                          (["--keep", "attention"], {"checkpointing": True, "checkpoint_keep": ("attention",)}),
+                          (["--loss-chunk", "32"], {"loss_chunk": 32})):  # fmt: skip
+        code, out, _ = run(["memory", "--config", llama_json, "--method", "lora", "--batch", "1", "--seq", "256",
+                            *argv], capsys)  # fmt: skip
+        want = planner.estimate_memory(**step, **options)
+        assert code == 0 and want.activations != planner.estimate_memory(**step).activations
+        assert out.strip().endswith(memory_estimate.format_report([want], "").splitlines()[-1])
 
 
 # ------------------------------------------------------------------------------ memory: config files

@@ -1,5 +1,5 @@
-"""lorakit.cpu_memory: with the threshold fixed, memory freed between live tensors goes back to the
-system (glibc); without it, glibc keeps it (the allocation-history effect the module describes)."""
+"""lorakit.cpu_memory: glibc keeps the holes freed tensors leave in its heap resident; trimming at
+block boundaries hands them back, during training steps only, and changes no number."""
 
 from __future__ import annotations
 
@@ -10,55 +10,82 @@ import pytest
 import torch
 
 import lorakit as lk
-from lorakit import cpu_memory, devices
+from lorakit import cpu_memory
 from lorakit.errors import InputError
 
 SCENARIO = """
 import sys, torch
 from lorakit import cpu_memory
 def rss(): return int(open("/proc/self/statm").read().split()[1]) * 4096
-if sys.argv[1] == "1": assert cpu_memory.return_freed_memory()
 big = torch.ones(4 << 20); del big                 # a 16 MiB block mapped and freed: glibc's threshold rises
 before = rss()
-held = [torch.ones(1 << 20) for _ in range(20)]   # twenty 4 MiB tensors
-last = held[-1]; del held                          # all freed but the newest
-print((rss() - before) / 2**20)
+held = [torch.ones(1 << 20) for _ in range(20)]   # twenty 4 MiB tensors, now from the heap
+last = held[-1]; del held                          # all freed but the newest, which pins the heap's top
+kept = (rss() - before) / 2**20
+trimmed = cpu_memory.release_free_heap(0)
+print(kept, (rss() - before) / 2**20, trimmed)
 """
 
 glibc_only = pytest.mark.skipif(cpu_memory.heap_in_use() is None, reason="needs glibc >= 2.33 on Linux")
 
 
-def _retained_mib(fixed: bool) -> float:
-    out = subprocess.run([sys.executable, "-c", SCENARIO, str(int(fixed))], capture_output=True, text=True, check=True)
-    return float(out.stdout.strip().splitlines()[-1])
+@glibc_only
+def test_holes_in_the_heap_stay_resident_until_trimmed():
+    out = subprocess.run([sys.executable, "-c", SCENARIO], capture_output=True, text=True, check=True)
+    kept, after, trimmed = out.stdout.split()
+    assert float(kept) > 40  # nineteen freed 4 MiB tensors still resident
+    assert trimmed == "True" and float(after) < 10  # only the live one (plus page-table noise)
 
 
 @glibc_only
-def test_freed_tensors_leave_the_resident_set_once_the_threshold_is_fixed():
-    assert _retained_mib(fixed=False) > 40  # glibc's rising threshold: 19 freed tensors' pages kept
-    assert _retained_mib(fixed=True) < 10  # only the live 4 MiB tensor (plus page-table noise)
-
-
-@glibc_only
-def test_heap_in_use_counts_live_tensors():
+def test_heap_counts_see_a_live_tensor():
     before = cpu_memory.heap_in_use()
     t = torch.ones(8 << 20)  # 32 MiB
     assert cpu_memory.heap_in_use() - before >= 32 << 20
+    assert cpu_memory.heap_free() >= 0
     del t
+    assert not cpu_memory.release_free_heap(1 << 62)  # never more than that free: no trim
 
 
-def test_bad_thresholds_are_refused():
-    for bad in (0, -1, 64 << 20, 1.5, True, "1M"):
-        with pytest.raises(InputError, match="min_bytes"):
-            cpu_memory.return_freed_memory(bad)
+def _tiny():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=61)  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    lk.inject(model, lk.LoraConfig(r=2, target_modules="all-linear"))
+    return model.train()
 
 
-def test_training_on_cpu_fixes_the_threshold(monkeypatch, tmp_path):
+@glibc_only
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_blocks_trim_after_their_forward_and_backward(monkeypatch, checkpointing):
+    model = _tiny()
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(1))
+    params = [p for p in model.parameters() if p.requires_grad]
+    want = torch.autograd.grad(model(input_ids=ids, labels=ids).loss, params)
+    if checkpointing:
+        lk.enable_checkpointing(model)
     calls = []
-    monkeypatch.setattr(devices, "return_freed_memory", lambda: calls.append(1) or True)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 4))
-    lk.inject(model, lk.LoraConfig(r=2, target_modules=["0"]))
-    config = lk.TrainerConfig(out_dir=str(tmp_path), max_steps=1, batch_size=2, progress=False)
-    lk.Trainer(model, lambda m, b: m(b).sum(), lambda idx: torch.ones(len(idx), 4), 4, config)
-    assert calls == [1]
-    assert devices.prepare_device(torch.nn.Linear(2, 2), None) == torch.device("cpu") and calls == [1, 1]
+    monkeypatch.setattr(cpu_memory, "release_free_heap", lambda min_free: calls.append(min_free) or False)
+    handle = lk.trim_cpu_heap(model, min_free=5)
+    assert handle.blocks == 3
+    got = torch.autograd.grad(model(input_ids=ids, labels=ids).loss, params)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert calls == [5] * 6  # after 3 forwards and 3 backwards (each after its block's recomputation)
+    with torch.no_grad():
+        model(input_ids=ids)
+    handle.remove()
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert len(calls) == 6  # nothing without gradients, nothing once removed
+
+
+def test_what_cannot_be_trimmed_is_refused_by_name():
+    with pytest.raises(InputError, match="Sequential names no repeated blocks"):
+        lk.trim_cpu_heap(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    model = _tiny()
+    with pytest.raises(InputError, match="every entry of blocks must be one of the model's modules"):
+        lk.trim_cpu_heap(model, blocks=[torch.nn.Linear(2, 2)])
+    for bad in (-1, 1.5, True, "64M"):
+        with pytest.raises(InputError, match="min_free"):
+            lk.trim_cpu_heap(model, min_free=bad)

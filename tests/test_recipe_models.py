@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import lorakit as lk
+from lorakit.checkpointing import is_checkpointing
 from lorakit.cli import main
 from lorakit.quantization import NF4Linear
 from lorakit.recipe_models import build_model
@@ -43,7 +44,7 @@ def test_qlora_in_bfloat16_with_checkpointing_builds_and_trains_like_without(tmp
     plain, _ = build_model(dict(spec))
     torch.manual_seed(0)
     checkpointed, _ = build_model({**spec, "gradient_checkpointing": True})
-    assert checkpointed.is_gradient_checkpointing and not plain.is_gradient_checkpointing
+    assert is_checkpointing(checkpointed) and not is_checkpointing(plain)
     layer = checkpointed.model.layers[0]
     assert isinstance(layer.self_attn.q_proj, NF4Linear) and layer.self_attn.q_proj.compute_dtype == torch.bfloat16
     assert type(checkpointed.lm_head) is nn.Linear and checkpointed.lm_head.weight.dtype == torch.bfloat16
@@ -112,6 +113,25 @@ def test_checkpointing_needs_a_transformers_model():
         build_model({"factory": "tests.models:mlp_factory", "gradient_checkpointing": True})
     model, _ = build_model({"factory": "tests.models:mlp_factory", "dtype": "float16"})
     assert all(p.dtype == torch.float16 for p in model.parameters())
+
+
+def test_checkpoint_keep_stores_the_attention_and_is_checked(tmp_path):
+    from lorakit.checkpointing import is_checkpointing
+
+    from .test_checkpointing import CountAttention
+
+    spec = {"hf_config": _config_file(tmp_path), "gradient_checkpointing": True, "checkpoint_keep": ["attention"]}
+    model, _ = build_model(dict(spec))
+    lk.inject(model, lk.LoraConfig(r=2, target_modules="all-linear"))
+    ids = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(2))
+    loss = model.train()(input_ids=ids, labels=ids).loss
+    with CountAttention() as counter:
+        loss.backward()
+    assert is_checkpointing(model) and counter.calls == 0  # kept, not recomputed
+    with pytest.raises(RecipeError, match=r"\[model\] checkpoint_keep = \['mlp'\] \(list\): expected a list of"):
+        build_model({**spec, "checkpoint_keep": ["mlp"]})
+    with pytest.raises(RecipeError, match="checkpoint_keep applies with gradient_checkpointing = true"):
+        build_model({**spec, "gradient_checkpointing": False})
 
 
 def test_the_attention_implementation_is_passed_to_transformers(tmp_path):

@@ -51,6 +51,7 @@ batch_size = 2
     ("model", "method", "dtype", "checkpointing", "chunk"),
     [("", "lora", "fp32", False, None),
      ('dtype = "bfloat16"\ngradient_checkpointing = true', "lora", "bf16", True, None),
+     ('gradient_checkpointing = true\ncheckpoint_keep = ["attention"]', "lora", "fp32", "keep", None),
      ('dtype = "bfloat16"\nquantize = "nf4"', "qlora", "bf16", False, None),
      ("chunked_loss = 16", "lora", "fp32", False, 16), ("chunked_loss = true", "lora", "fp32", False, 1024)],
 )  # fmt: skip
@@ -61,8 +62,9 @@ def test_the_plan_is_the_planners_estimate_for_the_recipe_and_writes_nothing(
     assert main(["train", str(recipe), "--plan"]) == 0
     out = capsys.readouterr().out
     expected = planner.estimate_memory(config=folder / "config.json", method=method, dtype=dtype, r=4,
-                                       compute_dtype=dtype, batch=2, seq=64, checkpointing=checkpointing,
-                                       loss_chunk=chunk)  # fmt: skip
+                                       compute_dtype=dtype, batch=2, seq=64, checkpointing=bool(checkpointing),
+                                       loss_chunk=chunk,
+                                       checkpoint_keep=("attention",) if checkpointing == "keep" else ())  # fmt: skip
     row = next(line for line in out.splitlines() if line.startswith(f"| {method} |"))
     assert row.split("|")[-2].strip() == f"{expected.total / 1e9:.3f}"
     assert f"memory plan: {method}, {expected.trainable:,} trainable parameters" in out
@@ -88,6 +90,14 @@ def test_checkpointing_keeps_one_block_and_each_blocks_input():
                                    checkpointing=True).activations == acts(6, True)  # fmt: skip
     with pytest.raises(planner.InputError, match="checkpointing = 'yes'"):
         planner.activation_bytes(arch(6), 2, 32, checkpointing="yes")  # type: ignore[arg-type]
+    # keeping the attention stores each block's attention output and one log-sum-exp per head
+    kept = planner.activation_bytes(arch(6), 2, 32, checkpointing=True, lora_ranks=16, keep_attention=True)
+    assert kept - acts(6, True) == 6 * 2 * 32 * (64 + 4) * 4
+    keep = {"config": config, "method": "lora", "batch": 2, "seq": 32}
+    with pytest.raises(planner.InputError, match=r"checkpoint_keep = \('attention',\) needs checkpointing=True"):
+        planner.estimate_memory(**keep, checkpoint_keep=("attention",))
+    with pytest.raises(planner.InputError, match=r"checkpoint_keep = \['mlp'\]; allowed"):
+        planner.estimate_memory(**keep, checkpointing=True, checkpoint_keep=["mlp"])
 
 
 def test_a_run_far_above_the_free_memory_is_refused_unless_forced(tmp_path, folder, monkeypatch, capsys):

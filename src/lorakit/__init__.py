@@ -13,7 +13,7 @@ from .chunked_loss import chunked_cross_entropy
 from .combine import combine_adapters, effective_rank, singular_values
 from .config import LoraConfig
 from .counting import ParameterCount, count_parameters
-from .cpu_memory import return_freed_memory
+from .cpu_memory import trim_cpu_heap
 from .devices import init_distributed, move_to
 from .errors import ArgumentTypeError, InputError
 from .hub import model_card, push_to_hub, save_for_hub
@@ -107,7 +107,6 @@ __all__ = [
     "quantized_size",
     "read_config",
     "register_kind",
-    "return_freed_memory",
     "route",
     "save_adapter",
     "save_adapters",
@@ -115,6 +114,7 @@ __all__ = [
     "set_adapter",
     "set_trainable",
     "singular_values",
+    "trim_cpu_heap",
     "unmerge",
     "use_chunked_loss",
 ]

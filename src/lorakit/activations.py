@@ -17,9 +17,10 @@ whose embeddings and head also train) and the loss's log-softmax over the vocabu
 float32 (transformers upcasts the logits); while the backward starts, the logits' gradient and
 its float32 copy live beside it (``LOSS_TRANSIENT`` more vocabulary-sized float32 rows).
 
-With gradient checkpointing per block, each block keeps its input (``h``); the peak is then either
-the end of the forward (those inputs and the loss's rows) or a block's backward (the inputs and the
-block's recomputed values), whichever is larger.
+With gradient checkpointing per block, each block keeps its input (``h``; with the attention kept,
+``lorakit.enable_checkpointing(keep=("attention",))``, also its output and log-sum-exps,
+``h + heads``); the peak is then either the end of the forward (those inputs and the loss's rows) or
+a block's backward (the inputs and the block's recomputed values), whichever is larger.
 """
 
 from __future__ import annotations
@@ -82,6 +83,7 @@ def block_units(shape: BlockShape, lora: bool, adapted_rank_sum: int, seq: int, 
 def activation_bytes(
     shape: BlockShape, batch: int, seq: int, value_bytes: float, *, lora: bool, adapted_rank_sum: int = 0,
     eager: bool | None = None, checkpointing: bool = False, peak: bool = True, loss_chunk: int | None = None,
+    keep_attention: bool = False,
 ) -> float:  # fmt: skip
     """Bytes of activations at the step's peak for ``batch × seq`` tokens (``peak=False``: what
     autograd saves, without the loss's transient rows; ``loss_chunk``: the chunked loss's rows).
@@ -100,7 +102,7 @@ def activation_bytes(
     if not checkpointing:
         per_token = (shape.layers * block + outside) * value_bytes + loss
     else:
-        inputs = shape.layers * shape.hidden
+        inputs = shape.layers * (2 * shape.hidden + shape.heads if keep_attention else shape.hidden)
         width = shape.experts_per_token * shape.expert_intermediate if shape.experts else shape.intermediate
         backward = inputs + block + BACKWARD_TRANSIENT * width  # the MLP's gradients beside its values
         per_token = max((inputs + outside) * value_bytes + loss, backward * value_bytes)

@@ -118,9 +118,17 @@ def enable_checkpointing(
     else:
         raise InputError(f"enable_checkpointing: {type(model).__name__} is not a transformers model; name the modules "
                          "to checkpoint with blocks=[...] (e.g. its decoder layers)")  # fmt: skip
-    if not getattr(model, "is_gradient_checkpointing", True):
+    if not is_checkpointing(model):
         raise InputError(f"enable_checkpointing: {type(model).__name__} did not turn checkpointing on")
     return model
+
+
+def is_checkpointing(model: nn.Module) -> bool:
+    """Whether ``model`` (a transformers model) or one of its modules (``blocks``) is checkpointed."""
+    if any(ORIGINAL in m.__dict__ for m in model.modules()):
+        return True
+    new = hasattr(type(model), "is_activation_checkpointing")  # transformers 5 renamed it
+    return bool(getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False))
 
 
 def _wrap(block: nn.Module, kwargs: dict[str, Any]) -> None:
@@ -141,7 +149,7 @@ def disable_checkpointing(model: nn.Module) -> nn.Module:
     for module in model.modules():
         if module.__dict__.pop(ORIGINAL, None) is not None:
             del module.forward
-    if getattr(model, "is_gradient_checkpointing", False):
-        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
-        disable()
+    if is_checkpointing(model):
+        new = callable(getattr(model, "activation_checkpointing_disable", None))
+        (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
     return model

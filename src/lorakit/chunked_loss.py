@@ -8,15 +8,20 @@ label smoothing ``ε``::
     loss_i = logsumexp(z_i) − (1 − ε)·z_{i, y_i} − (ε / V)·Σ_j z_ij
     ∂loss_i/∂z_i = softmax(z_i) − (1 − ε)·onehot(y_i) − ε / V
 
-The forward keeps per row only ``logsumexp(z_i)``; the backward recomputes each chunk's logits and
-turns them into ``∂h = ∂z W`` and ``∂W = ∂zᵀ h`` (``∂b = Σ ∂z``) at once, so the peak holds one
-chunk's ``C × V`` float32 values instead of ``N × V`` logits and their gradient (8,192 tokens ×
-49,152 words: 1.6 GB each). A frozen head (``W.requires_grad`` False) gets no gradient. A LoRA
-head ``W₀ + s·B A`` passes ``t = s·dropout(h) Aᵀ`` and ``B`` as the low-rank term: the backward
-gives ``∂t = ∂z B`` and ``∂B = ∂zᵀ t`` (rank-r products) and never forms a ``V × d`` gradient for
-the frozen ``W₀``; autograd carries ``∂t`` on to ``A``. (Passing the effective weight as one
-tensor is exact too, at the price of that full-size gradient.) ``reduction`` is ``"mean"`` over
-the counted tokens (as ``F.cross_entropy``),
+Each chunk's logits become ``∂z`` in place and turn into ``∂h = ∂z W`` and ``∂W = ∂zᵀ h``
+(``∂b = Σ ∂z``) at once, so the peak holds one chunk's ``C × V`` float32 values instead of ``N × V``
+logits and their gradient (8,192 tokens × 49,152 words: 1.6 GB each). For a ``"mean"`` or
+``"sum"`` loss, ``∂z`` is known in the forward up to the one scalar the backward brings, so the
+forward forms the gradients while each chunk's logits exist and the backward only scales them:
+the head is multiplied twice per chunk, as with the full logits. ``"none"`` (one scale per row,
+known only in the backward) keeps ``logsumexp(z_i)`` per row and recomputes each chunk's logits
+in the backward, a third multiplication.
+
+A frozen head (``W.requires_grad`` False) gets no gradient. A LoRA head ``W₀ + s·B A`` passes
+``t = s·dropout(h) Aᵀ`` and ``B`` as the low-rank term: ``∂t = ∂z B`` and ``∂B = ∂zᵀ t`` are
+rank-r products, and no ``V × d`` gradient is formed for the frozen ``W₀``; autograd carries ``∂t``
+on to ``A``. (Passing the effective weight as one tensor is exact too, at the price of that
+full-size gradient.) ``reduction`` is ``"mean"`` over the counted tokens (as ``F.cross_entropy``),
 ``"sum"`` or ``"none"``.
 """
 
@@ -40,26 +45,81 @@ def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return z + bias.float() if bias is not None else z
 
 
+def _row_losses(z: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, smoothing: float) -> tuple[torch.Tensor, ...]:
+    """Per-row losses (0 where not kept) and log-sum-exps of one chunk's logits ``z``."""
+    lse = torch.logsumexp(z, dim=-1)
+    target = z.gather(1, y.clamp(0, z.shape[1] - 1).unsqueeze(1)).squeeze(1)
+    loss = lse - (1 - smoothing) * target
+    if smoothing:
+        loss = loss - smoothing * z.mean(dim=-1)
+    return torch.where(keep, loss, torch.zeros_like(loss)), lse
+
+
+def _logit_grad_(z: torch.Tensor, lse: torch.Tensor, y: torch.Tensor, row_scale: torch.Tensor,
+                 smoothing: float) -> torch.Tensor:  # fmt: skip
+    """``z`` turned in place into ``row_scale_i · ∂loss_i/∂z_i`` (no second chunk-sized tensor)."""
+    vocab = z.shape[1]
+    z.sub_(lse.unsqueeze(1)).exp_()  # softmax
+    z.scatter_add_(1, y.clamp(0, vocab - 1).unsqueeze(1), torch.full_like(z[:, :1], -(1 - smoothing)))
+    if smoothing:
+        z.sub_(smoothing / vocab)
+    return z.mul_(row_scale.unsqueeze(1))
+
+
+def _dtypes(*tensors: torch.Tensor | None) -> tuple[torch.dtype | None, ...]:
+    return tuple(None if t is None else t.dtype for t in tensors)
+
+
+class _Grads:
+    """The inputs' gradients, accumulated chunk by chunk from ``∂z`` (float32 where summed)."""
+
+    def __init__(self, needs: tuple[bool, ...], h: torch.Tensor, weight: torch.Tensor, low: torch.Tensor | None,
+                 low_weight: torch.Tensor | None) -> None:  # fmt: skip
+        need_h, need_w, need_b, need_low, need_low_w = needs[:5]
+        f32 = {"dtype": torch.float32, "device": h.device}
+        self.h = torch.empty(h.shape, **f32) if need_h else None
+        self.w = torch.zeros(weight.shape, **f32) if need_w else None
+        self.b = torch.zeros(weight.shape[0], **f32) if need_b else None
+        self.low = torch.empty(low.shape, **f32) if need_low else None
+        self.low_w = torch.zeros(low_weight.shape, **f32) if need_low_w else None
+
+    def add(self, dz: torch.Tensor, rows: slice, h: torch.Tensor, weight: torch.Tensor, low: torch.Tensor | None,
+            low_weight: torch.Tensor | None) -> None:  # fmt: skip
+        if self.h is not None:
+            torch.mm(dz, weight.float(), out=self.h[rows])
+        if self.w is not None:
+            self.w.addmm_(dz.t(), h[rows].float())
+        if self.b is not None:
+            self.b += dz.sum(0)
+        if self.low is not None:
+            torch.mm(dz, low_weight.float(), out=self.low[rows])
+        if self.low_w is not None:
+            self.low_w.addmm_(dz.t(), low[rows].float())
+
+    def result(self, dtypes: tuple[torch.dtype | None, ...], scale: torch.Tensor | None = None) -> tuple[Any, ...]:
+        """The gradients in their inputs' ``dtypes`` (h, weight, bias, low, low_weight), times ``scale``
+        (out of place: a retained graph may run its backward again)."""
+        out = []
+        for grad, dtype in zip((self.h, self.w, self.b, self.low, self.low_w), dtypes, strict=True):
+            if grad is not None and scale is not None:
+                grad = grad * scale.float()
+            out.append(grad.to(dtype) if grad is not None else None)
+        return tuple(out)
+
+
 class _ChunkedCrossEntropy(torch.autograd.Function):
+    """Per-row losses; the backward recomputes each chunk's logits (its rows' scales are known only then)."""
+
     @staticmethod
     def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, low: torch.Tensor | None,
                 low_weight: torch.Tensor | None, labels: torch.Tensor, chunk: int, ignore_index: int,
                 smoothing: float) -> torch.Tensor:  # fmt: skip
         losses = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
         lse_all = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
-        vocab = weight.shape[0]
         for start in range(0, h.shape[0], chunk):
             rows = slice(start, start + chunk)
             z = _chunk_logits(h[rows], weight, bias, None if low is None else low[rows], low_weight)
-            lse = torch.logsumexp(z, dim=-1)
-            y = labels[rows]
-            keep = y != ignore_index
-            target = z.gather(1, y.clamp(0, vocab - 1).unsqueeze(1)).squeeze(1)
-            loss = lse - (1 - smoothing) * target
-            if smoothing:
-                loss = loss - smoothing * z.mean(dim=-1)
-            losses[rows] = torch.where(keep, loss, torch.zeros_like(loss))
-            lse_all[rows] = lse
+            losses[rows], lse_all[rows] = _row_losses(z, labels[rows], labels[rows] != ignore_index, smoothing)
         ctx.save_for_backward(h, weight, bias, low, low_weight, labels, lse_all)
         ctx.chunk, ctx.ignore_index, ctx.smoothing = chunk, ignore_index, smoothing
         return losses
@@ -67,38 +127,42 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         h, weight, bias, low, low_weight, labels, lse_all = ctx.saved_tensors
-        need_h, need_w, need_b, need_low, need_low_w = ctx.needs_input_grad[:5]
-        grad_h = torch.empty_like(h) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
-        grad_low = torch.empty_like(low) if need_low else None
-        grad_low_w = torch.zeros(low_weight.shape, dtype=torch.float32, device=h.device) if need_low_w else None
-        vocab = weight.shape[0]
+        grads = _Grads(ctx.needs_input_grad, h, weight, low, low_weight)
         for start in range(0, h.shape[0], ctx.chunk):
             rows = slice(start, start + ctx.chunk)
             y = labels[rows]
-            keep = y != ctx.ignore_index
-            low_rows = None if low is None else low[rows]
-            dz = torch.exp(_chunk_logits(h[rows], weight, bias, low_rows, low_weight) - lse_all[rows].unsqueeze(1))
-            dz.scatter_add_(1, y.clamp(0, vocab - 1).unsqueeze(1),
-                            torch.full_like(y, -(1 - ctx.smoothing), dtype=dz.dtype).unsqueeze(1))  # fmt: skip
-            if ctx.smoothing:
-                dz -= ctx.smoothing / vocab
-            dz *= (grad_losses[rows].float() * keep).unsqueeze(1)
-            if grad_h is not None:
-                grad_h[rows] = (dz @ weight.float()).to(h.dtype)
-            if grad_w is not None:
-                grad_w.addmm_(dz.t(), h[rows].float())
-            if grad_b is not None:
-                grad_b += dz.sum(0)
-            if grad_low is not None:
-                grad_low[rows] = (dz @ low_weight.float()).to(low.dtype)
-            if grad_low_w is not None:
-                grad_low_w.addmm_(dz.t(), low_rows.float())
-        grad_w = grad_w.to(weight.dtype) if grad_w is not None else None
-        grad_b = grad_b.to(bias.dtype) if grad_b is not None else None
-        grad_low_w = grad_low_w.to(low_weight.dtype) if grad_low_w is not None else None
-        return grad_h, grad_w, grad_b, grad_low, grad_low_w, None, None, None, None
+            z = _chunk_logits(h[rows], weight, bias, None if low is None else low[rows], low_weight)
+            scale = grad_losses[rows].float() * (y != ctx.ignore_index)
+            grads.add(_logit_grad_(z, lse_all[rows], y, scale, ctx.smoothing), rows, h, weight, low, low_weight)
+        return (*grads.result(_dtypes(h, weight, bias, low, low_weight)), None, None, None, None)
+
+
+class _SummedCrossEntropy(torch.autograd.Function):
+    """The summed loss. Its gradient with respect to each chunk's logits is known in the forward up
+    to the one scalar the backward brings, so the forward forms every input's gradient while the
+    chunk's logits exist and the backward only scales them: no second pass over the head."""
+
+    @staticmethod
+    def forward(ctx: Any, h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, low: torch.Tensor | None,
+                low_weight: torch.Tensor | None, labels: torch.Tensor, chunk: int, ignore_index: int,
+                smoothing: float, needs: tuple[bool, ...]) -> torch.Tensor:  # fmt: skip
+        total = torch.zeros((), dtype=torch.float32, device=h.device)
+        grads = _Grads(needs, h, weight, low, low_weight)
+        for start in range(0, h.shape[0], chunk):
+            rows = slice(start, start + chunk)
+            y = labels[rows]
+            keep = y != ignore_index
+            z = _chunk_logits(h[rows], weight, bias, None if low is None else low[rows], low_weight)
+            losses, lse = _row_losses(z, y, keep, smoothing)
+            total += losses.sum()
+            if any(needs):
+                grads.add(_logit_grad_(z, lse, y, keep.float(), smoothing), rows, h, weight, low, low_weight)
+        ctx.grads, ctx.dtypes = grads, _dtypes(h, weight, bias, low, low_weight)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        return (*ctx.grads.result(ctx.dtypes, scale=grad_total), None, None, None, None, None)
 
 
 def chunked_cross_entropy(
@@ -135,11 +199,13 @@ def chunked_cross_entropy(
     if bad.numel():
         raise InputError(f"chunked_cross_entropy: label {int(bad[0])} is outside the vocabulary of {weight.shape[0]} "
                          f"(and is not ignore_index {ignore_index})")  # fmt: skip
-    losses = _ChunkedCrossEntropy.apply(flat_h, weight, bias, low, low_weight, flat_y, chunk, ignore_index,
-                                        float(label_smoothing))  # fmt: skip
+    args = (flat_h, weight, bias, low, low_weight, flat_y, chunk, ignore_index, float(label_smoothing))
     if reduction == "none":
-        return losses.reshape(labels.shape)
+        return _ChunkedCrossEntropy.apply(*args).reshape(labels.shape)
+    grad = torch.is_grad_enabled()
+    needs = tuple(grad and t is not None and t.requires_grad for t in (flat_h, weight, bias, low, low_weight))
+    total = _SummedCrossEntropy.apply(*args, needs)
     if reduction == "sum":
-        return losses.sum()
+        return total
     # mean over the counted tokens, as F.cross_entropy; no counted token gives 0 (F.cross_entropy: nan)
-    return losses.sum() / (flat_y != ignore_index).sum().clamp(min=1)
+    return total / (flat_y != ignore_index).sum().clamp(min=1)

@@ -304,6 +304,9 @@ def build_parser(plugins: dict[str, EntryPoint] | None = None) -> argparse.Argum
     mem.add_argument("--targets", nargs="+", help="LoRA target modules (default: all-linear)")
     mem.add_argument("--batch", type=_count, help="batch size, for an activation estimate (with --seq)")
     mem.add_argument("--seq", type=_count, help="sequence length, for an activation estimate (with --batch)")
+    mem.add_argument("--checkpointing", action="store_true", help="gradient checkpointing per block")
+    mem.add_argument("--keep", nargs="+", choices=["attention"], help="what checkpointing stores (implies it)")
+    mem.add_argument("--loss-chunk", type=_count, help="the chunked loss's rows per chunk (lk.use_chunked_loss)")
     mem.add_argument("--seed-table", action="store_true", help="the seed's LLaMA table and Llama-3.1-8B arithmetic")
     mem.set_defaults(func=_memory)
 

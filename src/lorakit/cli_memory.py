@@ -21,7 +21,8 @@ def memory_command(args: argparse.Namespace) -> int:
     """``lorakit memory``: the planner's tables for a parameter count, a config.json or the seed's example."""
 
     options = {"--params": args.params, "--config": args.config, "--method": args.method, "--dtype": args.dtype,
-               "--rank": args.rank, "--targets": args.targets, "--batch": args.batch, "--seq": args.seq}  # fmt: skip
+               "--rank": args.rank, "--targets": args.targets, "--batch": args.batch, "--seq": args.seq,
+               "--checkpointing": args.checkpointing or None, "--keep": args.keep, "--loss-chunk": args.loss_chunk}
     given = [flag for flag, value in options.items() if value is not None]
     rank, dtype, method = args.rank or 8, args.dtype or "fp32", args.method or "all"
     if args.seed_table:
@@ -49,7 +50,8 @@ def memory_command(args: argparse.Namespace) -> int:
     if args.config is None:
         if args.params is None:
             raise InputError("memory needs --params N, --config config.json or --seed-table; none was given")
-        shaped = [f for f in ("--rank", "--targets", "--batch", "--seq") if f in given]
+        shaped = [f for f in ("--rank", "--targets", "--batch", "--seq", "--checkpointing", "--keep", "--loss-chunk")
+                  if f in given]
         if shaped or method in ("lora", "qlora"):
             what = ", ".join(shaped) if shaped else f"--method {method}"
             raise InputError(f"{what} needs --config (a transformers config.json: the layers' shapes); "
@@ -64,9 +66,14 @@ def memory_command(args: argparse.Namespace) -> int:
         print(memory_estimate.format_report(rows, f"{args.params:,} parameters"))
         return 0
     targets = args.targets or "all-linear"
+    step = [f for f in ("--checkpointing", "--keep", "--loss-chunk") if f in given]
+    if step and args.seq is None:
+        raise InputError(f"{', '.join(step)} shape the activation estimate: give --batch and --seq too")
     methods = list(planner.METHODS) if method == "all" else [method]
+    keep = tuple(args.keep or ())
     rows = [planner.estimate_memory(args.params, args.config, method=m, dtype=args.dtype, r=rank, targets=targets,
-                                    batch=args.batch, seq=args.seq) for m in methods]  # fmt: skip
+                                    batch=args.batch, seq=args.seq, checkpointing=args.checkpointing or bool(keep),
+                                    checkpoint_keep=keep, loss_chunk=args.loss_chunk) for m in methods]  # fmt: skip
     arch = planner.architecture(args.config)
     title = (
         f"{args.config}: {arch.model_type}, {arch.total:,} parameters, {arch.layers} layers of "

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .cpu_memory import return_freed_memory
 from .errors import InputError
 
 DeviceLike = str | torch.device | int
@@ -66,18 +65,6 @@ def resolve_device(device: DeviceLike | None, model: nn.Module | None = None) ->
             raise InputError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     elif dev.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise InputError(f"device {str(device)!r} asks for Apple's MPS, which this machine or torch build lacks")
-    return dev
-
-
-def prepare_device(model: nn.Module, device: DeviceLike | None) -> torch.device:
-    """The training device (:func:`resolve_device`), with the model moved there when ``device`` is
-    given. On CPU, freed tensors' memory then goes back to the system at once, so that the resident
-    size follows the live tensors (``lorakit.cpu_memory``; glibc only, for the whole process)."""
-    dev = resolve_device(device, model)
-    if device is not None:
-        model.to(dev)
-    if dev.type == "cpu":
-        return_freed_memory()
     return dev
 
 

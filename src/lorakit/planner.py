@@ -266,13 +266,15 @@ def _chosen(arch: Architecture, targets: Any) -> list[str]:
 def activation_bytes(
     arch: Architecture, batch: int, seq: int, dtype: str = "fp32", eager: bool | None = None,
     checkpointing: bool = False, *, lora_ranks: int | None = None, peak: bool = True, loss_chunk: int | None = None,
+    keep_attention: bool = False,
 ) -> float:  # fmt: skip
     """Bytes of activations for one ``batch × seq`` step (``lorakit.activations``): what the
     blocks keep in ``dtype`` (every block's, or with ``checkpointing`` each block's input and one
     block's), the float32 log-softmax over the vocabulary, and with ``peak`` the loss's transient
     float32 rows at the start of the backward. ``lora_ranks``: Σ r over one block's adapted
     linears (LoRA; frozen linears keep less), None for full fine-tuning; ``loss_chunk``: rows per
-    chunk of ``lk.use_chunked_loss`` (None: the model's own loss)."""
+    chunk of ``lk.use_chunked_loss`` (None: the model's own loss); ``keep_attention``: checkpointing
+    keeps the attention's outputs (``lk.enable_checkpointing(keep=("attention",))``)."""
     batch, seq = _whole(batch, "batch"), _whole(seq, "seq")
     _choice(dtype, "dtype", list(BYTES))
     if not (isinstance(eager, bool) or eager is None) or not isinstance(checkpointing, bool):
@@ -286,7 +288,7 @@ def activation_bytes(
     loss_chunk = _whole(loss_chunk, "loss_chunk") if loss_chunk is not None else None
     return activations.activation_bytes(shape, batch, seq, BYTES[dtype], lora=lora_ranks is not None, peak=peak,
                                         adapted_rank_sum=lora_ranks or 0, eager=eager, checkpointing=checkpointing,
-                                        loss_chunk=loss_chunk)  # fmt: skip
+                                        loss_chunk=loss_chunk, keep_attention=keep_attention)  # fmt: skip
 
 
 def _choice(value: Any, what: str, allowed: list[str] | tuple[str, ...]) -> str:
@@ -309,6 +311,7 @@ def estimate_memory(
     checkpointing: bool = False,
     eager: bool | None = None,
     loss_chunk: int | None = None,
+    checkpoint_keep: tuple[str, ...] | list[str] = (),
 ) -> MemoryEstimate:
     """Memory for ``method`` in ``weights`` | ``full`` | ``lora`` | ``qlora``.
 
@@ -317,7 +320,8 @@ def estimate_memory(
     needed for LoRA/QLoRA, which must know the matrices' shapes, and for activations, which also
     need ``batch`` and ``seq``; ``checkpointing``: gradient checkpointing per block; ``eager``:
     attention that keeps its probabilities, None for the architecture's default; ``loss_chunk``: the
-    chunked loss's rows per chunk). Every argument is checked: bad input raises ``InputError``.
+    chunked loss's rows per chunk; ``checkpoint_keep``: what checkpointing stores, ``("attention",)``
+    or nothing). Every argument is checked: bad input raises ``InputError``.
     """
     _choice(method, "method", METHODS)
     dtype = dtype if dtype is not None else (config_dtype(config) if config is not None else None) or "fp32"
@@ -326,6 +330,10 @@ def estimate_memory(
     r, targets = _whole(r, "r"), _targets(targets)
     if not isinstance(checkpointing, bool):
         raise InputError(f"checkpointing = {checkpointing!r}; allowed: True or False")
+    if not isinstance(checkpoint_keep, (tuple, list)) or any(k != "attention" for k in checkpoint_keep):
+        raise InputError(f"checkpoint_keep = {checkpoint_keep!r}; allowed: () or ('attention',), with checkpointing")
+    if checkpoint_keep and not checkpointing:
+        raise InputError(f"checkpoint_keep = {checkpoint_keep!r} needs checkpointing=True")
     if (batch is None) != (seq is None):
         given, needed = ("batch", "seq") if seq is None else ("seq", "batch")
         raise InputError(f"{given} = {batch if seq is None else seq!r} without {needed}; "
@@ -346,7 +354,8 @@ def estimate_memory(
                              f"alone (method {method!r})")  # fmt: skip
         stored = compute_dtype if method == "qlora" else "fp32" if dtype == "fp32" else "bf16"
         ranks = None if method == "full" else r * len(_chosen(arch, targets))
-        acts = activation_bytes(arch, batch, seq, stored, eager, checkpointing, lora_ranks=ranks, loss_chunk=loss_chunk)
+        acts = activation_bytes(arch, batch, seq, stored, eager, checkpointing, lora_ranks=ranks, loss_chunk=loss_chunk,
+                                keep_attention=bool(checkpoint_keep))  # fmt: skip
     if method == "weights":
         return MemoryEstimate("weights", params * BYTES[dtype])
     if method == "full":

@@ -1,9 +1,9 @@
 """A recipe's memory plan, made before anything is built (``lorakit train RECIPE --plan``).
 
 The plan reads the model's ``config.json`` (``hf_pretrained`` or ``hf_config``) and the recipe's
-``[model] dtype / quantize / gradient_checkpointing / attn_implementation``, ``[lora] r /
-target_modules``, ``[train] batch_size`` and ``[data] seq``, and asks ``lorakit.planner`` for
-weights + adapter (fp32 weight, gradient, two AdamW moments) + activations of one micro-batch.
+``[model] dtype / quantize / gradient_checkpointing / checkpoint_keep / attn_implementation /
+chunked_loss``, ``[lora] r / target_modules``, ``[train] batch_size`` and ``[data] seq``, and asks
+``lorakit.planner`` for weights + adapter (fp32 weight, gradient, two AdamW moments) + activations of one micro-batch.
 It compares the total with the memory the run's device has free: ``MemAvailable`` of
 ``/proc/meminfo`` on CPU, ``torch.cuda.mem_get_info`` on CUDA. A run whose plan exceeds that by
 more than ``REFUSE_ABOVE`` is refused before it builds anything, unless forced: the estimate is
@@ -102,6 +102,7 @@ def plan_recipe(cfg: dict[str, Any], lora: LoraConfig, device: torch.device) -> 
     checkpointing = bool(model.get("gradient_checkpointing", False))
     chunk = model.get("chunked_loss", False)
     options["loss_chunk"] = None if chunk is False else DEFAULT_CHUNK if chunk is True else int(chunk)
+    options["checkpoint_keep"] = tuple(model.get("checkpoint_keep", ())) if checkpointing else ()
     try:
         estimate = estimate_memory(config=path, batch=batch, seq=seq, checkpointing=checkpointing, eager=eager or None,
                                    **options)  # fmt: skip

@@ -8,8 +8,7 @@ clipping, a non-finite check (stop naming the step, or skip it), the optimizer (
 the schedule (linear warmup, then cosine / linear / constant).
 
 The device is ``TrainerConfig.device`` (the model is moved there), or, when None, where the
-model's first parameter lives (on CPU, freed memory goes back to the system at once:
-``lorakit.cpu_memory``); under ``torchrun`` call ``lorakit.devices.init_distributed()``
+model's first parameter lives; under ``torchrun`` call ``lorakit.devices.init_distributed()``
 first. Data order is a pure function of ``(seed, epoch)``; with ``W`` processes each global batch
 of ``W · batch_size`` examples is split by rank (two processes with batch ``b`` see what one with
 ``2b`` sees). Dropout draws from torch's global RNG as the caller left it (``lorakit.recipes``
@@ -45,7 +44,7 @@ from torch import nn
 from . import distributed, run_dir, train_state, trainer_checks
 from .atomic import remove_tree
 from .checkpoint import load_adapter_tensors, save_adapter
-from .devices import autocast_settings, move_to, prepare_device, stderr_is_terminal, world
+from .devices import autocast_settings, move_to, resolve_device, stderr_is_terminal, world
 from .errors import InputError
 from .injection import adapter_configs
 from .optim import lr_factor, make_optimizer
@@ -135,7 +134,9 @@ class Trainer:
         trainer_checks.check_batch_fits(self.num_examples, config.batch_size, self.world)
         trainer_checks.warn_schedule(config.warmup_steps, config.max_steps)
         self.params = trainer_checks.check_trainable(model, len(adapter_configs(self.core)))
-        self.device = prepare_device(model, config.device)
+        self.device = resolve_device(config.device, model)
+        if config.device is not None:
+            model.to(self.device)
         self.amp, self.amp_dtype = autocast_settings(self.device.type, config.bf16, config.fp16)
         self.optimizer = (optimizer_factory or config_optimizer)(self.params, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
