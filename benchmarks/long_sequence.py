@@ -11,10 +11,11 @@ Each row: peak RSS (``ru_maxrss``), the peak of glibc's live bytes (sampled ever
 tensors hold, whatever the allocator keeps), the step time (forward, backward, AdamW) and the loss
 (equal across configurations: the same model and tokens). Then the longest sequence each trains
 within a 4 GiB resident cap (a watchdog stops the process once its RSS passes the cap), by
-bisection to 1/16 of the length: probes stop two blocks into the backward, where every full step
-above reached its peak (the ``peak in probe`` column checks that), and the longest length found is
-then trained for a full step under the cap. ``--allocator`` adds the explanation of PEFT's and
-lorakit's peaks at 2,048 tokens: glibc's heap as it is, and trimmed between blocks.
+bisection to 1/16 of the length, up to 32,768 tokens: probes stop two blocks into the backward,
+where every full step above reached its peak (the ``peak in probe`` column checks that), and a
+longest length within the grid's is then trained for a full step under the cap. ``--allocator``
+adds the explanation of PEFT's and lorakit's peaks at 2,048 tokens: glibc's heap as it is, and
+trimmed between blocks.
 
     .venv/bin/python benchmarks/long_sequence.py [--seq 1024 2048 4096 8192] [--cap-configs ...] [--allocator]
 """
@@ -40,6 +41,7 @@ CONFIGS = ("peft", "peft-ckpt", "lorakit", "lorakit-all", "lorakit-keep")
 LABELS = {"peft": "transformers + PEFT", "peft-ckpt": "PEFT + grad. checkpointing", "lorakit": "lorakit",
           "lorakit-all": "lorakit, all memory options", "lorakit-keep": "lorakit, all + keep attention"}  # fmt: skip
 CAP_MB = 4096
+MAX_SEQ = 32768  # the bisection's ceiling: a step at 32,768 tokens takes about a quarter of an hour here
 GRID_CAP_MB = 20_000  # the machine has 24 GB: a run past this is stopped and reported as such
 
 
@@ -162,22 +164,25 @@ def fits(config: str, seq: int, probe: bool = True) -> bool:
 
 
 def longest(config: str, grid: list[dict]) -> dict:
-    """The longest sequence (a multiple of 64) one step of ``config`` trains under the cap."""
+    """The longest sequence (a multiple of 64, at most ``MAX_SEQ``) one step of ``config`` trains
+    under the cap: bisection with probes, then, where it is within the grid's lengths, one full step."""
     rows = [r for r in grid if r["config"] == config]
     ok = [r["seq"] for r in rows if not r.get("over_cap") and r["peak_rss_mb"] <= CAP_MB]
     bad = [r["seq"] for r in rows if r.get("over_cap") or r["peak_rss_mb"] > CAP_MB]
     lo, hi = max(ok, default=256), min(bad, default=None)
-    while hi is None:  # grow until a probe fails
-        hi = 2 * lo if not fits(config, 2 * lo) else None
-        lo = lo if hi is not None else 2 * lo
     probes = 0
-    while hi - lo > max(64, lo // 16):
+    while hi is None and lo < MAX_SEQ:  # grow until a probe fails or the ceiling fits
+        probes += 1
+        nxt = min(2 * lo, MAX_SEQ)
+        lo, hi = (nxt, None) if fits(config, nxt) else (lo, nxt)
+    while hi is not None and hi - lo > max(64, lo // 16):
         mid = (lo + hi) // 2 // 64 * 64
         probes += 1
         lo, hi = (mid, hi) if fits(config, mid) else (lo, mid)
-    while lo > 256 and not fits(config, lo, probe=False):  # the answer trains a whole step under the cap
-        lo -= max(64, lo // 32)
-    return {"config": config, "longest": lo, "first_too_long": hi, "probes": probes}
+    full = lo <= max(r["seq"] for r in grid)
+    while full and lo > 256 and not fits(config, lo, probe=False):  # a whole step under the cap
+        lo -= max(64, lo // 16)
+    return {"config": config, "longest": lo, "first_too_long": hi, "probes": probes, "full_step": full}
 
 
 def table(grid: list[dict], caps: list[dict]) -> str:
@@ -204,12 +209,13 @@ def table(grid: list[dict], caps: list[dict]) -> str:
     if caps:
         ref = next((c for c in caps if c["config"] == "peft-ckpt"), None)
         lines += ["", f"Longest sequence one step trains within {CAP_MB:,} MiB resident:", "",
-                  "| configuration | longest tokens | × PEFT+ckpt | first length over the cap | probes |",
-                  "|---|---:|---:|---:|---:|"]  # fmt: skip
+                  "| configuration | longest tokens | × PEFT+ckpt | first length over the cap | probes | checked by |",
+                  "|---|---:|---:|---:|---:|---|"]  # fmt: skip
         for c in caps:
             ratio = f"{c['longest'] / ref['longest']:.1f}" if ref else ""
-            lines.append(f"| {LABELS[c['config']]} | {c['longest']:,} | {ratio} | {c['first_too_long']:,} | "
-                         f"{c['probes']} |")  # fmt: skip
+            over = f"{c['first_too_long']:,}" if c["first_too_long"] else f"none up to {MAX_SEQ:,} (the ceiling)"
+            check = "a full step" if c["full_step"] else "probes (the grid checks where probes peak)"
+            lines.append(f"| {LABELS[c['config']]} | {c['longest']:,} | {ratio} | {over} | {c['probes']} | {check} |")
     return "\n".join(lines) + "\n"
 
 
@@ -224,8 +230,12 @@ def main() -> None:
     parser.add_argument("--cap-configs", nargs="*", choices=CONFIGS, default=list(CONFIGS[:4]),
                         help="configurations to bisect under the 4 GiB cap (none: skip)")
     parser.add_argument("--allocator", action="store_true", help="add the allocator table at 2,048 tokens")
+    parser.add_argument("--grid-from", help="a JSON list of grid rows this script measured before (skips the grid)")
     args = parser.parse_args()
-    grid = [run(config, seq, GRID_CAP_MB) for seq in args.seq for config in args.configs]
+    if args.grid_from:
+        grid = json.loads(Path(args.grid_from).read_text())
+    else:
+        grid = [run(config, seq, GRID_CAP_MB) for seq in args.seq for config in args.configs]
     caps = [longest(config, grid) for config in args.cap_configs]
     info = {**machine(), "threads": torch.get_num_threads()}
     md = (f"One LoRA step (r=8 on every linear, batch 1), SmolLM2-135M-Instruct, float32, sdpa, fresh process per "

@@ -128,12 +128,12 @@ LLM_COMMON = {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers":
 LLM_BATCH, LLM_SEQ = 2, 512
 
 
-def llm_worker(name: str, checkpointing: bool, chunked: bool = False) -> dict:
+def llm_worker(name: str, checkpointing: bool, chunked: bool = False, keep: bool = False) -> dict:
     """One LoRA training step of a language model in this fresh process: the planner's total
     against the peak growth of the allocator's live bytes from before the model was built."""
     import transformers
 
-    from lorakit import LoraConfig, estimate_memory, inject, use_chunked_loss
+    from lorakit import LoraConfig, enable_checkpointing, estimate_memory, inject, use_chunked_loss
 
     config = {**LLM_COMMON, **LLM_SHAPES[name]}
     # A first, tiny model of the same type imports the modelling code (tens of MB of Python
@@ -154,7 +154,7 @@ def llm_worker(name: str, checkpointing: bool, chunked: bool = False) -> dict:
     model = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="sdpa")
     inject(model, LoraConfig(r=8, target_modules="all-linear"))
     if checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, keep=("attention",) if keep else None)
     if chunked:
         use_chunked_loss(model, chunk=256)
     model.train()
@@ -169,8 +169,10 @@ def llm_worker(name: str, checkpointing: bool, chunked: bool = False) -> dict:
     for _ in range(2):
         _train_step(model, ids, opt, sample)
     est = estimate_memory(config=config, method="lora", r=8, batch=LLM_BATCH, seq=LLM_SEQ, checkpointing=checkpointing,
-                          loss_chunk=256 if chunked else None)  # fmt: skip
-    return {"model": name + (" + chunked loss" if chunked else ""), "checkpointing": checkpointing,
+                          loss_chunk=256 if chunked else None,
+                          checkpoint_keep=("attention",) if keep else ())  # fmt: skip
+    label = name + (" + chunked loss" if chunked else "") + (" + kept attention" if keep else "")
+    return {"model": label, "checkpointing": checkpointing,
             "predicted_bytes": est.total,
             "predicted_activation_bytes": est.activations, "peak_bytes": peak[0] - heap_start}  # fmt: skip
 
@@ -179,6 +181,7 @@ def llm_rows() -> tuple[list[dict], str]:
     results = []
     runs = [(name, ckpt, "0") for name in LLM_SHAPES for ckpt in (False, True)]
     runs += [("llama", ckpt, "1") for ckpt in (False, True)]  # with lk.use_chunked_loss, 256 rows per chunk
+    runs += [("llama", True, "k")]  # checkpointing that keeps the attention
     for name, checkpointing, chunked in runs:
         out = subprocess.run([sys.executable, __file__, "--llm-worker", name, str(int(checkpointing)), chunked],
                              capture_output=True, text=True, check=True).stdout  # fmt: skip
@@ -200,7 +203,8 @@ def main() -> None:
         print(json.dumps(worker(sys.argv[2], sys.argv[3])))
         return
     if len(sys.argv) in (4, 5) and sys.argv[1] == "--llm-worker":
-        print(json.dumps(llm_worker(sys.argv[2], sys.argv[3] == "1", sys.argv[4:] == ["1"])))
+        options = sys.argv[4] if len(sys.argv) == 5 else ""  # "1": chunked loss; "k": keep the attention
+        print(json.dumps(llm_worker(sys.argv[2], sys.argv[3] == "1", options == "1", options == "k")))
         return
     rows, results = [], []
     for name in ("gpt2", "llama"):
