@@ -96,6 +96,20 @@ def test_bf16_inputs_compute_in_float32_and_return_bf16_gradients():
         assert_close(x.float(), r.float(), reduction=V, depth=2, dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_under_autocast_the_loss_still_computes_in_float32(reduction):
+    h, w, b, y = _inputs(seed=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = chunked_cross_entropy(h, w, y, b, chunk=9, reduction=reduction)
+    ref = F.cross_entropy(h @ w.T + b, y, reduction=reduction)  # float32 throughout
+    assert loss.dtype == torch.float32
+    assert_close(loss, ref, reduction=V, magnitude=ref.detach().abs().max(), dtype=torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a backward run under autocast too
+        got = _grads(loss.sum(), h, w, b)
+    for x, r in zip(got, _grads(ref.sum(), h, w, b), strict=True):
+        assert_close(x, r, reduction=V, depth=2, dtype=torch.float32)
+
+
 def test_no_token_sized_logits_are_kept_for_the_backward():
     h, w, _, y = _inputs(seed=7)
     big = []

@@ -128,12 +128,13 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         h, weight, bias, low, low_weight, labels, lse_all = ctx.saved_tensors
         grads = _Grads(ctx.needs_input_grad, h, weight, low, low_weight)
-        for start in range(0, h.shape[0], ctx.chunk):
-            rows = slice(start, start + ctx.chunk)
-            y = labels[rows]
-            z = _chunk_logits(h[rows], weight, bias, None if low is None else low[rows], low_weight)
-            scale = grad_losses[rows].float() * (y != ctx.ignore_index)
-            grads.add(_logit_grad_(z, lse_all[rows], y, scale, ctx.smoothing), rows, h, weight, low, low_weight)
+        with torch.autocast(h.device.type, enabled=False):  # float32, as in the forward
+            for start in range(0, h.shape[0], ctx.chunk):
+                rows = slice(start, start + ctx.chunk)
+                y = labels[rows]
+                z = _chunk_logits(h[rows], weight, bias, None if low is None else low[rows], low_weight)
+                scale = grad_losses[rows].float() * (y != ctx.ignore_index)
+                grads.add(_logit_grad_(z, lse_all[rows], y, scale, ctx.smoothing), rows, h, weight, low, low_weight)
         return (*grads.result(_dtypes(h, weight, bias, low, low_weight)), None, None, None, None)
 
 
@@ -200,11 +201,13 @@ def chunked_cross_entropy(
         raise InputError(f"chunked_cross_entropy: label {int(bad[0])} is outside the vocabulary of {weight.shape[0]} "
                          f"(and is not ignore_index {ignore_index})")  # fmt: skip
     args = (flat_h, weight, bias, low, low_weight, flat_y, chunk, ignore_index, float(label_smoothing))
-    if reduction == "none":
-        return _ChunkedCrossEntropy.apply(*args).reshape(labels.shape)
-    grad = torch.is_grad_enabled()
-    needs = tuple(grad and t is not None and t.requires_grad for t in (flat_h, weight, bias, low, low_weight))
-    total = _SummedCrossEntropy.apply(*args, needs)
+    # float32 whatever autocast says: the logits and their exponentials are the precision-critical part
+    with torch.autocast(hidden.device.type, enabled=False):
+        if reduction == "none":
+            return _ChunkedCrossEntropy.apply(*args).reshape(labels.shape)
+        grad = torch.is_grad_enabled()
+        needs = tuple(grad and t is not None and t.requires_grad for t in (flat_h, weight, bias, low, low_weight))
+        total = _SummedCrossEntropy.apply(*args, needs)
     if reduction == "sum":
         return total
     # mean over the counted tokens, as F.cross_entropy; no counted token gives 0 (F.cross_entropy: nan)

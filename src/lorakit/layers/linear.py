@@ -96,21 +96,12 @@ class LoraLinear(LoraLayer):
         base = self.base_layer
         if name is None:
             return base(x, *args, **kwargs)
-        fused = self.fused and not args and not kwargs and name not in self.lora_bias
+        fused = self.fused and not args and not kwargs and not torch.is_autocast_enabled(x.device.type)
+        fused = fused and name not in self.lora_bias
         if fused and not base._forward_hooks and not base._forward_pre_hooks:
             p = self.dropout_p(name) if self.training else 0.0
-            A, B, weight, bias = self.lora_A[name], self.lora_B[name], base.weight, base.bias
-            device = x.device.type
-            if not torch.is_autocast_enabled(device):
-                return lora_linear(x, weight, bias, A, B, self.scaling[name], p, self.fan_in_fan_out)
-            # Autocast would cast x once for the base and again for the adapter and keep both casts
-            # for the backward; here it is cast once and kept once, and the rank-r products run in
-            # the adapter's dtype (float32) from it.
-            dtype = torch.get_autocast_dtype(device)
-            with torch.autocast(device, enabled=False):
-                x, weight = _autocast_cast(x, dtype), _autocast_cast(weight, dtype)
-                bias = _autocast_cast(bias, dtype) if bias is not None else None
-                return lora_linear(x, weight, bias, A, B, self.scaling[name], p, self.fan_in_fan_out)
+            A, B = self.lora_A[name], self.lora_B[name]
+            return lora_linear(x, base.weight, base.bias, A, B, self.scaling[name], p, self.fan_in_fan_out)
         return super().forward_with(name, x, *args, **kwargs)
 
     def low_rank_terms(self, x: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -149,11 +140,6 @@ class LoraLinear(LoraLayer):
             h = routed_input_dropout(h, keep)
         indices = bags(slots, A.shape[1]) if bags is not None and h.shape[1] == 1 else None
         return bank_delta_gathered(h, A, B, slots, indices).reshape(*x.shape[:-1], B.shape[2])
-
-
-def _autocast_cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """What autocast does to a linear layer's input: float32/float64 tensors become ``dtype``."""
-    return t.to(dtype) if t.dtype in (torch.float32, torch.float64) else t
 
 
 def is_linear(module: nn.Module) -> bool:
