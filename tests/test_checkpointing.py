@@ -130,8 +130,31 @@ def test_named_blocks_of_any_model_are_checkpointed_and_put_back():
     assert model[0].calls == 1
 
 
+def test_a_deep_copy_checkpoints_its_own_blocks():
+    import copy
+
+    torch.manual_seed(0)
+    model = nn.Sequential(Block(), Block())
+    lk.enable_checkpointing(model, blocks=list(model))
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        twin[0].inner.weight.zero_()
+    x = torch.randn(3, 8)
+    twin(x).sum().backward()
+    assert twin[0].inner.weight.grad is not None and model[0].inner.weight.grad is None
+    assert not torch.equal(twin(x), model(x))
+
+
 def test_what_cannot_be_checkpointed_is_refused_by_name():
+    with pytest.raises(InputError, match="fills a key/value cache in its forward"):
+        lk.enable_checkpointing(_model(), blocks=_model().model.layers)
+    with pytest.raises(InputError, match="keep = 5; allowed: None, a name or a list"):
+        lk.enable_checkpointing(_model(), keep=5)
+    with pytest.raises(InputError, match=r"keep = \['attention'\] is unknown"):
+        lk.enable_checkpointing(_model(), keep=[["attention"]])
     model = nn.Sequential(Block())
+    with pytest.raises(InputError, match="blocks must be a non-empty list"):
+        lk.enable_checkpointing(model, blocks=model[0])
     with pytest.raises(InputError, match=r"keep = 'activations' is unknown; allowed: \['attention'\]"):
         lk.enable_checkpointing(_model(), keep="activations")
     with pytest.raises(InputError, match="Sequential is not a transformers model; name the modules"):

@@ -277,3 +277,71 @@ def test_lk_trainer_trains_a_chunked_loss_model_as_the_models_own_loss(tmp_path)
     plain, chunked = adapters
     for name, value in plain.items():  # four SGD steps (linear in the gradients) from the same start and data
         assert_close(chunked[name], value, reduction=101, magnitude=float(value.abs().max()), depth=8)
+
+
+def test_a_head_adapter_that_runs_second_still_enters_the_loss():
+    import lorakit as lk
+
+    model = _tiny("llama", False)
+    lk.inject(model, lk.LoraConfig(r=4, target_modules=["v_proj"]))
+    lk.add_adapter(model, lk.LoraConfig(r=2, target_modules=["lm_head"]), "second")
+    lk.set_adapter(model, ["default", "second"])  # the head holds only the second one
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain, want = _loss_and_grads(model, ids, ids, params)
+    lk.use_chunked_loss(model, chunk=4)
+    out, got = _loss_and_grads(model, ids, ids, params)
+    assert_close(out.loss, plain.loss, reduction=101, magnitude=plain.loss.detach().abs(), depth=3)
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w, reduction=101, depth=4)
+
+
+def test_copies_shifted_labels_and_tuples():
+    import copy
+
+    import lorakit as lk
+
+    model = _tiny("llama", False)
+    lk.inject(model, lk.LoraConfig(r=4, target_modules=["q_proj"]))
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
+    plain = model(input_ids=ids, labels=ids).loss
+    lk.use_chunked_loss(model, chunk=4)
+    twin = copy.deepcopy(model)  # its forward is its own, not the original's
+    with torch.no_grad():
+        twin.get_output_embeddings().weight.zero_()
+    assert_close(twin(input_ids=ids, labels=ids).loss, torch.tensor(101.0).log(), reduction=101, depth=2)
+    assert_close(model(input_ids=ids, labels=ids).loss, plain, reduction=101, magnitude=plain.abs(), depth=3)
+    shifted = torch.cat([ids[:, 1:], torch.full((2, 1), -100)], 1)  # transformers' shift_labels
+    got = model(input_ids=ids, labels=ids, shift_labels=shifted).loss
+    assert_close(got, plain, reduction=101, magnitude=plain.abs(), depth=3)
+    assert isinstance(model(input_ids=ids, labels=ids, return_dict=False), tuple)
+
+
+def test_a_trainable_token_head_and_second_derivatives_are_refused():
+    import lorakit as lk
+
+    model = _tiny("llama", True)
+    lk.inject(model, lk.LoraConfig(r=4, target_modules=["q_proj"], trainable_token_indices=[1, 2]))
+    with pytest.raises(InputError, match="the output head is a TrainableTokens"):
+        lk.use_chunked_loss(model)
+    h, w, b, y = _inputs(seed=9)
+    for reduction in ("mean", "none"):
+        loss = chunked_cross_entropy(h, w, y, b, chunk=7, reduction=reduction).sum()
+        with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
+            torch.autograd.grad(loss, h, create_graph=True)
+
+
+def test_bad_chunked_loss_inputs_are_named():
+    h, w, _, y = _inputs(seed=10)
+    with pytest.raises(InputError, match=r"bias \(54,\) does not fit a vocabulary of 53"):
+        chunked_cross_entropy(h, w, y, torch.zeros(54))
+    with pytest.raises(InputError, match="low_rank must be a pair"):
+        chunked_cross_entropy(h, w, y, low_rank=torch.zeros(37, 2))
+    with pytest.raises(InputError, match="label_smoothing = '0.1'"):
+        chunked_cross_entropy(h, w, y, label_smoothing="0.1")
+    with pytest.raises(InputError, match="labels are torch.float32; allowed: integer class indices"):
+        chunked_cross_entropy(h, w, y.float())

@@ -80,7 +80,30 @@ def test_blocks_trim_after_their_forward_and_backward(monkeypatch, checkpointing
     assert len(calls) == 6  # nothing without gradients, nothing once removed
 
 
+class Odd(torch.nn.Module):
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind, self.inner = kind, torch.nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.inner(x)
+        return {"out": y} if self.kind == "dict" else () if self.kind == "empty" else y
+
+
+@glibc_only
+def test_blocks_with_mappings_or_nothing_to_return(monkeypatch):
+    calls = []
+    monkeypatch.setattr(cpu_memory, "release_free_heap", lambda min_free: calls.append(min_free) or False)
+    model = torch.nn.ModuleList([Odd("dict"), Odd("empty")])
+    lk.trim_cpu_heap(model, blocks=list(model))
+    model[0](torch.ones(2, 4, requires_grad=True))["out"].sum().backward()
+    assert len(calls) == 2  # after the forward and after the backward of the mapping's tensor
+    assert model[1](torch.ones(2, 4)) == () and len(calls) == 3
+
+
 def test_what_cannot_be_trimmed_is_refused_by_name():
+    with pytest.raises(InputError, match="blocks is empty"):
+        lk.trim_cpu_heap(_tiny(), blocks=[])
     with pytest.raises(InputError, match="Sequential names no repeated blocks"):
         lk.trim_cpu_heap(torch.nn.Sequential(torch.nn.Linear(2, 2)))
     model = _tiny()

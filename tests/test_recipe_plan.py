@@ -93,11 +93,26 @@ def test_checkpointing_keeps_one_block_and_each_blocks_input():
     # keeping the attention stores each block's attention output and one log-sum-exp per head
     kept = planner.activation_bytes(arch(6), 2, 32, checkpointing=True, lora_ranks=16, keep_attention=True)
     assert kept - acts(6, True) == 6 * 2 * 32 * (64 + 4) * 4
+    eager = {"checkpointing": True, "lora_ranks": 16, "eager": True}  # eager attention: nothing is kept
+    assert planner.activation_bytes(arch(6), 2, 32, keep_attention=True, **eager) == planner.activation_bytes(
+        arch(6), 2, 32, **eager)
     keep = {"config": config, "method": "lora", "batch": 2, "seq": 32}
     with pytest.raises(planner.InputError, match=r"checkpoint_keep = \('attention',\) needs checkpointing=True"):
         planner.estimate_memory(**keep, checkpoint_keep=("attention",))
     with pytest.raises(planner.InputError, match=r"checkpoint_keep = \['mlp'\]; allowed"):
         planner.estimate_memory(**keep, checkpointing=True, checkpoint_keep=["mlp"])
+
+
+@pytest.mark.parametrize(("model", "fragment"), [
+    ('gradient_checkpointing = "false"', "[model] gradient_checkpointing = 'false' (str): expected true or false"),
+    ('checkpoint_keep = ["attention"]', "[model] checkpoint_keep applies with gradient_checkpointing = true"),
+    ('chunked_loss = "yes"', "[model] chunked_loss = 'yes' (str)"),
+    ('gradient_checkpointing = true\ncheckpoint_keep = "attention"', "[model] checkpoint_keep = 'attention' (str)"),
+])  # fmt: skip
+def test_the_plan_checks_the_model_section_as_a_run_does(tmp_path, folder, capsys, model, fragment):
+    recipe = _recipe(tmp_path, folder, model)
+    assert main(["train", str(recipe), "--plan"]) != 0
+    assert fragment in capsys.readouterr().err
 
 
 def test_a_run_far_above_the_free_memory_is_refused_unless_forced(tmp_path, folder, monkeypatch, capsys):

@@ -102,7 +102,8 @@ def activation_bytes(
     if not checkpointing:
         per_token = (shape.layers * block + outside) * value_bytes + loss
     else:
-        inputs = shape.layers * (2 * shape.hidden + shape.heads if keep_attention else shape.hidden)
+        kept = keep_attention and not eager  # eager attention never reaches the fused kernels that are kept
+        inputs = shape.layers * (2 * shape.hidden + shape.heads if kept else shape.hidden)
         width = shape.experts_per_token * shape.expert_intermediate if shape.experts else shape.intermediate
         backward = inputs + block + BACKWARD_TRANSIENT * width  # the MLP's gradients beside its values
         per_token = max((inputs + outside) * value_bytes + loss, backward * value_bytes)

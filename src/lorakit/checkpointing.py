@@ -21,9 +21,9 @@ transformers 5, ``gradient_checkpointing_enable``) with ``use_reentrant=False`` 
 
 from __future__ import annotations
 
-import functools
+import types
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -42,6 +42,7 @@ KEEPABLE: dict[str, tuple[str, ...]] = {
 }  # fmt: skip
 #: where a wrapped block keeps its own forward
 ORIGINAL = "_lorakit_unchecked_forward"
+KWARGS = "_lorakit_checkpoint_kwargs"
 
 
 class _KeepPolicy:
@@ -77,9 +78,11 @@ def check_keep(keep: Iterable[str] | str | None) -> tuple[str, ...]:
     """``keep`` as a tuple of known names, or an ``InputError`` naming the unknown one."""
     if keep is None:
         return ()
+    if not isinstance(keep, (str, list, tuple)):
+        raise InputError(f"checkpointing keep = {keep!r}; allowed: None, a name or a list of {sorted(KEEPABLE)}")
     names = (keep,) if isinstance(keep, str) else tuple(keep)
     for name in names:
-        if name not in KEEPABLE:
+        if not isinstance(name, str) or name not in KEEPABLE:
             raise InputError(f"checkpointing keep = {name!r} is unknown; allowed: {sorted(KEEPABLE)}")
     return names
 
@@ -101,9 +104,15 @@ def enable_checkpointing(
     names = check_keep(keep)
     kwargs = checkpoint_kwargs(names)
     if blocks is not None:
-        wrapped = list(blocks)
+        one = isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential))
+        wrapped = [] if one else list(blocks)
         if not wrapped or not all(isinstance(b, nn.Module) for b in wrapped):
             raise InputError("enable_checkpointing: blocks must be a non-empty list of the model's nn.Modules")
+        if getattr(getattr(model, "config", None), "use_cache", False):
+            raise InputError(f"enable_checkpointing: {type(model).__name__} fills a key/value cache in its forward "
+                             "(config.use_cache), which a block's recomputation would fill twice; call "
+                             "enable_checkpointing(model) without blocks (transformers turns the cache off), or set "
+                             "model.config.use_cache = False")  # fmt: skip
         inside = {id(m) for m in model.modules()}
         for block in wrapped:
             if id(block) not in inside:
@@ -132,21 +141,23 @@ def is_checkpointing(model: nn.Module) -> bool:
 
 
 def _wrap(block: nn.Module, kwargs: dict[str, Any]) -> None:
-    original: Callable[..., Any] = block.__dict__.get(ORIGINAL) or block.forward
+    block.__dict__.setdefault(ORIGINAL, block.forward)
+    block.__dict__[KWARGS] = kwargs
+    # a method bound to the block (not a closure): a deepcopy of the model rebinds it to the copy
+    block.forward = types.MethodType(_checkpointed_forward, block)
 
-    @functools.wraps(original)
-    def forward(*args: Any, **kw: Any) -> Any:
-        if block.training and torch.is_grad_enabled():
-            return torch_checkpoint.checkpoint(original, *args, **kwargs, **kw)
-        return original(*args, **kw)
 
-    block.__dict__[ORIGINAL] = original
-    block.forward = forward
+def _checkpointed_forward(block: nn.Module, *args: Any, **kw: Any) -> Any:
+    original = block.__dict__[ORIGINAL]
+    if block.training and torch.is_grad_enabled():
+        return torch_checkpoint.checkpoint(original, *args, **block.__dict__[KWARGS], **kw)
+    return original(*args, **kw)
 
 
 def disable_checkpointing(model: nn.Module) -> nn.Module:
     """Undo :func:`enable_checkpointing` (both kinds). Returns ``model``."""
     for module in model.modules():
+        module.__dict__.pop(KWARGS, None)
         if module.__dict__.pop(ORIGINAL, None) is not None:
             del module.forward
     if is_checkpointing(model):

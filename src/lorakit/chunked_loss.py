@@ -66,6 +66,12 @@ def _logit_grad_(z: torch.Tensor, lse: torch.Tensor, y: torch.Tensor, row_scale:
     return z.mul_(row_scale.unsqueeze(1))
 
 
+def _first_derivative_only() -> None:
+    if torch.is_grad_enabled():  # backward(create_graph=True): a gradient of the gradient was asked for
+        raise RuntimeError("chunked_cross_entropy has first derivatives only: its gradients cannot be differentiated "
+                           "twice (create_graph=True); use F.cross_entropy on the full logits for that")  # fmt: skip
+
+
 def _dtypes(*tensors: torch.Tensor | None) -> tuple[torch.dtype | None, ...]:
     return tuple(None if t is None else t.dtype for t in tensors)
 
@@ -126,6 +132,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_losses: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        _first_derivative_only()
         h, weight, bias, low, low_weight, labels, lse_all = ctx.saved_tensors
         grads = _Grads(ctx.needs_input_grad, h, weight, low, low_weight)
         with torch.autocast(h.device.type, enabled=False):  # float32, as in the forward
@@ -163,6 +170,7 @@ class _SummedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_total: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        _first_derivative_only()
         return (*ctx.grads.result(ctx.dtypes, scale=grad_total), None, None, None, None, None)
 
 
@@ -182,12 +190,20 @@ def chunked_cross_entropy(
                          f"{hidden.shape[-1]} to a vocabulary")  # fmt: skip
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
         raise InputError(f"chunked_cross_entropy: chunk = {chunk!r}; allowed: an integer >= 1 (rows per chunk)")
-    if not 0.0 <= label_smoothing <= 1.0:
+    number = isinstance(label_smoothing, (int, float)) and not isinstance(label_smoothing, bool)
+    if not number or not 0 <= label_smoothing <= 1:
         raise InputError(f"chunked_cross_entropy: label_smoothing = {label_smoothing!r}; allowed: 0 to 1")
     if reduction not in ("mean", "sum", "none"):
         raise InputError(f"chunked_cross_entropy: reduction = {reduction!r}; allowed: mean, sum, none")
+    if labels.dtype not in (torch.int64, torch.int32):
+        raise InputError(f"chunked_cross_entropy: labels are {labels.dtype}; allowed: integer class indices")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise InputError(f"chunked_cross_entropy: bias {tuple(bias.shape)} does not fit a vocabulary of "
+                         f"{weight.shape[0]}")  # fmt: skip
     low = low_weight = None
     if low_rank is not None:
+        if not (isinstance(low_rank, (tuple, list)) and len(low_rank) == 2):
+            raise InputError("chunked_cross_entropy: low_rank must be a pair (t, B) with logits += t Bᵀ")
         low, low_weight = low_rank
         fits = low_weight.dim() == 2 and low_weight.shape == (weight.shape[0], low.shape[-1])
         if low.shape[:-1] != hidden.shape[:-1] or not fits:

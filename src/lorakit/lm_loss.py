@@ -17,6 +17,7 @@ scale or cap their logits are refused, and so are heads whose output the loss ca
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 from torch import nn
@@ -26,6 +27,7 @@ from .errors import InputError
 from .layers import LoraLayer, LoraLinear, ModulesToSave
 
 ORIGINAL = "_lorakit_plain_forward"
+CHUNK = "_lorakit_loss_chunk"
 #: config attributes that change logits after the head: the chunked loss would not apply them
 LOGIT_CHANGES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
@@ -35,6 +37,7 @@ def use_chunked_loss(model: nn.Module, chunk: int | None = DEFAULT_CHUNK) -> nn.
     forward back. Returns ``model``."""
     if chunk is None:
         original = model.__dict__.pop(ORIGINAL, None)
+        model.__dict__.pop(CHUNK, None)
         if original is not None:
             del model.forward
         return model
@@ -52,38 +55,49 @@ def use_chunked_loss(model: nn.Module, chunk: int | None = DEFAULT_CHUNK) -> nn.
     if changed:
         raise InputError(f"use_chunked_loss: {type(model).__name__} changes its logits after the head ({changed}); "
                          "the chunked loss would not")  # fmt: skip
-    original = model.__dict__.get(ORIGINAL) or model.forward
-
-    def forward(*args: Any, labels: Any = None, **kwargs: Any) -> Any:
-        if labels is None:
-            return original(*args, **kwargs)
-        from transformers.modeling_outputs import CausalLMOutputWithPast
-
-        items = kwargs.pop("num_items_in_batch", None)
-        kwargs.pop("logits_to_keep", None)
-        kwargs.pop("return_dict", None)
-        out = body(*args, **kwargs)
-        # The head's terms see every position, as the head itself would (the same dropout draws).
-        weight, bias, low_rank = head_terms(model.get_output_embeddings(), out[0])
-        low_rank = None if low_rank is None else (low_rank[0][:, :-1], low_rank[1])
-        hidden = out[0][:, :-1]
-        shifted = labels[:, 1:].to(hidden.device)
-        loss = chunked_cross_entropy(hidden, weight, shifted, bias, chunk=chunk, low_rank=low_rank,
-                                     reduction="sum" if items is not None else "mean")  # fmt: skip
-        if items is not None:
-            loss = loss / items
-        return CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(out, "past_key_values", None),
-                                      hidden_states=getattr(out, "hidden_states", None),
-                                      attentions=getattr(out, "attentions", None))  # fmt: skip
-
-    model.__dict__[ORIGINAL] = original
-    model.forward = forward
+    model.__dict__[ORIGINAL] = model.__dict__.get(ORIGINAL) or model.forward
+    model.__dict__[CHUNK] = chunk
+    # a method bound to the model (not a closure): a deepcopy of the model rebinds it to the copy
+    model.forward = types.MethodType(_chunked_forward, model)
     return model
+
+
+def _chunked_forward(model: nn.Module, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
+    original = model.__dict__[ORIGINAL]
+    if labels is None:
+        return original(*args, **kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    items = kwargs.pop("num_items_in_batch", None)
+    shift_labels = kwargs.pop("shift_labels", None)
+    kwargs.pop("logits_to_keep", None)
+    tuples = kwargs.pop("return_dict", None) is False
+    body = getattr(model, model.base_model_prefix)
+    out = body(*args, **kwargs)
+    hidden = out[0]
+    # The head's terms see every position, as the head itself would (the same dropout draws).
+    weight, bias, low_rank = head_terms(model.get_output_embeddings(), hidden)
+    if shift_labels is None:  # position t predicts label t + 1 (transformers' shift)
+        hidden, targets = hidden[:, :-1], labels[:, 1:]
+        low_rank = None if low_rank is None else (low_rank[0][:, :-1], low_rank[1])
+    else:  # already aligned with the positions
+        targets = shift_labels
+    loss = chunked_cross_entropy(hidden, weight, targets.to(hidden.device), bias, chunk=model.__dict__[CHUNK],
+                                 low_rank=low_rank, reduction="sum" if items is not None else "mean")  # fmt: skip
+    if items is not None:
+        loss = loss / items
+    result = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(out, "past_key_values", None),
+                                    hidden_states=getattr(out, "hidden_states", None),
+                                    attentions=getattr(out, "attentions", None))  # fmt: skip
+    return result.to_tuple() if tuples else result
 
 
 def head_problem(head: nn.Module, call: bool = False) -> nn.Module:
     """The head's running ``nn.Linear`` (inside a LoRA or ``modules_to_save`` wrapper), or an error
     that names what the chunked loss cannot compute."""
+    if isinstance(head, ModulesToSave) and type(head) is not ModulesToSave:  # e.g. trainable token rows
+        raise InputError(f"use_chunked_loss: the output head is a {type(head).__name__}, whose output the chunked "
+                         "loss cannot write as h Wᵀ + b + t Bᵀ")  # fmt: skip
     inner = head.active_module() if isinstance(head, ModulesToSave) else head
     if isinstance(inner, LoraLayer):
         if isinstance(inner, LoraLinear) and inner.variant == "lora" and type(inner.base_layer) is nn.Linear:

@@ -91,20 +91,25 @@ def call_factory(section: str, ref: str, factory: Callable[..., Any], kwargs: di
         raise RecipeError(f"[{section}] factory = {ref!r} raised {type(err).__name__}: {err}") from err
 
 
-def build_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
-    """The base model and its tokenizer (None for byte-level text or classification), in the
-    section's ``dtype``, quantized and checkpointing as it says."""
+def check_model_values(spec: dict[str, Any]) -> None:
+    """The ``[model]`` values every use of the section relies on (building it, planning it)."""
     for key in ("weights", "hf_pretrained", "hf_config"):
         check_type("model", spec, key, "a path string", lambda v: isinstance(v, str))
     check_type("model", spec, "dtype", f"one of {', '.join(map(repr, DTYPES))}", lambda v: str(v) in DTYPES)
     check_type("model", spec, "quantize", "'nf4' or 'none'", lambda v: str(v) in ("nf4", "none"))
     check_type("model", spec, "gradient_checkpointing", "true or false", lambda v: isinstance(v, bool))
     check_type("model", spec, "checkpoint_keep", f"a list of {sorted(KEEPABLE)}",
-               lambda v: isinstance(v, list) and all(k in KEEPABLE for k in v))  # fmt: skip
+               lambda v: isinstance(v, list) and all(isinstance(k, str) and k in KEEPABLE for k in v))  # fmt: skip
     if spec.get("checkpoint_keep") and not spec.get("gradient_checkpointing"):
         raise RecipeError("[model] checkpoint_keep applies with gradient_checkpointing = true")
     check_type("model", spec, "chunked_loss", "true, false or rows per chunk (an integer >= 1)",
                lambda v: isinstance(v, bool) or is_whole(v, 1))  # fmt: skip
+
+
+def build_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
+    """The base model and its tokenizer (None for byte-level text or classification), in the
+    section's ``dtype``, quantized and checkpointing as it says."""
+    check_model_values(spec)
     weights = Path(spec["weights"]) if spec.get("weights") else None
     if weights is not None and not weights.is_file():
         raise RecipeError(f"[model] weights = {str(weights)!r}: no such file")

@@ -25,6 +25,7 @@ from .errors import InputError
 from .files import resolve_model_folder
 from .memory_estimate import GB, MemoryEstimate, format_report
 from .planner import CONFIG_DTYPES, estimate_memory
+from .recipe_models import check_model_values
 from .trainer import TrainerConfig
 
 #: a plan above this multiple of the free memory is refused unless forced
@@ -80,6 +81,7 @@ def _config_path(model: dict[str, Any]) -> Path | None:
 def plan_recipe(cfg: dict[str, Any], lora: LoraConfig, device: torch.device) -> RecipePlan | None:
     """The recipe's memory plan, or None when its model is a factory (no config to read)."""
     model, data, train = cfg["model"], cfg["data"], cfg.get("train", {})
+    check_model_values(model)  # the plan reads the same values the run will
     path = _config_path(model)
     if path is None:
         return None
