@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, save
+from common import RESULTS, machine, save
 
 CONFIGS = ("peft", "peft-ckpt", "lorakit", "lorakit-all", "lorakit-keep")
 LABELS = {"peft": "transformers + PEFT", "peft-ckpt": "PEFT + grad. checkpointing", "lorakit": "lorakit",
@@ -224,6 +224,20 @@ def table(grid: list[dict], caps: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown(info: dict, grid: list[dict], caps: list[dict], allocator: list[dict]) -> str:
+    md = (f"One LoRA step (r=8 on every linear, batch 1), SmolLM2-135M-Instruct, float32, sdpa, fresh process per "
+          f"row. {info['date']}, {info['cpu_model']}, {info['threads']} threads.\n\n" + table(grid, caps))  # fmt: skip
+    if allocator:
+        md += ("\nWhy peak RSS is not what the tensors hold, 2,048 tokens, each tool's own loss, no checkpointing "
+               "(`lorakit.cpu_memory`):\n\n| configuration | glibc heap | peak RSS MB | peak live MB | "
+               "step s |\n|---|---|---:|---:|---:|\n")  # fmt: skip
+        for r in allocator:
+            heap = "as it is" if r["allocator"] == "default" else "trimmed between blocks (lk.trim_cpu_heap)"
+            md += (f"| {LABELS[r['config']]} | {heap} | {r['peak_rss_mb']:,.0f} | {r['peak_live_mb']:,.0f} | "
+                   f"{r['seconds']:.1f} |\n")  # fmt: skip
+    return md
+
+
 def main() -> None:
     if len(sys.argv) == 7 and sys.argv[1] == "--worker":
         _, _, config, seq, cap, probe, allocator = sys.argv
@@ -236,25 +250,24 @@ def main() -> None:
                         help="configurations to bisect under the 4 GiB cap (none: skip)")
     parser.add_argument("--allocator", action="store_true", help="add the allocator table at 2,048 tokens")
     parser.add_argument("--grid-from", help="a JSON list of grid rows this script measured before (skips the grid)")
+    parser.add_argument("--render", action="store_true", help="rewrite the .md from the saved .json, measuring nothing")
     args = parser.parse_args()
+    if args.render:
+        data = json.loads((RESULTS / "long_sequence.json").read_text())
+        md = markdown(data["machine"], data["grid"], data["cap"], data["allocator"])
+        (RESULTS / "long_sequence.md").write_text(md)
+        print(md)
+        return
     if args.grid_from:
         grid = json.loads(Path(args.grid_from).read_text())
     else:
         grid = [run(config, seq, GRID_CAP_MB) for seq in args.seq for config in args.configs]
     caps = [longest(config, grid) for config in args.cap_configs]
     info = {**machine(), "threads": torch.get_num_threads()}
-    md = (f"One LoRA step (r=8 on every linear, batch 1), SmolLM2-135M-Instruct, float32, sdpa, fresh process per "
-          f"row. {info['date']}, {info['cpu_model']}, {info['threads']} threads.\n\n" + table(grid, caps))  # fmt: skip
     allocator = []
     if args.allocator:
         allocator = [run(c, 2048, GRID_CAP_MB, allocator=a) for c in ("peft", "lorakit") for a in ("default", "trim")]
-        md += ("\nWhy peak RSS is not what the tensors hold, 2,048 tokens, each tool's own loss, no checkpointing "
-               "(`lorakit.cpu_memory`):\n\n| configuration | glibc heap | peak RSS MB | peak live MB | "
-               "step s |\n|---|---|---:|---:|---:|\n")  # fmt: skip
-        for r in allocator:
-            threshold = "as it is" if r["allocator"] == "default" else "trimmed between blocks (lk.trim_cpu_heap)"
-            md += (f"| {LABELS[r['config']]} | {threshold} | {r['peak_rss_mb']:,.0f} | {r['peak_live_mb']:,.0f} | "
-                   f"{r['seconds']:.1f} |\n")  # fmt: skip
+    md = markdown(info, grid, caps, allocator)
     print(md)
     save("long_sequence", {"machine": info, "grid": grid, "cap": caps, "allocator": allocator}, md)
 

@@ -196,6 +196,19 @@ def _loss_and_grads(model, ids, labels, params):
     return out, torch.autograd.grad(out.loss, params)
 
 
+def _chunked_equals_own(model, ids) -> None:
+    """The model with the chunked loss gives its own loss and gradients (chunks of 4 rows)."""
+    import lorakit as lk
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    plain, want = _loss_and_grads(model, ids, ids, params)
+    lk.use_chunked_loss(model, chunk=4)
+    out, got = _loss_and_grads(model, ids, ids, params)
+    assert_close(out.loss, plain.loss, reduction=101, magnitude=plain.loss.detach().abs(), depth=3)
+    for g, w in zip(got, want, strict=True):
+        assert_close(g, w, reduction=101, depth=4)
+
+
 @pytest.mark.parametrize(("tied", "dropout", "lora_bias"), [(False, 0.0, False), (True, 0.0, False),
                                                              (False, 0.1, True)])  # fmt: skip
 def test_a_lora_head_enters_the_chunked_loss_as_its_low_rank_term(tied, dropout, lora_bias):
@@ -236,13 +249,7 @@ def test_a_modules_to_save_head_trains_its_own_copy():
     model = _tiny("llama", False)
     lk.inject(model, lk.LoraConfig(r=4, target_modules=["v_proj"], modules_to_save=["lm_head"]))
     ids = torch.randint(0, 101, (2, 11), generator=torch.Generator().manual_seed(1))
-    params = [p for p in model.parameters() if p.requires_grad]
-    plain, want = _loss_and_grads(model, ids, ids, params)
-    lk.use_chunked_loss(model, chunk=4)
-    out, got = _loss_and_grads(model, ids, ids, params)
-    assert_close(out.loss, plain.loss, reduction=101, magnitude=plain.loss.detach().abs(), depth=3)
-    for g, w in zip(got, want, strict=True):
-        assert_close(g, w, reduction=101, depth=4)
+    _chunked_equals_own(model, ids)
 
 
 def test_use_chunked_loss_refuses_what_it_cannot_compute():
@@ -291,13 +298,7 @@ def test_a_head_adapter_that_runs_second_still_enters_the_loss():
             if "lora_B" in name:
                 p.normal_(0, 0.3)
     ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
-    params = [p for p in model.parameters() if p.requires_grad]
-    plain, want = _loss_and_grads(model, ids, ids, params)
-    lk.use_chunked_loss(model, chunk=4)
-    out, got = _loss_and_grads(model, ids, ids, params)
-    assert_close(out.loss, plain.loss, reduction=101, magnitude=plain.loss.detach().abs(), depth=3)
-    for g, w in zip(got, want, strict=True):
-        assert_close(g, w, reduction=101, depth=4)
+    _chunked_equals_own(model, ids)
 
 
 def test_copies_shifted_labels_and_tuples():
