@@ -83,7 +83,7 @@ OPTION_CASES = {  # argv (CONFIG = a good llama config.json) -> message fragment
     "params below the config's linears": (["--config", "CONFIG", "--params", "1000"], "params = 1,000 is fewer"),
     "unknown option": (["--params", "7e9", "--rnak", "4"], "unrecognized arguments: --rnak 4"),
     "checkpointing with params": (["--params", "7e9", "--checkpointing"], "--checkpointing needs --config"),
-    "loss chunk without seq": (["--config", "CONFIG", "--loss-chunk", "64"], "--loss-chunk change needs --batch"),
+    "loss chunk without seq": (["--config", "CONFIG", "--loss-chunk", "64"], "the activation estimate needs --batch"),
     "step options for weights": (["--config", "CONFIG", "--method", "weights", "--batch", "1", "--seq", "8",
                                   "--checkpointing"], "--method weights plans none"),
     "unknown keep": (["--config", "CONFIG", "--keep", "mlp"], "argument --keep: invalid choice: 'mlp'"),

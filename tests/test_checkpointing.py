@@ -145,6 +145,21 @@ def test_a_deep_copy_checkpoints_its_own_blocks():
     assert not torch.equal(twin(x), model(x))
 
 
+def test_a_cache_asked_for_while_training_is_refused_and_pickles_carry_the_checkpoint():
+    import io
+
+    model = _model()
+    model.config.use_cache = False
+    lk.enable_checkpointing(model, keep="attention", blocks=model.model.layers)
+    ids = torch.randint(0, 61, (1, 7), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(InputError, match="asked to fill a key/value cache while training"):
+        model(input_ids=ids, labels=ids, use_cache=True)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    assert is_checkpointing(loaded) and torch.equal(_step(loaded, ids)[0], _step(model, ids)[0])
+
+
 def test_what_cannot_be_checkpointed_is_refused_by_name():
     with pytest.raises(InputError, match="fills a key/value cache in its forward"):
         lk.enable_checkpointing(_model(), blocks=_model().model.layers)

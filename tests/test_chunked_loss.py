@@ -257,7 +257,7 @@ def test_use_chunked_loss_refuses_what_it_cannot_compute():
 
     model = _tiny("llama", False)
     lk.inject(model, lk.LoraConfig(r=4, target_modules=["lm_head"], use_dora=True))
-    with pytest.raises(InputError, match="the output head is a DoraLinear on a Linear; allowed: an nn.Linear, plain"):
+    with pytest.raises(InputError, match="the output head is a DoraLinear on a Linear; allowed: torch.s nn.Linear"):
         lk.use_chunked_loss(model)
     with pytest.raises(InputError, match="is not a transformers causal LM"):
         lk.use_chunked_loss(torch.nn.Linear(2, 2))
@@ -344,5 +344,41 @@ def test_bad_chunked_loss_inputs_are_named():
         chunked_cross_entropy(h, w, y, low_rank=torch.zeros(37, 2))
     with pytest.raises(InputError, match="label_smoothing = '0.1'"):
         chunked_cross_entropy(h, w, y, label_smoothing="0.1")
-    with pytest.raises(InputError, match="labels are torch.float32; allowed: integer class indices"):
+    with pytest.raises(InputError, match="labels are torch.float32; allowed: class indices in int64 or int32"):
         chunked_cross_entropy(h, w, y.float())
+
+
+def test_the_forward_keeps_its_signature_survives_pickling_and_restores_what_was_there():
+    import functools
+    import inspect
+    import io
+
+    import lorakit as lk
+
+    model = _tiny("llama", False)
+    lk.inject(model, lk.LoraConfig(r=4, target_modules=["q_proj"]))
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
+    want = model(input_ids=ids, labels=ids)
+    lk.use_chunked_loss(model, chunk=4)
+    # Hugging Face Trainer keeps the dataset columns the forward's signature names
+    assert {"input_ids", "attention_mask", "labels"} <= set(inspect.signature(model.forward).parameters)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    assert loaded(input_ids=ids, labels=ids).logits is None  # still the chunked loss, on the loaded weights
+    assert_close(loaded(input_ids=ids, labels=ids).loss, want.loss, reduction=101, depth=3)
+    out = model(input_ids=ids, labels=ids, return_dict=False)
+    assert out[1] is None and len(out) == len(want.to_tuple())  # the logits' place is kept
+    lk.use_chunked_loss(model, chunk=None)
+    seen = []
+    hook = model.forward  # another library's per-instance forward (as accelerate installs)
+    model.forward = functools.wraps(hook)(lambda *a, **k: seen.append(1) or hook(*a, **k))
+    lk.use_chunked_loss(model, chunk=4)
+    assert model(input_ids=ids).logits.shape == (2, 9, 101) and seen == [1]  # without labels: what was there
+    lk.use_chunked_loss(model, chunk=None)
+    model(input_ids=ids, labels=ids)
+    assert seen == [1, 1]  # the earlier forward is back
+    from peft import LoraConfig, get_peft_model
+
+    with pytest.raises(InputError, match="is a PEFT wrapper; apply it to the transformers model"):
+        lk.use_chunked_loss(get_peft_model(_tiny("llama", False), LoraConfig(r=2, target_modules=["q_proj"])))

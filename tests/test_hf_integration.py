@@ -65,11 +65,14 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(reentrant):
         assert_close(got[name], want[name], reduction=1024, depth=10, msg=name)
 
 
-def test_transformers_trainer_trains_only_the_adapter(tmp_path):
+@pytest.mark.parametrize("chunked", [False, True], ids=["own-loss", "chunked-loss"])
+def test_transformers_trainer_trains_only_the_adapter(tmp_path, chunked):
     from transformers import Trainer, TrainingArguments
 
     model = tiny_llama()
     lk.inject(model, lk.LoraConfig(r=8, alpha=16, target_modules="all-linear"))
+    if chunked:  # the Trainer keeps the dataset columns the forward's signature names
+        lk.use_chunked_loss(model, chunk=5)
     # a learnable language: every token is followed by the next one (mod 100)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
     rows = (

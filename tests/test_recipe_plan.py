@@ -108,6 +108,7 @@ def test_checkpointing_keeps_one_block_and_each_blocks_input():
     ('checkpoint_keep = ["attention"]', "[model] checkpoint_keep applies with gradient_checkpointing = true"),
     ('chunked_loss = "yes"', "[model] chunked_loss = 'yes' (str)"),
     ('gradient_checkpointing = true\ncheckpoint_keep = "attention"', "[model] checkpoint_keep = 'attention' (str)"),
+    ("gradient_checkpoint = true", "gradient_checkpoint"), ("attn_implementation = 5", "attn_implementation = 5"),
 ])  # fmt: skip
 def test_the_plan_checks_the_model_section_as_a_run_does(tmp_path, folder, capsys, model, fragment):
     recipe = _recipe(tmp_path, folder, model)

@@ -21,7 +21,7 @@ transformers 5, ``gradient_checkpointing_enable``) with ``use_reentrant=False`` 
 
 from __future__ import annotations
 
-import types
+import inspect
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -40,9 +40,6 @@ KEEPABLE: dict[str, tuple[str, ...]] = {
         "_flash_attention_forward", "_efficient_attention_forward",
     ),
 }  # fmt: skip
-#: where a wrapped block keeps its own forward
-ORIGINAL = "_lorakit_unchecked_forward"
-KWARGS = "_lorakit_checkpoint_kwargs"
 
 
 class _KeepPolicy:
@@ -117,7 +114,7 @@ def enable_checkpointing(
         for block in wrapped:
             if id(block) not in inside:
                 raise InputError(f"enable_checkpointing: a {type(block).__name__} in blocks is not part of the model")
-            _wrap(block, kwargs)
+            _wrap(block, kwargs, names)
         return model
     enable = getattr(model, "activation_checkpointing_enable", None)
     if callable(enable):
@@ -134,33 +131,62 @@ def enable_checkpointing(
 
 def is_checkpointing(model: nn.Module) -> bool:
     """Whether ``model`` (a transformers model) or one of its modules (``blocks``) is checkpointed."""
-    if any(ORIGINAL in m.__dict__ for m in model.modules()):
+    if any(isinstance(m.__dict__.get("forward"), CheckpointedForward) for m in model.modules()):
         return True
     new = hasattr(type(model), "is_activation_checkpointing")  # transformers 5 renamed it
     return bool(getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False))
 
 
-def _wrap(block: nn.Module, kwargs: dict[str, Any]) -> None:
-    block.__dict__.setdefault(ORIGINAL, block.forward)
-    block.__dict__[KWARGS] = kwargs
-    # a method bound to the block (not a closure): a deepcopy of the model rebinds it to the copy
-    block.forward = types.MethodType(_checkpointed_forward, block)
+#: keyword arguments through which a block fills a key/value cache (which a recomputation would fill twice)
+CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past")
 
 
-def _checkpointed_forward(block: nn.Module, *args: Any, **kw: Any) -> Any:
-    original = block.__dict__[ORIGINAL]
-    if block.training and torch.is_grad_enabled():
-        return torch_checkpoint.checkpoint(original, *args, **block.__dict__[KWARGS], **kw)
-    return original(*args, **kw)
+class CheckpointedForward:
+    """A block's ``forward`` while it is checkpointed. A callable object rather than a closure:
+    ``copy.deepcopy`` and ``pickle`` carry it, bound to the copy. ``previous`` is an instance-level
+    forward that was there before (another library's hook), else None."""
+
+    def __init__(self, block: nn.Module, previous: Any, keep: tuple[str, ...], kwargs: dict[str, Any] | None) -> None:
+        self.block, self.previous, self.keep = block, previous, keep
+        self.kwargs = kwargs if kwargs is not None else checkpoint_kwargs(keep)  # shared by a model's blocks
+        self.__signature__ = inspect.signature(self.plain())
+
+    def plain(self) -> Any:
+        return self.previous if self.previous is not None else type(self.block).forward.__get__(self.block)
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            self.block.forward = self.previous
+        else:
+            del self.block.forward
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (CheckpointedForward, (self.block, self.previous, self.keep, None))  # the policy is rebuilt
+
+    def __call__(self, *args: Any, **kw: Any) -> Any:
+        if not (self.block.training and torch.is_grad_enabled()):
+            return self.plain()(*args, **kw)
+        if any(kw.get(name) is not None for name in CACHE_ARGS) or kw.get("use_cache"):
+            raise InputError(f"a checkpointed {type(self.block).__name__} was asked to fill a key/value cache while "
+                             "training, which its recomputation would fill twice; pass use_cache=False (or set "
+                             "model.config.use_cache = False)")  # fmt: skip
+        return torch_checkpoint.checkpoint(self.plain(), *args, **self.kwargs, **kw)
+
+
+def _wrap(block: nn.Module, kwargs: dict[str, Any], keep: tuple[str, ...]) -> None:
+    current = block.__dict__.get("forward")
+    previous = current.previous if isinstance(current, CheckpointedForward) else current
+    block.forward = CheckpointedForward(block, previous, keep, kwargs)
 
 
 def disable_checkpointing(model: nn.Module) -> nn.Module:
-    """Undo :func:`enable_checkpointing` (both kinds). Returns ``model``."""
+    """Undo :func:`enable_checkpointing` (both kinds), putting back the forwards that were there
+    before. Returns ``model``."""
     for module in model.modules():
-        module.__dict__.pop(KWARGS, None)
-        if module.__dict__.pop(ORIGINAL, None) is not None:
-            del module.forward
-    if is_checkpointing(model):
-        new = callable(getattr(model, "activation_checkpointing_disable", None))
+        current = module.__dict__.get("forward")
+        if isinstance(current, CheckpointedForward):
+            current.restore()
+    new = hasattr(type(model), "is_activation_checkpointing")
+    if getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False):
         (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
     return model

@@ -196,13 +196,14 @@ def chunked_cross_entropy(
     if reduction not in ("mean", "sum", "none"):
         raise InputError(f"chunked_cross_entropy: reduction = {reduction!r}; allowed: mean, sum, none")
     if labels.dtype not in (torch.int64, torch.int32):
-        raise InputError(f"chunked_cross_entropy: labels are {labels.dtype}; allowed: integer class indices")
+        raise InputError(f"chunked_cross_entropy: labels are {labels.dtype}; allowed: class indices in int64 or int32")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise InputError(f"chunked_cross_entropy: bias {tuple(bias.shape)} does not fit a vocabulary of "
                          f"{weight.shape[0]}")  # fmt: skip
     low = low_weight = None
     if low_rank is not None:
-        if not (isinstance(low_rank, (tuple, list)) and len(low_rank) == 2):
+        pair = isinstance(low_rank, (tuple, list)) and len(low_rank) == 2
+        if not pair or not all(isinstance(t, torch.Tensor) for t in low_rank):
             raise InputError("chunked_cross_entropy: low_rank must be a pair (t, B) with logits += t Bᵀ")
         low, low_weight = low_rank
         fits = low_weight.dim() == 2 and low_weight.shape == (weight.shape[0], low.shape[-1])

@@ -68,9 +68,9 @@ def memory_command(args: argparse.Namespace) -> int:
     targets = args.targets or "all-linear"
     step = [f for f in ("--checkpointing", "--keep", "--loss-chunk") if f in given]
     if step and args.seq is None:
-        raise InputError(f"the activation estimate that {', '.join(step)} change needs --batch and --seq too")
+        raise InputError(f"{', '.join(step)}: the activation estimate needs --batch and --seq too")
     if step and method == "weights":
-        raise InputError(f"{', '.join(step)} change a training step's activations; --method weights plans none")
+        raise InputError(f"{', '.join(step)}: these shape a training step's activations; --method weights plans none")
     methods = list(planner.METHODS) if method == "all" else [method]
     keep = tuple(args.keep or ())
     rows = [planner.estimate_memory(args.params, args.config, method=m, dtype=args.dtype, r=rank, targets=targets,

@@ -115,6 +115,8 @@ def trim_cpu_heap(
     layers by default) whenever more than ``min_free`` bytes sit free (module docstring)."""
     if not isinstance(min_free, int) or isinstance(min_free, bool) or min_free < 0:
         raise InputError(f"trim_cpu_heap: min_free = {min_free!r}; allowed: bytes, an integer >= 0")
+    if isinstance(blocks, nn.Module) and not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+        raise InputError(f"trim_cpu_heap: blocks is one {type(blocks).__name__}; allowed: a list of modules")
     chosen = model_blocks(model) if blocks is None else list(blocks)
     if not chosen and blocks is not None:
         raise InputError("trim_cpu_heap: blocks is empty; allowed: a non-empty list of the model's modules")

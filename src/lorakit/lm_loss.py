@@ -17,7 +17,7 @@ scale or cap their logits are refused, and so are heads whose output the loss ca
 
 from __future__ import annotations
 
-import types
+import inspect
 from typing import Any
 
 from torch import nn
@@ -26,23 +26,23 @@ from .chunked_loss import DEFAULT_CHUNK, chunked_cross_entropy
 from .errors import InputError
 from .layers import LoraLayer, LoraLinear, ModulesToSave
 
-ORIGINAL = "_lorakit_plain_forward"
-CHUNK = "_lorakit_loss_chunk"
 #: config attributes that change logits after the head: the chunked loss would not apply them
 LOGIT_CHANGES = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier_scale")
 
 
 def use_chunked_loss(model: nn.Module, chunk: int | None = DEFAULT_CHUNK) -> nn.Module:
-    """Give ``model`` the chunked loss (``chunk`` rows per chunk); ``chunk=None`` puts the original
-    forward back. Returns ``model``."""
+    """Give ``model`` the chunked loss (``chunk`` rows per chunk); ``chunk=None`` puts the forward
+    back that was there before. Returns ``model``."""
+    current = model.__dict__.get("forward")
     if chunk is None:
-        original = model.__dict__.pop(ORIGINAL, None)
-        model.__dict__.pop(CHUNK, None)
-        if original is not None:
-            del model.forward
+        if isinstance(current, ChunkedLossForward):
+            current.restore()
         return model
     if not isinstance(chunk, int) or isinstance(chunk, bool) or chunk < 1:
         raise InputError(f"use_chunked_loss: chunk = {chunk!r}; allowed: an integer >= 1, or None to undo")
+    if hasattr(model, "peft_config") and hasattr(model, "base_model"):  # a PeftModel forwards attributes down
+        raise InputError(f"use_chunked_loss: {type(model).__name__} is a PEFT wrapper; apply it to the transformers "
+                         "model before get_peft_model (or use lk.inject)")  # fmt: skip
     prefix = getattr(model, "base_model_prefix", None)
     body = getattr(model, prefix, None) if isinstance(prefix, str) else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -55,25 +55,49 @@ def use_chunked_loss(model: nn.Module, chunk: int | None = DEFAULT_CHUNK) -> nn.
     if changed:
         raise InputError(f"use_chunked_loss: {type(model).__name__} changes its logits after the head ({changed}); "
                          "the chunked loss would not")  # fmt: skip
-    model.__dict__[ORIGINAL] = model.__dict__.get(ORIGINAL) or model.forward
-    model.__dict__[CHUNK] = chunk
-    # a method bound to the model (not a closure): a deepcopy of the model rebinds it to the copy
-    model.forward = types.MethodType(_chunked_forward, model)
+    if isinstance(current, ChunkedLossForward):
+        current.chunk = chunk
+    else:
+        model.forward = ChunkedLossForward(model, current, chunk)
     return model
 
 
-def _chunked_forward(model: nn.Module, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
-    original = model.__dict__[ORIGINAL]
-    if labels is None:
-        return original(*args, **kwargs)
+class ChunkedLossForward:
+    """``model.forward`` while the chunked loss is on. A callable object rather than a closure:
+    ``copy.deepcopy`` and ``pickle`` carry it, bound to the copy. Its signature is the model's own
+    (Hugging Face ``Trainer`` keeps the dataset columns the forward names). ``previous`` is an
+    instance-level forward that was there before (another library's hook), else None."""
+
+    def __init__(self, model: nn.Module, previous: Any, chunk: int) -> None:
+        self.model, self.previous, self.chunk = model, previous, chunk
+        self.__signature__ = inspect.signature(self.plain())
+
+    def plain(self) -> Any:
+        return self.previous if self.previous is not None else type(self.model).forward.__get__(self.model)
+
+    def restore(self) -> None:
+        if self.previous is not None:
+            self.model.forward = self.previous
+        else:
+            del self.model.forward
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (ChunkedLossForward, (self.model, self.previous, self.chunk))
+
+    def __call__(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
+        if labels is None:
+            return self.plain()(*args, **kwargs)
+        return _chunked_loss_forward(self.model, self.chunk, args, labels, kwargs)
+
+
+def _chunked_loss_forward(model: nn.Module, chunk: int, args: tuple, labels: Any, kwargs: dict[str, Any]) -> Any:
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     items = kwargs.pop("num_items_in_batch", None)
     shift_labels = kwargs.pop("shift_labels", None)
     kwargs.pop("logits_to_keep", None)
     tuples = kwargs.pop("return_dict", None) is False
-    body = getattr(model, model.base_model_prefix)
-    out = body(*args, **kwargs)
+    out = getattr(model, model.base_model_prefix)(*args, **kwargs)
     hidden = out[0]
     # The head's terms see every position, as the head itself would (the same dropout draws).
     weight, bias, low_rank = head_terms(model.get_output_embeddings(), hidden)
@@ -82,14 +106,14 @@ def _chunked_forward(model: nn.Module, *args: Any, labels: Any = None, **kwargs:
         low_rank = None if low_rank is None else (low_rank[0][:, :-1], low_rank[1])
     else:  # already aligned with the positions
         targets = shift_labels
-    loss = chunked_cross_entropy(hidden, weight, targets.to(hidden.device), bias, chunk=model.__dict__[CHUNK],
-                                 low_rank=low_rank, reduction="sum" if items is not None else "mean")  # fmt: skip
+    loss = chunked_cross_entropy(hidden, weight, targets.to(hidden.device), bias, chunk=chunk, low_rank=low_rank,
+                                 reduction="sum" if items is not None else "mean")  # fmt: skip
     if items is not None:
         loss = loss / items
-    result = CausalLMOutputWithPast(loss=loss, logits=None, past_key_values=getattr(out, "past_key_values", None),
-                                    hidden_states=getattr(out, "hidden_states", None),
-                                    attentions=getattr(out, "attentions", None))  # fmt: skip
-    return result.to_tuple() if tuples else result
+    rest = {k: getattr(out, k, None) for k in ("past_key_values", "hidden_states", "attentions")}
+    if tuples:  # the model's own tuple layout, with None where the logits would be
+        return (loss, None, *(v for v in rest.values() if v is not None))
+    return CausalLMOutputWithPast(loss=loss, logits=None, **rest)
 
 
 def head_problem(head: nn.Module, call: bool = False) -> nn.Module:
@@ -102,14 +126,19 @@ def head_problem(head: nn.Module, call: bool = False) -> nn.Module:
     if isinstance(inner, LoraLayer):
         if isinstance(inner, LoraLinear) and inner.variant == "lora" and type(inner.base_layer) is nn.Linear:
             return inner
-        what = f"a {type(inner).__name__} on a {type(inner.base_layer).__name__}"
+        what = f"a {type(inner).__name__} on a {_qualified(inner.base_layer)}"
     elif type(inner) is nn.Linear:
         return inner
     else:
-        what = f"a {type(inner).__name__}"
+        what = f"a {_qualified(inner)}"
     when = "now " if call else ""
-    raise InputError(f"use_chunked_loss: the output head is {when}{what}; allowed: an nn.Linear, plain LoRA on one, "
-                     "or a modules_to_save copy of one")  # fmt: skip
+    raise InputError(f"use_chunked_loss: the output head is {when}{what}; allowed: torch's nn.Linear, plain LoRA "
+                     "on one, or a modules_to_save copy of one")  # fmt: skip
+
+
+def _qualified(module: nn.Module) -> str:
+    kind = type(module)
+    return kind.__name__ if kind.__module__.startswith("torch.nn") else f"{kind.__module__}.{kind.__qualname__}"
 
 
 def head_terms(head: nn.Module, hidden: Any) -> tuple[Any, Any, tuple[Any, Any] | None]:

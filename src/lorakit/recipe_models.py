@@ -104,6 +104,10 @@ def check_model_values(spec: dict[str, Any]) -> None:
         raise RecipeError("[model] checkpoint_keep applies with gradient_checkpointing = true")
     check_type("model", spec, "chunked_loss", "true, false or rows per chunk (an integer >= 1)",
                lambda v: isinstance(v, bool) or is_whole(v, 1))  # fmt: skip
+    if "factory" not in spec:  # a factory takes the section's other keys as its arguments
+        check_keys("model", spec, {"factory", "hf_pretrained", "hf_config", "attn_implementation", *COMMON_KEYS})
+        check_type("model", spec, "attn_implementation", "a transformers attention name such as 'sdpa' or 'eager'",
+                   lambda v: isinstance(v, str) and bool(v))  # fmt: skip
 
 
 def build_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
@@ -166,9 +170,6 @@ def _base_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
             raise RecipeError(f"[model] factory {ref!r} returned {type(built).__name__}; "
                               "expected an nn.Module or (nn.Module, tokenizer)")  # fmt: skip
         return model, tokenizer
-    check_keys("model", spec, {"factory", "hf_pretrained", "hf_config", "attn_implementation", *COMMON_KEYS})
-    check_type("model", spec, "attn_implementation", "a transformers attention name such as 'sdpa' or 'eager'",
-               lambda v: isinstance(v, str) and bool(v))  # fmt: skip
     attention = {"attn_implementation": spec["attn_implementation"]} if "attn_implementation" in spec else {}
     if spec.get("hf_pretrained"):
         try:
