@@ -21,7 +21,6 @@ transformers 5, ``gradient_checkpointing_enable``) with ``use_reentrant=False`` 
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -31,6 +30,7 @@ from torch import nn
 from torch.utils import checkpoint as torch_checkpoint
 
 from .errors import InputError
+from .instance_forward import InstanceForward
 
 #: what ``keep`` may name, and the aten ops whose outputs are then stored instead of recomputed
 KEEPABLE: dict[str, tuple[str, ...]] = {
@@ -114,7 +114,7 @@ def enable_checkpointing(
         for block in wrapped:
             if id(block) not in inside:
                 raise InputError(f"enable_checkpointing: a {type(block).__name__} in blocks is not part of the model")
-            _wrap(block, kwargs, names)
+            CheckpointedForward.install(block, names, kwargs)
         return model
     enable = getattr(model, "activation_checkpointing_enable", None)
     if callable(enable):
@@ -141,42 +141,25 @@ def is_checkpointing(model: nn.Module) -> bool:
 CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past")
 
 
-class CheckpointedForward:
-    """A block's ``forward`` while it is checkpointed. A callable object rather than a closure:
-    ``copy.deepcopy`` and ``pickle`` carry it, bound to the copy. ``previous`` is an instance-level
-    forward that was there before (another library's hook), else None."""
+class CheckpointedForward(InstanceForward):
+    """A block's ``forward`` while it is checkpointed (``lorakit.instance_forward``)."""
 
     def __init__(self, block: nn.Module, previous: Any, keep: tuple[str, ...], kwargs: dict[str, Any] | None) -> None:
-        self.block, self.previous, self.keep = block, previous, keep
+        super().__init__(block, previous)
+        self.keep = keep
         self.kwargs = kwargs if kwargs is not None else checkpoint_kwargs(keep)  # shared by a model's blocks
-        self.__signature__ = inspect.signature(self.plain())
-
-    def plain(self) -> Any:
-        return self.previous if self.previous is not None else type(self.block).forward.__get__(self.block)
-
-    def restore(self) -> None:
-        if self.previous is not None:
-            self.block.forward = self.previous
-        else:
-            del self.block.forward
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (CheckpointedForward, (self.block, self.previous, self.keep, None))  # the policy is rebuilt
+        return (CheckpointedForward, (self.module, self.previous, self.keep, None))  # the policy is rebuilt
 
     def __call__(self, *args: Any, **kw: Any) -> Any:
-        if not (self.block.training and torch.is_grad_enabled()):
+        if not (self.module.training and torch.is_grad_enabled()):
             return self.plain()(*args, **kw)
         if any(kw.get(name) is not None for name in CACHE_ARGS) or kw.get("use_cache"):
-            raise InputError(f"a checkpointed {type(self.block).__name__} was asked to fill a key/value cache while "
+            raise InputError(f"a checkpointed {type(self.module).__name__} was asked to fill a key/value cache while "
                              "training, which its recomputation would fill twice; pass use_cache=False (or set "
                              "model.config.use_cache = False)")  # fmt: skip
         return torch_checkpoint.checkpoint(self.plain(), *args, **self.kwargs, **kw)
-
-
-def _wrap(block: nn.Module, kwargs: dict[str, Any], keep: tuple[str, ...]) -> None:
-    current = block.__dict__.get("forward")
-    previous = current.previous if isinstance(current, CheckpointedForward) else current
-    block.forward = CheckpointedForward(block, previous, keep, kwargs)
 
 
 def disable_checkpointing(model: nn.Module) -> nn.Module:

@@ -17,13 +17,13 @@ scale or cap their logits are refused, and so are heads whose output the loss ca
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 from torch import nn
 
 from .chunked_loss import DEFAULT_CHUNK, chunked_cross_entropy
 from .errors import InputError
+from .instance_forward import InstanceForward
 from .layers import LoraLayer, LoraLinear, ModulesToSave
 
 #: config attributes that change logits after the head: the chunked loss would not apply them
@@ -55,39 +55,24 @@ def use_chunked_loss(model: nn.Module, chunk: int | None = DEFAULT_CHUNK) -> nn.
     if changed:
         raise InputError(f"use_chunked_loss: {type(model).__name__} changes its logits after the head ({changed}); "
                          "the chunked loss would not")  # fmt: skip
-    if isinstance(current, ChunkedLossForward):
-        current.chunk = chunk
-    else:
-        model.forward = ChunkedLossForward(model, current, chunk)
+    ChunkedLossForward.install(model, chunk)
     return model
 
 
-class ChunkedLossForward:
-    """``model.forward`` while the chunked loss is on. A callable object rather than a closure:
-    ``copy.deepcopy`` and ``pickle`` carry it, bound to the copy. Its signature is the model's own
-    (Hugging Face ``Trainer`` keeps the dataset columns the forward names). ``previous`` is an
-    instance-level forward that was there before (another library's hook), else None."""
+class ChunkedLossForward(InstanceForward):
+    """``model.forward`` while the chunked loss is on (``lorakit.instance_forward``)."""
 
     def __init__(self, model: nn.Module, previous: Any, chunk: int) -> None:
-        self.model, self.previous, self.chunk = model, previous, chunk
-        self.__signature__ = inspect.signature(self.plain())
-
-    def plain(self) -> Any:
-        return self.previous if self.previous is not None else type(self.model).forward.__get__(self.model)
-
-    def restore(self) -> None:
-        if self.previous is not None:
-            self.model.forward = self.previous
-        else:
-            del self.model.forward
+        super().__init__(model, previous)
+        self.chunk = chunk
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (ChunkedLossForward, (self.model, self.previous, self.chunk))
+        return (ChunkedLossForward, (self.module, self.previous, self.chunk))
 
     def __call__(self, *args: Any, labels: Any = None, **kwargs: Any) -> Any:
         if labels is None:
             return self.plain()(*args, **kwargs)
-        return _chunked_loss_forward(self.model, self.chunk, args, labels, kwargs)
+        return _chunked_loss_forward(self.module, self.chunk, args, labels, kwargs)
 
 
 def _chunked_loss_forward(model: nn.Module, chunk: int, args: tuple, labels: Any, kwargs: dict[str, Any]) -> Any:
