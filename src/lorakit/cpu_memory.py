@@ -9,11 +9,11 @@ tensors peak at 4,175 MB with lorakit and 4,196 MB with PEFT, the resident size 
 6,577 MB; at 4,096 tokens with checkpointing and the chunked loss, 3,694 MB resident for about
 1.5 GB of live tensors (``benchmarks/long_sequence.py``).
 
-:func:`trim_cpu_heap` hands the free heap back to the system (``malloc_trim``) at the boundaries of
-a model's blocks (after each block's forward and after its backward, which under checkpointing
-follows the block's recomputation), whenever more than ``min_free`` bytes sit free. The price is page faults when that
-memory is used again; measured, the step above was 7% slower at 4,096 tokens and 6% faster at
-2,048 tokens without checkpointing (the heap no longer grows). glibc only; elsewhere it does
+:func:`trim_cpu_heap` hands the free heap back to the system (``malloc_trim``) at the boundaries
+of a model's blocks (after each block's forward and after its backward, which under checkpointing
+follows the block's recomputation), whenever more than ``min_free`` bytes sit free. The price is
+page faults when that memory is used again; single steps on 2 cores measured from 6% faster
+(2,048 tokens, where the heap no longer grows) to 8% slower. glibc only; elsewhere it does
 nothing. :func:`heap_in_use` and :func:`heap_free` read glibc's own counts.
 """
 
