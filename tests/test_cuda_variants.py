@@ -1,5 +1,6 @@
 """The newer adapter kinds on a CUDA device: parameter targets (expert stacks), trainable tokens and
-nn.MultiheadAttention give the CPU's outputs and gradients, and their files cross devices.
+nn.MultiheadAttention give the CPU's outputs and gradients, and their files cross devices; so do
+the long-sequence memory options (chunked loss, checkpointing that keeps the attention, heap trim).
 
 Marked ``cuda`` and skipped without a CUDA device (``pytest -m cuda`` on a GPU machine). TF32 is
 off, so float32 means IEEE float32 and the tolerances come from ``tests/tolerance.py``.
@@ -85,3 +86,42 @@ def test_trainable_tokens_and_multihead_attention_on_cuda(tmp_path):
         lk.load_adapter(back, tmp_path)
     with torch.no_grad():
         assert torch.equal(back.eval()(ids), model.eval()(ids))
+
+
+# ------------------------------------------------------------------------------ memory options (#21)
+def _memory_lm():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=211)  # fmt: skip
+    model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")
+    lk.inject(model, lk.LoraConfig(r=4, target_modules=["q_proj", "v_proj", "lm_head"]))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+    return model.train()
+
+
+def _lm_loss_and_grads(model, ids):
+    params = [p for p in model.parameters() if p.requires_grad]
+    loss = model(input_ids=ids, labels=ids).loss
+    return loss, torch.autograd.grad(loss, params)
+
+
+def test_the_memory_options_give_the_cpus_loss_and_gradients_on_cuda():
+    cpu = _memory_lm()
+    ids = torch.randint(0, 211, (2, 33), generator=torch.Generator().manual_seed(1))
+    want, want_grads = _lm_loss_and_grads(cpu, ids)
+    gpu = copy.deepcopy(cpu).cuda()
+    lk.use_chunked_loss(gpu, chunk=16)
+    lk.enable_checkpointing(gpu, keep=("attention",))
+    lk.trim_cpu_heap(gpu)
+    got, grads = _lm_loss_and_grads(gpu, ids.cuda())
+    assert_close(got.cpu(), want, reduction=211, magnitude=want.detach().abs(), depth=4)
+    for g, w in zip(grads, want_grads, strict=True):
+        assert_close(g.cpu(), w, reduction=211 * 64, depth=6)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        loss = gpu(input_ids=ids.cuda(), labels=ids.cuda()).loss
+    assert loss.dtype == torch.float32
+    assert_close(loss.cpu(), want, reduction=211 * 64, magnitude=want.detach().abs(), depth=6, dtype=torch.bfloat16)
