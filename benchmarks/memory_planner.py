@@ -14,7 +14,6 @@ growth of the resident set (which also keeps freed pages and the allocator's sla
 
 from __future__ import annotations
 
-import ctypes
 import json
 import subprocess
 import sys
@@ -25,20 +24,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import apply_method, batch, build_model, current_rss_mb, machine, peak_rss_mb, save
 
+from lorakit.cpu_memory import heap_in_use  # glibc's live bytes (mallinfo2)
+
 TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"], "llama": "all-linear"}
-
-
-class _MallInfo2(ctypes.Structure):
-    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
-                                                "fsmblks", "uordblks", "fordblks", "keepcost")]  # fmt: skip
-
-
-def _live_heap() -> int:
-    """Bytes the C allocator has handed out and not taken back (small blocks + mmapped ones)."""
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallinfo2.restype = _MallInfo2
-    info = libc.mallinfo2()
-    return info.uordblks + info.hblkhd
 
 
 def _train_step(model, ids, opt, sample, after_step=None) -> None:
@@ -59,11 +47,11 @@ def worker(name: str, method: str) -> dict:
 
     from lorakit import planner
 
-    start, heap_start = current_rss_mb(), _live_heap()
+    start, heap_start = current_rss_mb(), heap_in_use()
     peak = [heap_start]
 
     def sample(*_: object) -> None:
-        peak[0] = max(peak[0], _live_heap())
+        peak[0] = max(peak[0], heap_in_use())
 
     model = apply_method(build_model(name), name, method).train()
     for module in model.modules():
@@ -143,11 +131,11 @@ def llm_worker(name: str, checkpointing: bool, chunked: bool = False, keep: bool
     inject(warm, LoraConfig(r=2, target_modules="all-linear"))
     warm(input_ids=torch.zeros(1, 4, dtype=torch.long), labels=torch.zeros(1, 4, dtype=torch.long)).loss.backward()
     del warm
-    heap_start = _live_heap()
+    heap_start = heap_in_use()
     peak = [heap_start]
 
     def sample(*_: object) -> None:
-        peak[0] = max(peak[0], _live_heap())
+        peak[0] = max(peak[0], heap_in_use())
 
     torch.manual_seed(0)
     cfg = transformers.AutoConfig.for_model(**config)

@@ -5,7 +5,6 @@ process (``benchmarks/memory_planner.py --llm-worker``), must be planned within 
 
 from __future__ import annotations
 
-import ctypes
 import json
 import subprocess
 import sys
@@ -13,18 +12,13 @@ from pathlib import Path
 
 import pytest
 
+from lorakit.cpu_memory import heap_in_use
+
 pytest.importorskip("transformers")
 WORKER = Path(__file__).resolve().parents[1] / "benchmarks" / "memory_planner.py"
 
 
-def _has_mallinfo2() -> bool:
-    try:
-        return hasattr(ctypes.CDLL("libc.so.6"), "mallinfo2")
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not (sys.platform == "linux" and _has_mallinfo2()), reason="peaks come from glibc's mallinfo2")
+@pytest.mark.skipif(heap_in_use() is None, reason="peaks come from glibc's mallinfo2")
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["stored", "checkpointed"])
 @pytest.mark.parametrize("model", ["llama", "qwen2", "mixtral", "llama-vocab-256", "llama+chunked-loss",
                                    "llama+keep"])

@@ -131,8 +131,11 @@ def enable_checkpointing(
 
 def is_checkpointing(model: nn.Module) -> bool:
     """Whether ``model`` (a transformers model) or one of its modules (``blocks``) is checkpointed."""
-    if any(isinstance(m.__dict__.get("forward"), CheckpointedForward) for m in model.modules()):
-        return True
+    blocks = any(isinstance(m.__dict__.get("forward"), CheckpointedForward) for m in model.modules())
+    return blocks or _transformers_checkpointing(model)
+
+
+def _transformers_checkpointing(model: nn.Module) -> bool:
     new = hasattr(type(model), "is_activation_checkpointing")  # transformers 5 renamed it
     return bool(getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False))
 
@@ -169,7 +172,7 @@ def disable_checkpointing(model: nn.Module) -> nn.Module:
         current = module.__dict__.get("forward")
         if isinstance(current, CheckpointedForward):
             current.restore()
-    new = hasattr(type(model), "is_activation_checkpointing")
-    if getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False):
-        (model.activation_checkpointing_disable if new else model.gradient_checkpointing_disable)()
+    if _transformers_checkpointing(model):
+        disable = getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable
+        disable()
     return model

@@ -37,12 +37,17 @@ from .errors import InputError
 DEFAULT_CHUNK = 1024
 
 
-def _chunk_logits(h: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, low: torch.Tensor | None,
-                  low_weight: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
-    z = h.float() @ weight.float().t()
+def _chunk_logits(rows: slice, h: torch.Tensor, w32: torch.Tensor, bias: torch.Tensor | None,
+                  low: torch.Tensor | None, low_w32: torch.Tensor | None) -> torch.Tensor:  # fmt: skip
+    """One chunk's float32 logits; ``w32`` and ``low_w32`` are the heads in float32 (cast once per pass)."""
+    z = h[rows].float() @ w32.t()
     if low is not None:
-        z.addmm_(low.float(), low_weight.float().t())
+        z.addmm_(low[rows].float(), low_w32.t())
     return z + bias.float() if bias is not None else z
+
+
+def _float32(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    return tuple(None if t is None else t.float() for t in tensors)
 
 
 def _row_losses(z: torch.Tensor, y: torch.Tensor, keep: torch.Tensor, smoothing: float) -> tuple[torch.Tensor, ...]:
@@ -89,16 +94,16 @@ class _Grads:
         self.low = torch.empty(low.shape, **f32) if need_low else None
         self.low_w = torch.zeros(low_weight.shape, **f32) if need_low_w else None
 
-    def add(self, dz: torch.Tensor, rows: slice, h: torch.Tensor, weight: torch.Tensor, low: torch.Tensor | None,
-            low_weight: torch.Tensor | None) -> None:  # fmt: skip
+    def add(self, dz: torch.Tensor, rows: slice, h: torch.Tensor, w32: torch.Tensor, low: torch.Tensor | None,
+            low_w32: torch.Tensor | None) -> None:  # fmt: skip
         if self.h is not None:
-            torch.mm(dz, weight.float(), out=self.h[rows])
+            torch.mm(dz, w32, out=self.h[rows])
         if self.w is not None:
             self.w.addmm_(dz.t(), h[rows].float())
         if self.b is not None:
             self.b += dz.sum(0)
         if self.low is not None:
-            torch.mm(dz, low_weight.float(), out=self.low[rows])
+            torch.mm(dz, low_w32, out=self.low[rows])
         if self.low_w is not None:
             self.low_w.addmm_(dz.t(), low[rows].float())
 
@@ -122,9 +127,10 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
                 smoothing: float) -> torch.Tensor:  # fmt: skip
         losses = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
         lse_all = torch.zeros(h.shape[0], dtype=torch.float32, device=h.device)
+        w32, low_w32 = _float32(weight, low_weight)
         for start in range(0, h.shape[0], chunk):
             rows = slice(start, start + chunk)
-            z = _chunk_logits(h[rows], weight, bias, None if low is None else low[rows], low_weight)
+            z = _chunk_logits(rows, h, w32, bias, low, low_w32)
             losses[rows], lse_all[rows] = _row_losses(z, labels[rows], labels[rows] != ignore_index, smoothing)
         ctx.save_for_backward(h, weight, bias, low, low_weight, labels, lse_all)
         ctx.chunk, ctx.ignore_index, ctx.smoothing = chunk, ignore_index, smoothing
@@ -136,12 +142,13 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
         h, weight, bias, low, low_weight, labels, lse_all = ctx.saved_tensors
         grads = _Grads(ctx.needs_input_grad, h, weight, low, low_weight)
         with torch.autocast(h.device.type, enabled=False):  # float32, as in the forward
+            w32, low_w32 = _float32(weight, low_weight)
             for start in range(0, h.shape[0], ctx.chunk):
                 rows = slice(start, start + ctx.chunk)
                 y = labels[rows]
-                z = _chunk_logits(h[rows], weight, bias, None if low is None else low[rows], low_weight)
+                z = _chunk_logits(rows, h, w32, bias, low, low_w32)
                 scale = grad_losses[rows].float() * (y != ctx.ignore_index)
-                grads.add(_logit_grad_(z, lse_all[rows], y, scale, ctx.smoothing), rows, h, weight, low, low_weight)
+                grads.add(_logit_grad_(z, lse_all[rows], y, scale, ctx.smoothing), rows, h, w32, low, low_w32)
         return (*grads.result(_dtypes(h, weight, bias, low, low_weight)), None, None, None, None)
 
 
@@ -156,15 +163,16 @@ class _SummedCrossEntropy(torch.autograd.Function):
                 smoothing: float, needs: tuple[bool, ...]) -> torch.Tensor:  # fmt: skip
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         grads = _Grads(needs, h, weight, low, low_weight)
+        w32, low_w32 = _float32(weight, low_weight)
         for start in range(0, h.shape[0], chunk):
             rows = slice(start, start + chunk)
             y = labels[rows]
             keep = y != ignore_index
-            z = _chunk_logits(h[rows], weight, bias, None if low is None else low[rows], low_weight)
+            z = _chunk_logits(rows, h, w32, bias, low, low_w32)
             losses, lse = _row_losses(z, y, keep, smoothing)
             total += losses.sum()
             if any(needs):
-                grads.add(_logit_grad_(z, lse, y, keep.float(), smoothing), rows, h, weight, low, low_weight)
+                grads.add(_logit_grad_(z, lse, y, keep.float(), smoothing), rows, h, w32, low, low_w32)
         ctx.grads, ctx.dtypes = grads, _dtypes(h, weight, bias, low, low_weight)
         return total
 

@@ -110,6 +110,12 @@ def check_model_values(spec: dict[str, Any]) -> None:
                    lambda v: isinstance(v, str) and bool(v))  # fmt: skip
 
 
+def loss_chunk(spec: dict[str, Any]) -> int | None:
+    """Rows per chunk of the chunked loss that ``[model] chunked_loss`` asks for (None: the model's own loss)."""
+    chunk = spec.get("chunked_loss", False)
+    return None if chunk is False else DEFAULT_CHUNK if chunk is True else int(chunk)
+
+
 def build_model(spec: dict[str, Any]) -> tuple[nn.Module, Any]:
     """The base model and its tokenizer (None for byte-level text or classification), in the
     section's ``dtype``, quantized and checkpointing as it says."""
@@ -148,10 +154,10 @@ def _prepared(model: nn.Module, options: dict[str, Any]) -> nn.Module:
                               f"(got {type(model).__name__})")  # fmt: skip
         # Non-reentrant: the frozen embeddings' output needs no gradient for the adapters inside to get one.
         enable_checkpointing(model, options.get("checkpoint_keep"))
-    chunk = options.get("chunked_loss", False)
-    if chunk is not False:
+    chunk = loss_chunk(options)
+    if chunk is not None:
         try:
-            use_chunked_loss(model, DEFAULT_CHUNK if chunk is True else int(chunk))
+            use_chunked_loss(model, chunk)
         except InputError as err:
             raise RecipeError(f"[model] chunked_loss: {err}") from None
     return model

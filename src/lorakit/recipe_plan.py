@@ -3,7 +3,8 @@
 The plan reads the model's ``config.json`` (``hf_pretrained`` or ``hf_config``) and the recipe's
 ``[model] dtype / quantize / gradient_checkpointing / checkpoint_keep / attn_implementation /
 chunked_loss``, ``[lora] r / target_modules``, ``[train] batch_size`` and ``[data] seq``, and asks
-``lorakit.planner`` for weights + adapter (fp32 weight, gradient, two AdamW moments) + activations of one micro-batch.
+``lorakit.planner`` for weights + adapter (fp32 weight, gradient, two AdamW moments) + activations
+of one micro-batch.
 It compares the total with the memory the run's device has free: ``MemAvailable`` of
 ``/proc/meminfo`` on CPU, ``torch.cuda.mem_get_info`` on CUDA. A run whose plan exceeds that by
 more than ``REFUSE_ABOVE`` is refused before it builds anything, unless forced: the estimate is
@@ -19,13 +20,12 @@ from typing import Any
 
 import torch
 
-from .chunked_loss import DEFAULT_CHUNK
 from .config import LoraConfig
 from .errors import InputError
 from .files import resolve_model_folder
 from .memory_estimate import GB, MemoryEstimate, format_report
 from .planner import CONFIG_DTYPES, estimate_memory
-from .recipe_models import check_model_values
+from .recipe_models import check_model_values, loss_chunk
 from .trainer import TrainerConfig
 
 #: a plan above this multiple of the free memory is refused unless forced
@@ -102,8 +102,7 @@ def plan_recipe(cfg: dict[str, Any], lora: LoraConfig, device: torch.device) -> 
     options = {"method": method, "dtype": dtype, "r": lora.r, "targets": targets, "compute_dtype": dtype}
     eager = model.get("attn_implementation") == "eager"
     checkpointing = bool(model.get("gradient_checkpointing", False))
-    chunk = model.get("chunked_loss", False)
-    options["loss_chunk"] = None if chunk is False else DEFAULT_CHUNK if chunk is True else int(chunk)
+    options["loss_chunk"] = loss_chunk(model)
     options["checkpoint_keep"] = tuple(model.get("checkpoint_keep", ())) if checkpointing else ()
     try:
         estimate = estimate_memory(config=path, batch=batch, seq=seq, checkpointing=checkpointing, eager=eager or None,

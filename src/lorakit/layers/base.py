@@ -322,13 +322,16 @@ class LoraLayer(nn.Module):
             return None
         return name
 
+    def further_adapters(self) -> tuple[str, ...]:
+        """The adapters that run after :meth:`adapter_to_run`, their outputs added (``set_adapter([a, b])``)."""
+        return () if self.adapters_disabled or self.merged_adapters else self.also_active
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.route is not None and not self.adapters_disabled:
             return self.route.forward(self, x, *args, **kwargs)
         out = self.forward_with(self.adapter_to_run(), x, *args, **kwargs)
-        if self.also_active and not self.adapters_disabled and not self.merged_adapters:
-            for name in self.also_active:  # set_adapter([a, b, ...]): the further adapters' outputs
-                out = accumulate(out, self.adapter_delta(x, name), self.owns_output())
+        for name in self.further_adapters():  # set_adapter([a, b, ...]): the further adapters' outputs
+            out = accumulate(out, self.adapter_delta(x, name), self.owns_output())
         return out
 
     def forward_with(self, name: str | None, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -114,10 +114,8 @@ class LoraLinear(LoraLayer):
         if self.fan_in_fan_out or type(self.base_layer) is not nn.Linear or self.variant != "lora":
             raise InputError(f"{type(self).__name__} on a {type(self.base_layer).__name__}: low-rank terms are "
                              "given for plain LoRA on an nn.Linear only")  # fmt: skip
-        first = self.adapter_to_run()  # what forward runs: this, then the further active adapters
-        names = [first] if first is not None else []
-        if self.also_active and not self.adapters_disabled and not self.merged_adapters:
-            names += list(self.also_active)
+        first = self.adapter_to_run()  # what forward runs, in its order
+        names = [*([first] if first is not None else []), *self.further_adapters()]
         if not names:
             return None, None, None
         ts, Bs, bias = [], [], None
