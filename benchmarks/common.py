@@ -52,31 +52,46 @@ def build_model(name: str) -> nn.Module:
 TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"], "llama": "all-linear", "smollm2": "all-linear"}
 
 
-def apply_method(model: nn.Module, model_name: str, method: str, r: int = 8) -> nn.Module:
-    """``full``: every parameter trains; ``lorakit`` / ``peft``: LoRA r=8, alpha 16 (``lorakit-dora`` /
+def apply_method(model: nn.Module, model_name: str, method: str, r: int = 8, dropout: float = 0.0) -> nn.Module:
+    """``full``: every parameter trains; ``lorakit`` / ``peft``: LoRA r=8, alpha 16, input dropout
+    ``dropout`` (``lorakit-dora`` /
     ``peft-dora``: the same as DoRA); ``floor``: the
     whole model frozen and only the input embeddings' output needing a gradient, i.e. the forward
     and input-gradient backward that any LoRA step must do, with no adapter at all."""
     targets = TARGETS[model_name]
     if method == "full":
         return model
-    if method == "floor":
+    if method in ("floor", "floor-saved"):
         model.requires_grad_(False)
         emb = model.get_input_embeddings()
         emb.register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
+        if method == "floor-saved":  # ... and each would-be adapted layer's input held until its backward
+            import lorakit as lk
+            from lorakit.injection import find_targets
+
+            for name in find_targets(model, lk.LoraConfig(r=r, alpha=2.0 * r, target_modules=targets)):
+                model.get_submodule(name).register_forward_hook(_hold_input)
         return model
     if method in ("lorakit", "lorakit-dora"):
         import lorakit as lk
 
-        config = lk.LoraConfig(r=r, alpha=2.0 * r, target_modules=targets, use_dora=method.endswith("dora"))
+        config = lk.LoraConfig(r=r, alpha=2.0 * r, target_modules=targets, use_dora=method.endswith("dora"),
+                               dropout=dropout)  # fmt: skip
         return lk.inject(model, config)
     if method in ("peft", "peft-dora"):
         import peft
 
         cfg = peft.LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, fan_in_fan_out=model_name == "gpt2",
-                              use_dora=method.endswith("dora"))  # fmt: skip
+                              use_dora=method.endswith("dora"), lora_dropout=dropout)  # fmt: skip
         return peft.get_peft_model(model, cfg)
     raise ValueError(f"unknown method {method!r}")
+
+
+def _hold_input(module: nn.Module, inputs: tuple, out: torch.Tensor) -> None:
+    """Keep ``inputs[0]`` alive for as long as ``out``'s part of the graph (the closure of a
+    gradient hook): what a LoRA layer saves for ∂L/∂A, with no adapter arithmetic."""
+    if out.requires_grad:
+        out.register_hook(lambda grad, kept=inputs[0]: None)
 
 
 def batch(seed: int = 0) -> torch.Tensor:

@@ -2,20 +2,22 @@
 
 For ``x ∈ R^{N×in}``, frozen ``W0`` and adapter factors ``A ∈ R^{r×in}``, ``B ∈ R^{out×r}``::
 
-    h = dropout(x)            (mask m, keep probability q = 1 − p; h = x ⊙ m / q)
-    t = h Aᵀ                  [N, r]
-    y = x W0ᵀ + b + s · t Bᵀ   one GEMM for the base, one rank-r ``addmm_`` (alpha = s) into its output
+    h  = dropout(x)            (mask m, keep probability q = 1 − p; h = x ⊙ m / q)
+    ts = s · h Aᵀ              [N, r]: the scale (and 1/q) on the smallest tensor on the path
+    y  = x W0ᵀ + b + ts Bᵀ      one GEMM for the base, one rank-r product added into its output
 
 Backward, given ``g = ∂L/∂y`` (no gradient is ever formed for a frozen ``W0``)::
 
-    ∂L/∂B = s · gᵀ t           [out, r]
+    ∂L/∂B = gᵀ ts              [out, r]
     u     = s · g B            [N, r]
     ∂L/∂A = uᵀ h               [r, in]
-    ∂L/∂x = g W0 + (u A) ⊙ m / q     (no dropout: one ``addmm_`` into ``g W0``)
+    ∂L/∂x = g W0 + (u A) ⊙ m / q     (no dropout: added straight into ``g W0``)
 
-The rank-r products are arranged so that the long dimension ``N`` is contiguous (see backward).
+The base GEMMs are torch's own (the same kernel as the frozen layer's, so a fresh adapter is
+bitwise the base); the six rank-r products go through :mod:`lorakit.low_rank_ops`, which picks
+the faster CPU kernel for skinny shapes.
 
-Saved for backward: the input (which the base layer needs anyway), the ``[N, r]`` tensor ``t``
+Saved for backward: the input (which the base layer needs anyway), the ``[N, r]`` tensor ``ts``
 and, with dropout, a one-byte mask instead of a second full-size copy of the input. Plain
 autograd would also keep ``h`` and ``t`` unscaled, and add two full-size tensors in each direction.
 
@@ -31,11 +33,30 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import low_rank_ops
+
 
 def _base(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_t: bool) -> torch.Tensor:
     if weight_t:
         return torch.addmm(bias, x2, weight) if bias is not None else x2 @ weight
     return F.linear(x2, weight, bias)
+
+
+def _low_rank_first(*tensors: torch.Tensor | None) -> bool:
+    """Whether the rank-r term can be formed first and the frozen GEMM accumulate onto it
+    (``C ← C + x W0ᵀ``, BLAS beta = 1) instead of adding it afterwards in a second pass over the
+    output. On the CPU the GEMM then runs the same kernel on the same inputs as the base layer's
+    own ``addmm(bias, x, W0ᵀ)`` (which starts from the bias the same way), so with ``B = 0`` the
+    output is bitwise the base's; CUDA's bias epilogue rounds differently, so not there."""
+    first = next(t for t in tensors if t is not None)
+    return all(t is None or (t.device.type == "cpu" and t.dtype == first.dtype) for t in tensors)
+
+
+def _onto(c: torch.Tensor, x2: torch.Tensor, weight: torch.Tensor, weight_t: bool, backward: bool) -> torch.Tensor:
+    """``c + x2 W0ᵀ`` (forward) or ``c + x2 W0`` (backward, ``x2`` the output gradient), summed by
+    the frozen GEMM into ``c``; ``weight_t``: the weight is stored [in, out] (``Conv1D``)."""
+    in_out = weight if weight_t else weight.T
+    return c.addmm_(x2, in_out.T if backward else in_out)
 
 
 # ------------------------------------------------------------------------------ dropout masks
@@ -81,12 +102,12 @@ def _dropout_mask(x2: torch.Tensor, p: float) -> torch.Tensor:
     return keep_mask(x2.shape, p, x2.device)
 
 
-def _add_low_rank(y: torch.Tensor, t: torch.Tensor, B: torch.Tensor, scaling: float) -> torch.Tensor:
-    """``y += s · t Bᵀ`` in place (the scale rides on the GEMM's alpha); with a half-precision
-    base the product is formed in the adapter's dtype and cast once."""
-    if y.dtype == t.dtype:
-        return y.addmm_(t, B.T, alpha=scaling)
-    return y.add_((t @ B.T).mul_(scaling).to(y.dtype))
+def _add_low_rank(y: torch.Tensor, ts: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``y += ts Bᵀ`` (``ts`` already scaled) in place; with a half-precision base the product is
+    formed in the adapter's dtype and cast once."""
+    if y.dtype == ts.dtype:
+        return y.addmm_(ts, B.T)
+    return y.add_((ts @ B.T).to(y.dtype))
 
 
 def _forward(
@@ -99,16 +120,17 @@ def _forward(
     p: float,
     weight_t: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The forward maths; returns ``(y, x2, t, mask)``, the last three for the backward."""
+    """The forward maths; returns ``(y, x2, ts, mask)``, the last three for the backward."""
     x2 = x.reshape(-1, x.shape[-1])
-    y = _base(x2, weight, bias, weight_t)
     mask = _dropout_mask(x2, p) if p > 0 else None
     h = x2 if mask is None else x2 * mask
-    t = h.to(A.dtype) @ A.T
-    if mask is not None:
-        t.mul_(1.0 / (1.0 - p))  # the 1/q scale on the [N, r] product, not on the full input
-    _add_low_rank(y, t, B, scaling)
-    return (y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])), x2, t, mask
+    # s and the dropout's 1/q ride on the [N, r] product, the smallest tensor on the path
+    ts = low_rank_ops.shrink(h.to(A.dtype), A).mul_(scaling / (1.0 - p) if mask is not None else scaling)
+    if _low_rank_first(x2, weight, bias, A):
+        y = _onto(low_rank_ops.widen(ts, B, bias), x2, weight, weight_t, backward=False)
+    else:
+        y = _add_low_rank(_base(x2, weight, bias, weight_t), ts, B)
+    return (y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])), x2, ts, mask
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -126,8 +148,8 @@ class LoraLinearFunction(torch.autograd.Function):
         p: float,
         weight_t: bool,
     ) -> torch.Tensor:
-        y, x2, t, mask = _forward(x, weight, bias, A, B, scaling, p, weight_t)
-        ctx.save_for_backward(x2, weight, A, B, t, mask)
+        y, x2, ts, mask = _forward(x, weight, bias, A, B, scaling, p, weight_t)
+        ctx.save_for_backward(x2, weight, A, B, ts, mask)
         ctx.scaling, ctx.p, ctx.weight_t = scaling, p, weight_t
         ctx.has_bias = bias is not None
         ctx.in_shape = x.shape
@@ -135,35 +157,27 @@ class LoraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x2, weight, A, B, t, mask = ctx.saved_tensors
+        x2, weight, A, B, ts, mask = ctx.saved_tensors
         need_x, need_w, need_b, need_a, need_bb = ctx.needs_input_grad[:5]
         g = grad_out.reshape(-1, grad_out.shape[-1])
         ga = g if g.dtype == A.dtype else g.to(A.dtype)
-        scale_in = 1.0 / (1.0 - ctx.p) if mask is not None else 1.0
 
-        # Both products below have a tiny inner or outer dimension r. Written as (r × N)·(N × out)
-        # rather than (out × N)·(N × r) they run 2-4x faster on CPU BLAS (measured: 1.75 → 0.47 ms
-        # for N=1024, out=1536, r=8), since the long dimension N is then the contiguous one.
-        grad_B = (t.T @ ga).T.mul(ctx.scaling) if need_bb else None
+        grad_B = low_rank_ops.grad_b(ts, ga) if need_bb else None  # gᵀ (s·t)
         u = None
-        if need_a or need_x:
-            u = (B.T @ ga.T).T.mul_(ctx.scaling)  # [N, r], a transposed view
+        if need_a or need_x:  # u = (s/q) · g B: ∂L/∂t with the dropout's 1/q folded in
+            u = low_rank_ops.project(ga, B).mul_(ctx.scaling / (1.0 - ctx.p) if mask is not None else ctx.scaling)
         grad_A = None
         if need_a:
-            h = x2 if mask is None else x2 * mask
-            grad_A = u.T @ h.to(A.dtype)
-            if mask is not None:
-                grad_A.mul_(scale_in)
+            grad_A = low_rank_ops.grad_a(u, (x2 if mask is None else x2 * mask).to(A.dtype))
         grad_x = None
         if need_x:
-            grad_x = g @ (weight.T if ctx.weight_t else weight)
-            if mask is None and grad_x.dtype == u.dtype:
-                grad_x.addmm_(u, A)
+            if _low_rank_first(g, weight, u):
+                low = low_rank_ops.widen(u, A.T)
+                grad_x = _onto(low if mask is None else low.mul_(mask), g, weight, ctx.weight_t, backward=True)
             else:
-                low = (u * scale_in if mask is not None else u) @ A  # scale on [N, r], mask on [N, in]
-                if mask is not None:
-                    low.mul_(mask)
-                grad_x.add_(low.to(grad_x.dtype))
+                grad_x = g @ (weight.T if ctx.weight_t else weight)
+                low = u @ A
+                grad_x.add_((low if mask is None else low.mul_(mask)).to(grad_x.dtype))
             grad_x = grad_x.reshape(ctx.in_shape)
         grad_w = None
         if need_w:  # only when the caller unfroze W0 on purpose
