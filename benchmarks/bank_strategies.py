@@ -72,9 +72,10 @@ def main() -> None:
                 mask = slot_mask(slots, slots_n, args.rank, A.dtype)
                 for tokens in args.tokens:
                     x = torch.randn(args.batch, tokens, n_in, generator=g)
-                    gathered = _time(lambda x=x, A=A, B=B, s=slots: bank_delta_gathered(x, A, B, s), args.reps)
+                    At = A.transpose(1, 2).contiguous()  # the bank's layout: A as [S, in, R]
+                    gathered = _time(lambda x=x, A=At, B=B, s=slots: bank_delta_gathered(x, A, B, s), args.reps)
                     dense = _time(lambda x=x, A=A, B=B, m=mask: bank_delta_dense(x, A, B, m), args.reps)
-                    a = bank_delta_gathered(x, A, B, slots)
+                    a = bank_delta_gathered(x, At, B, slots)
                     d = bank_delta_dense(x, A, B, mask)
                     assert torch.allclose(a, d, rtol=1e-4, atol=1e-3), (a - d).abs().max()
                     cell = {"in": n_in, "out": n_out, "slots": slots_n, "tokens": tokens}

@@ -99,6 +99,34 @@ def test_training_gradients_per_adapter_equal_training_alone(tokens):
     assert all("lora_" in n for n in mixed)
 
 
+def test_an_evaluation_inside_a_training_route_sees_each_optimizer_step():
+    """A route entered once around a training loop: forwards without autograd (evaluations) use
+    the factors as the optimizer last left them, frozen adapters included."""
+    torch.manual_seed(0)
+    model = SeedMLP()
+    _three_adapters(model, ["fc1", "fc2"])
+    lk.set_trainable(model, ["a", "b"])  # "c" stays frozen
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x = torch.randn(3, 784)
+    names = ["a", "b", "c"]
+    with lk.route(model, names):
+        outputs = []
+        for _ in range(2):
+            with torch.no_grad():
+                outputs.append(model.eval()(x))
+            model.train()
+            model(x).square().mean().backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            outputs.append(model.eval()(x))
+    with torch.no_grad():
+        for i, name in enumerate(names):
+            assert_close(outputs[-1][i : i + 1], _alone(model, name, x[i : i + 1]), **MLP)
+            changed = not torch.equal(outputs[0][i], outputs[-1][i])
+            assert changed == (name != "c"), name  # the trained rows moved, the frozen one did not
+
+
 def test_bank_follows_adapter_changes():
     torch.manual_seed(0)
     model = SeedMLP().eval()
@@ -163,7 +191,7 @@ def test_generate_with_beams_matches_each_prompt_alone():
         assert torch.equal(together[i : i + 1], alone), f"row {i} ({name})"
 
 
-@pytest.mark.parametrize("tokens", [1, 3])  # embedding_bag expand (decode) and batched GEMM expand
+@pytest.mark.parametrize("tokens", [1, 3])  # embedding_bag shrink and expand (decode), batched GEMMs
 def test_gathered_bank_equals_a_loop_over_rows(tokens):
     """The bank kernel against the definition: row b gets x_b A[k_b]ᵀ B[k_b], gradients too."""
     g = torch.Generator().manual_seed(0)
@@ -174,7 +202,7 @@ def test_gathered_bank_equals_a_loop_over_rows(tokens):
     slots = torch.randint(0, n_slots, (rows,), generator=g)
     want = torch.stack([x[b] @ A[k].T @ B[k] for b, k in enumerate(slots.tolist())])
     want_grads = torch.autograd.grad(want.square().sum(), (A, B))
-    got = lk.bank.bank_delta_gathered(x, A, B, slots)
+    got = lk.bank.bank_delta_gathered(x, A.transpose(1, 2), B, slots)  # the bank holds A as [S, in, R]
     assert_close(got, want, reduction=n_in, depth=2)
     grads = torch.autograd.grad(got.square().sum(), (A, B))
     for a, b in zip(grads, want_grads, strict=True):

@@ -12,6 +12,9 @@ A bank of linear adapters is applied to rows ``x_b`` by gathering (BGMV-style)::
 
     t_b = x_b A[k_b]ᵀ   (shrink to rank R),    y_b = t_b B[k_b]   (expand)
 
+with ``A`` stored transposed (``[S, in, R]``) so that, at decode, the shrink is a weighted sum of
+rows of the flattened bank like the expand.
+
 ``benchmarks/bank_strategies.py`` measures the alternative that needs no gather, one GEMM against
 every slot's ``A`` with the other slots' columns masked to zero: on CPU it loses at every size
 measured (0.02-0.76x), since it does ``S`` times the arithmetic.
@@ -19,10 +22,20 @@ measured (0.02-0.76x), since it does ``S`` times the arithmetic.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from .functional import keep_mask
+
+
+def bag_indices(slots: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows ``k_b·size + j`` (``j < size``) of a bank flattened to ``[S·size, ...]``, and each row's
+    bag offset: the ``embedding_bag`` arguments that make row ``b`` read slot ``k_b``."""
+    rows = (slots.unsqueeze(1) * size + torch.arange(size, device=slots.device)).reshape(-1)
+    return rows, torch.arange(0, slots.shape[0] * size, size, device=slots.device)
+
 
 
 def pad_rank(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
@@ -58,20 +71,22 @@ def routed_input_dropout(h: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
 
 def bank_delta_gathered(
     x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor,
-    bags: tuple[torch.Tensor, torch.Tensor] | None = None,
+    bags: Callable[[torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] = bag_indices,
 ) -> torch.Tensor:  # fmt: skip
-    """Each row's own factors gathered from the banks (``A [S, R, in]``, ``B [S, R, out]``), then a
-    batched shrink and expand. With one token per row the expand is a weighted ``embedding_bag``
-    over the rows ``k_b·R + j`` of the flattened ``B`` bank (``bags``: those rows and offsets)."""
-    t = torch.bmm(x, A.index_select(0, slots).transpose(1, 2))  # shrink: [b, L, R]
+    """Row ``b``'s own factors from the banks (``A [S, in, R]``, stored transposed; ``B [S, R, out]``).
+
+    Several tokens per row: each row's factors gathered, then a batched shrink and expand. One token
+    per row (decode): no gathered copy at all; both products are weighted ``embedding_bag`` sums
+    over the flattened banks, the row's input weighting rows ``k_b·in + i`` of ``A`` ([S·in, R])
+    and then ``t_b`` weighting rows ``k_b·R + j`` of ``B``, so each row reads its slot's factors
+    once and writes nothing else. ``bags(slots, size)`` gives those rows and offsets (cached by a
+    route)."""
     if x.shape[1] != 1:
+        t = torch.bmm(x, A.index_select(0, slots))  # shrink: [b, L, R]
         return torch.bmm(t, B.index_select(0, slots))  # expand: [b, L, out]
-    rows, offsets = bags if bags is not None else bag_indices(slots, A.shape[1])
+    n_in, rank = A.shape[1], A.shape[2]
+    rows, offsets = bags(slots, n_in)
+    t = F.embedding_bag(rows, A.reshape(-1, rank), offsets, mode="sum", per_sample_weights=x.reshape(-1))
+    rows, offsets = bags(slots, rank)
     flat = B.reshape(-1, B.shape[2])
     return F.embedding_bag(rows, flat, offsets, mode="sum", per_sample_weights=t.reshape(-1)).unsqueeze(1)
-
-
-def bag_indices(slots: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows ``k_b·R + j`` of a flattened ``[S·R, out]`` bank, and each row's bag offset."""
-    rows = (slots.unsqueeze(1) * rank + torch.arange(rank, device=slots.device)).reshape(-1)
-    return rows, torch.arange(0, slots.shape[0] * rank, rank, device=slots.device)

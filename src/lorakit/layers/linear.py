@@ -7,6 +7,8 @@
 A route applies a bank of adapters to rows ``x_b`` by gathering (BGMV-style)::
 
     t_b = x_b A[k_b]ᵀ   (shrink to rank R),    y_b = t_b B[k_b]   (expand; scale folded into B)
+
+(the bank stores ``A`` transposed, ``[S, in, R]``: see ``bank.bank_delta_gathered``).
 """
 
 from __future__ import annotations
@@ -129,7 +131,7 @@ class LoraLinear(LoraLayer):
         return (ts[0] if one else torch.cat(ts, -1)), (Bs[0] if one else torch.cat(Bs, 1)), bias
 
     def bank_layout(self, A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return A, B.transpose(1, 2).contiguous()  # A [S, R, in], B [S, R, out]
+        return A.transpose(1, 2).contiguous(), B.transpose(1, 2).contiguous()  # A [S, in, R], B [S, R, out]
 
     def bank_delta(
         self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor, keep: torch.Tensor | None,
@@ -138,8 +140,8 @@ class LoraLinear(LoraLayer):
         h = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)  # [b, tokens, in]
         if keep is not None:
             h = routed_input_dropout(h, keep)
-        indices = bags(slots, A.shape[1]) if bags is not None and h.shape[1] == 1 else None
-        return bank_delta_gathered(h, A, B, slots, indices).reshape(*x.shape[:-1], B.shape[2])
+        delta = bank_delta_gathered(h, A, B, slots) if bags is None else bank_delta_gathered(h, A, B, slots, bags)
+        return delta.reshape(*x.shape[:-1], B.shape[2])
 
 
 def is_linear(module: nn.Module) -> bool:
