@@ -77,17 +77,26 @@ def run_model(model_name: str, reps: int, warmup: int, device: torch.device) -> 
         assert torch.allclose(merged(input_ids=ids).logits, ref, atol=1e-3), "merged output differs"
     names = list(configs)
     times: dict[str, list[float]] = {n: [] for n in names}
+    decode: dict[str, list[float]] = {n: [] for n in names}
+    # decode: one new token for one sequence, after a 127-token prompt held in each model's own cache
+    prompt, step = ids[:1, :-1], ids[:1, -1:]
     with torch.no_grad():
+        caches = {n: configs[n](input_ids=prompt, use_cache=True).past_key_values for n in names}
         for i in tqdm(range(warmup + reps), desc=f"{model_name}: interleaved forwards", unit="round"):
             for n in rotated(names, i):
                 ms = time_ms(partial(configs[n], input_ids=ids), device)
+                one = [time_ms(partial(configs[n], input_ids=step, past_key_values=caches[n], use_cache=True), device)]
+                caches[n].crop(-1)  # back to the prompt: every timed step decodes the same token
                 if i >= warmup:
                     times[n].append(ms)
-    base_ms = median(times["base"])
+                    decode[n].extend(one)
+    base_ms, base_decode = median(times["base"]), median(decode["base"])
     return {
         "forward_ms": {n: median(v) for n, v in times.items()},
         "forward_x_base": {n: median(v) / base_ms for n, v in times.items()},
         "forward_ms_all": times,
+        "decode_ms": {n: median(v) for n, v in decode.items()},
+        "decode_x_base": {n: median(v) / base_decode for n, v in decode.items()},
         "adapter_io_ms": _io_times(model_name, base, reps=5, device=device),
     }
 
@@ -105,14 +114,19 @@ def main() -> None:
     rows, io_rows = [], []
     for m, r in results.items():
         for n, ms in r["forward_ms"].items():
-            rows.append(f"| {m} | {n} | {ms:.{digits}f} | {r['forward_x_base'][n]:.3f} |")
+            rows.append(f"| {m} | {n} | {ms:.{digits}f} | {r['forward_x_base'][n]:.3f} | "
+                        f"{r['decode_ms'][n]:.{digits + 1}f} | {r['decode_x_base'][n]:.3f} |")  # fmt: skip
+        per_token = r["decode_ms"]["lorakit unmerged"] - r["decode_ms"]["lorakit merged"]
+        rows.append(f"| {m} | rank-r ops per decoded token (unmerged − merged) | | | {per_token:+.{digits + 1}f} | |")
         for lib, ops in r["adapter_io_ms"].items():
             io_rows.append(f"| {m} | {lib} | {ops['save']:.1f} | {ops['load']:.1f} |")
     where = f"{info['torch_threads']} threads" if args.device.type == "cpu" else f"torch {info['torch']}"
     md = (
-        f"Inference: forward of batch 8×128 in eval mode under no_grad, LoRA r=8; median of {args.reps} "
-        f"interleaved repetitions in one process. {info['date']}, {info['device']}, {where}.\n\n"
-        "| model | configuration | forward ms | × base |\n|---|---|---:|---:|\n" + "\n".join(rows) + "\n\n"
+        f"Inference in eval mode under no_grad, LoRA r=8: prefill = forward of batch 8×128; decode = one new "
+        f"token of one sequence after a 127-token prompt (KV cache). Median of {args.reps} interleaved "
+        f"repetitions in one process. {info['date']}, {info['device']} ({info['cpu_model']}), {where}.\n\n"
+        "| model | configuration | prefill ms | × base | decode ms | × base |\n|---|---|---:|---:|---:|---:|\n"
+        + "\n".join(rows) + "\n\n"
         "Adapter save / load (median of 5, warm file cache):\n\n"
         "| model | library | save ms | load ms |\n|---|---|---:|---:|\n" + "\n".join(io_rows) + "\n"
     )

@@ -42,6 +42,10 @@ def _base(x2: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, wei
     return F.linear(x2, weight, bias)
 
 
+#: below this many rows the rank-r term is added after the base GEMM (see ``_low_rank_first``)
+LOW_RANK_FIRST_ROWS = 64
+
+
 def _low_rank_first(*tensors: torch.Tensor | None) -> bool:
     """Whether the rank-r term can be formed first and the frozen GEMM accumulate onto it
     (``C ← C + x W0ᵀ``, BLAS beta = 1) instead of adding it afterwards in a second pass over the
@@ -102,12 +106,12 @@ def _dropout_mask(x2: torch.Tensor, p: float) -> torch.Tensor:
     return keep_mask(x2.shape, p, x2.device)
 
 
-def _add_low_rank(y: torch.Tensor, ts: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """``y += ts Bᵀ`` (``ts`` already scaled) in place; with a half-precision base the product is
-    formed in the adapter's dtype and cast once."""
-    if y.dtype == ts.dtype:
-        return y.addmm_(ts, B.T)
-    return y.add_((ts @ B.T).to(y.dtype))
+def _add_low_rank(y: torch.Tensor, t: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """``y += scale · t Bᵀ`` in place (the scale rides on the GEMM's alpha); with a half-precision
+    base the product is formed in the adapter's dtype and cast once."""
+    if y.dtype == t.dtype:
+        return y.addmm_(t, B.T, alpha=scale)
+    return y.add_((t @ B.T).mul_(scale).to(y.dtype))
 
 
 def _forward(
@@ -119,18 +123,23 @@ def _forward(
     scaling: float,
     p: float,
     weight_t: bool,
+    for_backward: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """The forward maths; returns ``(y, x2, ts, mask)``, the last three for the backward."""
+    """The forward maths; returns ``(y, x2, ts, mask)``, the last three for the backward (``ts``
+    is scaled only ``for_backward``)."""
     x2 = x.reshape(-1, x.shape[-1])
     mask = _dropout_mask(x2, p) if p > 0 else None
     h = x2 if mask is None else x2 * mask
+    t = low_rank_ops.shrink(h.to(A.dtype), A)
     # s and the dropout's 1/q ride on the [N, r] product, the smallest tensor on the path
-    ts = low_rank_ops.shrink(h.to(A.dtype), A).mul_(scaling / (1.0 - p) if mask is not None else scaling)
-    if _low_rank_first(x2, weight, bias, A):
-        y = _onto(low_rank_ops.widen(ts, B, bias), x2, weight, weight_t, backward=False)
-    else:
-        y = _add_low_rank(_base(x2, weight, bias, weight_t), ts, B)
-    return (y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])), x2, ts, mask
+    scale = scaling / (1.0 - p) if mask is not None else scaling
+    if x2.shape[0] >= LOW_RANK_FIRST_ROWS and _low_rank_first(x2, weight, bias, A):
+        y = _onto(low_rank_ops.widen(t.mul_(scale), B, bias), x2, weight, weight_t, backward=False)
+    else:  # a few rows (decode): the second pass over the output is cheap, two fewer ops are not
+        y = _add_low_rank(_base(x2, weight, bias, weight_t), t, B, scale)
+        if for_backward:
+            t.mul_(scale)  # after its use: the backward takes the scaled product
+    return (y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])), x2, t, mask
 
 
 class LoraLinearFunction(torch.autograd.Function):
@@ -202,7 +211,7 @@ def lora_linear(
     needs_graph = x.requires_grad or A.requires_grad or B.requires_grad or weight.requires_grad
     if torch.is_grad_enabled() and (needs_graph or (bias is not None and bias.requires_grad)):
         return LoraLinearFunction.apply(x, weight, bias, A, B, scaling, dropout, weight_t)
-    return _forward(x, weight, bias, A, B, scaling, dropout, weight_t)[0]
+    return _forward(x, weight, bias, A, B, scaling, dropout, weight_t, for_backward=False)[0]
 
 
 def accumulate(out: torch.Tensor, delta: torch.Tensor, in_place: bool = True) -> torch.Tensor:
