@@ -67,9 +67,8 @@ def apply_method(model: nn.Module, model_name: str, method: str, r: int = 8, dro
         emb.register_forward_hook(lambda mod, inp, out: out.requires_grad_(True))
         if method == "floor-saved":  # ... and each would-be adapted layer's input held until its backward
             import lorakit as lk
-            from lorakit.injection import find_targets
 
-            for name in find_targets(model, lk.LoraConfig(r=r, alpha=2.0 * r, target_modules=targets)):
+            for name in lk.find_targets(model, lk.LoraConfig(r=r, alpha=2.0 * r, target_modules=targets)):
                 model.get_submodule(name).register_forward_hook(_hold_input)
         return model
     if method in ("lorakit", "lorakit-dora"):

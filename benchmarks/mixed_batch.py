@@ -140,7 +140,7 @@ def main() -> None:
     md = (
         f"Mixed-adapter batches: GPT-2 architecture (6 layers, width 512), eval, batch {BATCH}, {N_ADAPTERS} adapters "
         f"r=8 loaded; median of {args.reps} interleaved repetitions, ms (× one adapter). {info['date']}, "
-        f"{info['device']}, {where}.\n\n"
+        f"{info['device']} ({info['cpu_model']}), {where}.\n\n"
         "| tokens per row | library | base | one adapter | 1 distinct | 8 distinct | 32 distinct |\n"
         "|---|---|---:|---:|---:|---:|---:|\n" + "\n".join(rows) + "\n"
     )

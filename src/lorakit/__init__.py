@@ -43,6 +43,7 @@ from .layers import (
 )
 from .lm_loss import use_chunked_loss
 from .loraplus import loraplus, loraplus_groups
+from .low_rank_ops import set_low_rank_backend
 from .memory_estimate import MemoryEstimate
 from .merging import is_merged, merge, merge_and_unload, unmerge
 from .optim import make_optimizer, paged_adamw
@@ -112,6 +113,7 @@ __all__ = [
     "save_adapters",
     "save_for_hub",
     "set_adapter",
+    "set_low_rank_backend",
     "set_trainable",
     "singular_values",
     "trim_cpu_heap",
