@@ -99,34 +99,6 @@ def test_training_gradients_per_adapter_equal_training_alone(tokens):
     assert all("lora_" in n for n in mixed)
 
 
-def test_an_evaluation_inside_a_training_route_sees_each_optimizer_step():
-    """A route entered once around a training loop: forwards without autograd (evaluations) use
-    the factors as the optimizer last left them, frozen adapters included."""
-    torch.manual_seed(0)
-    model = SeedMLP()
-    _three_adapters(model, ["fc1", "fc2"])
-    lk.set_trainable(model, ["a", "b"])  # "c" stays frozen
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    x = torch.randn(3, 784)
-    names = ["a", "b", "c"]
-    with lk.route(model, names):
-        outputs = []
-        for _ in range(2):
-            with torch.no_grad():
-                outputs.append(model.eval()(x))
-            model.train()
-            model(x).square().mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            outputs.append(model.eval()(x))
-    with torch.no_grad():
-        for i, name in enumerate(names):
-            assert_close(outputs[-1][i : i + 1], _alone(model, name, x[i : i + 1]), **MLP)
-            changed = not torch.equal(outputs[0][i], outputs[-1][i])
-            assert changed == (name != "c"), name  # the trained rows moved, the frozen one did not
-
-
 def test_bank_follows_adapter_changes():
     torch.manual_seed(0)
     model = SeedMLP().eval()

@@ -13,7 +13,8 @@ and a batch whose row ``b`` uses slot ``k_b`` computes, with one gather and two 
 There is no Python loop over adapters in ``forward``. Zero padding and the zero slot contribute
 exactly nothing, so adapters of different ranks and alphas mix freely. Under autograd the bank is
 stacked from the adapters' own parameters on every forward, so each row's loss reaches only its own
-adapter; in inference the bank is cached until an adapter changes (added, deleted, or written to).
+adapter; in inference the bank is cached until an adapter changes (added, deleted, written to, or
+stepped by an optimizer); see ``route`` for edits inside an entered route.
 
 Row ``b`` of the route is row ``b`` of every LoRA layer's input: layers must see the batch
 dimension first. A layer that receives any other number of rows raises (a layer that sees the
@@ -35,6 +36,7 @@ import contextlib
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from itertools import chain
 from operator import attrgetter
 from typing import Any
 
@@ -45,6 +47,7 @@ from .bank import bag_indices, stack_factors
 from .errors import ArgumentTypeError, InputError, is_whole, short_repr
 from .injection import UnknownAdapterError, adapter_configs, lora_layers, wrapper_list
 from .layers import LoraLayer, ModulesToSave, accumulate
+from .optimizer_steps import steps_taken
 from .targeting import require_module
 
 Routing = Sequence[str | None] | torch.Tensor
@@ -95,7 +98,8 @@ def inference_bank(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor, torch.
     deleted, replaced or changed in place (tensor version counters)."""
     params = factor_tensors(layer)
     # map() with C-level getters: this check runs for every layer each time a route is entered.
-    key = (tuple(layer.lora_A.keys()), tuple(map(id, params)), tuple(map(_VERSION, params)),
+    # the optimizer steps too: a fused optimizer writes without bumping the tensors' versions
+    key = (steps_taken(), tuple(layer.lora_A.keys()), tuple(map(id, params)), tuple(map(_VERSION, params)),
            tuple(layer.scaling.values()))  # fmt: skip
     return _cached(_BANKS, layer, key, lambda: stack_bank(layer))
 
@@ -127,9 +131,8 @@ class LayerRoute:
         self.adapter, self.slots, self.bank = adapter, slots, bank
         self.trains = trains
         #: a route over trainable adapters, run without autograd (an evaluation inside a training
-        #: loop): the bank is rebuilt when an optimizer changed one of the ``watched`` (trainable)
-        #: factors, whose versions were ``seen``; frozen factors are captured at entry, as in
-        #: an inference route
+        #: loop): the bank is rebuilt after an optimizer step or an in-place write to one of the
+        #: ``watched`` (trainable) factors, whose versions were ``seen``
         self.watched: list[torch.Tensor] | None = None
         self.seen: tuple[int, ...] | None = None
         self.nograd_bank: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
@@ -141,7 +144,7 @@ class LayerRoute:
     def bank_without_grad(self, layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.watched is None:
             self.watched = [p for p in factor_tensors(layer) if p.requires_grad]
-        versions = tuple(map(_VERSION, self.watched))
+        versions = (steps_taken(), *map(_VERSION, self.watched))
         if self.nograd_bank is None or versions != self.seen:
             self.nograd_bank, self.seen = inference_bank(layer), versions
         return self.nograd_bank
@@ -272,6 +275,10 @@ def route(model: nn.Module, adapters: Routing, *, expand: int = 1) -> Iterator[n
     to sequence-first is refused when the sequence length differs from the number of names, but
     cannot be told apart when the two happen to be equal: such models must not be routed. Rows
     that all use one adapter run it whatever the layer's input shape.
+
+    Without autograd the adapters are read from a bank stacked when the route is entered (frozen
+    adapters) or rebuilt after each optimizer step (trainable ones); an in-place edit of a frozen
+    adapter's tensors inside the block is not seen until the route is entered again.
     """
     require_module(model, "lorakit.route")
     if not is_whole(expand, 1):
@@ -312,7 +319,9 @@ def route(model: nn.Module, adapters: Routing, *, expand: int = 1) -> Iterator[n
         if key not in shared:
             shared[key] = _slot_table(layer, order)[rows].to(device)
         # Captured once here, so a forward does no per-adapter Python work.
-        trains = any(map(_REQUIRES_GRAD, layer.lora_A.parameters(recurse=False)))
+        # A or B: LoRA-FA-style training freezes A and trains B
+        factors = chain(layer.lora_A.parameters(recurse=False), layer.lora_B.parameters(recurse=False))
+        trains = any(map(_REQUIRES_GRAD, factors))
         bank = None if trains else inference_bank(layer)
         routes.append(LayerRoute(slots=shared[key], bank=bank, trains=trains, shared=shared))
     # Plain attribute writes through __dict__ (nn.Module.__setattr__ is slow); restored on exit.

@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from ..functional import lora_linear
+from ..optimizer_steps import steps_taken
 from ..quantization import dequantize_weight
 from ..targeting import is_linear4bit
 from .base import LoraLayer, accumulate
@@ -84,9 +85,10 @@ def _transposed_view(W0: torch.Tensor) -> bool:
 
 def _state_key(*tensors: torch.Tensor) -> tuple | None:
     """What identifies the current values of ``tensors``: identity, version (in-place writes), data
-    pointer (``.data =`` assignments) and device; None for inference tensors, which keep no version."""
+    pointer (``.data =`` assignments), device and the optimizer steps taken (fused optimizers write
+    without bumping versions); None for inference tensors, which keep no version."""
     try:
-        return tuple((id(t), t._version, t.data_ptr(), t.device) for t in tensors)
+        return (steps_taken(), *((id(t), t._version, t.data_ptr(), t.device) for t in tensors))
     except RuntimeError:
         return None
 
