@@ -155,3 +155,18 @@ def test_a_fresh_adapter_is_bitwise_the_base_on_the_fast_path(backend, kind):
     assert torch.equal(model(x.requires_grad_(True)), want)
     with torch.no_grad():
         assert torch.equal(model.eval()(x), want)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_a_fresh_adapter_is_bitwise_the_base_for_a_non_contiguous_batch(bias):
+    """torch's linear sums a non-contiguous 3-D batch with a bias as matmul + bias, not one addmm."""
+    torch.manual_seed(0)
+    base = nn.Linear(256, 64, bias=bias)
+    model = nn.Sequential(base)
+    x = _randn(8, 40, 256, seed=50).transpose(0, 1)  # [40, 8, 256], not contiguous
+    with torch.no_grad():
+        want = model(x)
+    lk.inject(model, lk.LoraConfig(r=4, alpha=8, target_modules=["0"]))
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), want)
+    assert torch.equal(model.train()(x.requires_grad_(True)), want)

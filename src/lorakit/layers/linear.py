@@ -100,6 +100,9 @@ class LoraLinear(LoraLayer):
             return base(x, *args, **kwargs)
         fused = self.fused and not args and not kwargs and not torch.is_autocast_enabled(x.device.type)
         fused = fused and name not in self.lora_bias
+        # torch's linear sums a non-contiguous batch with a bias as matmul + bias (not one addmm):
+        # the generic path then keeps a fresh adapter's output bitwise the base layer's
+        fused = fused and (x.dim() <= 2 or x.is_contiguous() or base.bias is None or self.fan_in_fan_out)
         if fused and not base._forward_hooks and not base._forward_pre_hooks:
             p = self.dropout_p(name) if self.training else 0.0
             A, B = self.lora_A[name], self.lora_B[name]
