@@ -1,21 +1,20 @@
-"""The six rank-r products of a LoRA linear step, each with a BLAS form and a oneDNN form.
+"""The rank-r products of a LoRA linear step, each with a BLAS form and a oneDNN form.
 
 With ``x ∈ R^{N×in}``, ``g ∈ R^{N×out}``, factors ``A ∈ R^{r×in}``, ``B ∈ R^{out×r}`` and ``r`` small::
 
-    shrink        t  = x Aᵀ          [N, r]      (forward)
-    expand        y  = y + t Bᵀ      [N, out]    (forward, into the base output)
-    grad_b        Gᵀ = tᵀ g          [r, out]    (∂L/∂B, transposed)
-    project       u  = g B           [N, r]      (backward)
-    grad_a        G  = uᵀ x          [r, in]     (∂L/∂A)
-    expand_grad   gx = gx + u A      [N, in]     (the low-rank part of ∂L/∂x)
+    shrink          t  = x Aᵀ          [N, r]      (forward)
+    widen(t, B, b)  C  = t Bᵀ + b      [N, out]    (forward: the frozen GEMM then sums x W0ᵀ onto C)
+    grad_b          G  = gᵀ t          [out, r]    (∂L/∂B)
+    project         u  = g B           [N, r]      (backward)
+    grad_a          G  = uᵀ x          [r, in]     (∂L/∂A)
+    widen(u, Aᵀ)    C  = u A           [N, in]     (backward: g W0 is summed onto C for ∂L/∂x)
 
 Each is a GEMM with one dimension equal to ``r``: little arithmetic per byte, so the cost is the
 kernel's handling of a skinny shape, not the flops. On CPUs where Intel MKL takes its generic
-path (measured on an AMD EPYC with AVX-512, 2 threads, N=1024, r=8), oneDNN runs these 2-3x
-faster than MKL: e.g. ``expand`` into a [1024, 2048] output 0.59 → 0.17 ms, ``expand_grad`` into
-[1024, 2048] 0.58 → 0.24 ms (``benchmarks/low_rank_ops.py``). oneDNN builds a kernel per shape
-(about 0.5 ms, cached), and its call overhead loses below a few hundred rows, so it is used only
-for products with at least :data:`ONEDNN_MIN_ROWS` rows; decode-sized calls stay on BLAS.
+path (measured on an AMD EPYC with AVX-512, 2 threads, N=1024, r=8), oneDNN runs them 1.4-2.6x
+faster than MKL per layer (``benchmarks/results/low_rank_ops.md``). oneDNN builds a kernel per
+shape (about 0.5 ms, cached), and its call overhead loses below a few hundred rows, so it is used
+only for products with at least :data:`ONEDNN_MIN_ROWS` rows; decode-sized calls stay on BLAS.
 
 The frozen layer's own GEMMs are never moved: the base output is computed exactly as the base
 layer computes it (a fresh adapter leaves a model's output bitwise unchanged).

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..bank import bank_delta_gathered, routed_input_dropout
+from ..bank import bag_indices, bank_delta_gathered, routed_input_dropout
 from ..errors import InputError
 from ..functional import lora_linear
 from ..targeting import is_conv1d, is_linear4bit
@@ -143,7 +143,7 @@ class LoraLinear(LoraLayer):
         h = x.reshape(x.shape[0], -1, x.shape[-1]).to(A.dtype)  # [b, tokens, in]
         if keep is not None:
             h = routed_input_dropout(h, keep)
-        delta = bank_delta_gathered(h, A, B, slots) if bags is None else bank_delta_gathered(h, A, B, slots, bags)
+        delta = bank_delta_gathered(h, A, B, slots, bags or bag_indices)
         return delta.reshape(*x.shape[:-1], B.shape[2])
 
 
