@@ -131,8 +131,8 @@ def _forward(
     mask = _dropout_mask(x2, p) if p > 0 else None
     h = x2 if mask is None else x2 * mask
     t = low_rank_ops.shrink(h.to(A.dtype), A)
-    # s and the dropout's 1/q ride on the [N, r] product, the smallest tensor on the path
-    scale = scaling / (1.0 - p) if mask is not None else scaling
+    # s and the dropout's 1/q ride on the [N, r] product, the smallest tensor on the path (p = 0: q = 1)
+    scale = scaling / (1.0 - p)
     if x2.shape[0] >= LOW_RANK_FIRST_ROWS and _low_rank_first(x2, weight, bias, A):
         y = _onto(low_rank_ops.widen(t.mul_(scale), B, bias), x2, weight, weight_t, backward=False)
     else:  # a few rows (decode): the second pass over the output is cheap, two fewer ops are not
@@ -174,7 +174,7 @@ class LoraLinearFunction(torch.autograd.Function):
         grad_B = low_rank_ops.grad_b(ts, ga) if need_bb else None  # gᵀ (s·t)
         u = None
         if need_a or need_x:  # u = (s/q) · g B: ∂L/∂t with the dropout's 1/q folded in
-            u = low_rank_ops.project(ga, B).mul_(ctx.scaling / (1.0 - ctx.p) if mask is not None else ctx.scaling)
+            u = low_rank_ops.project(ga, B).mul_(ctx.scaling / (1.0 - ctx.p))
         grad_A = None
         if need_a:
             grad_A = low_rank_ops.grad_a(u, (x2 if mask is None else x2 * mask).to(A.dtype))

@@ -75,9 +75,9 @@ def _use_onednn(rows: int, *tensors: torch.Tensor) -> bool:
     return onednn_available()
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x wᵀ`` by oneDNN."""
-    return torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")
+def _linear(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``x wᵀ + bias`` by oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, bias, "none", [], "")
 
 
 def shrink(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
@@ -90,8 +90,8 @@ def shrink(x: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
 def widen(t: torch.Tensor, F: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``t Fᵀ + bias`` for a factor ``F`` of shape [wide, r] (a new [N, wide] tensor): ``t Bᵀ``
     in the forward (``F = B``), ``u A`` in the backward (``F = Aᵀ``, a view)."""
-    if _use_onednn(t.shape[0], t, F, *([] if bias is None else [bias])):
-        return torch.ops.mkldnn._linear_pointwise(t, F.contiguous(), bias, "none", [], "")
+    if _use_onednn(t.shape[0], t, F) and (bias is None or _use_onednn(t.shape[0], bias)):
+        return _linear(t, F.contiguous(), bias)
     return t @ F.T if bias is None else torch.addmm(bias, t, F.T)
 
 

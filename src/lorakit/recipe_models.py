@@ -152,7 +152,6 @@ def _prepared(model: nn.Module, options: dict[str, Any]) -> nn.Module:
         if not callable(enable) or not getattr(model, "supports_gradient_checkpointing", False):
             raise RecipeError("[model] gradient_checkpointing = true needs a transformers model that supports it "
                               f"(got {type(model).__name__})")  # fmt: skip
-        # Non-reentrant: the frozen embeddings' output needs no gradient for the adapters inside to get one.
         enable_checkpointing(model, options.get("checkpoint_keep"))
     chunk = loss_chunk(options)
     if chunk is not None:

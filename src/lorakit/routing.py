@@ -87,16 +87,16 @@ def stack_bank(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
     return A, B, p
 
 
-def factor_tensors(layer: LoraLayer) -> list[torch.Tensor]:
+def factor_tensors(layer: LoraLayer) -> Iterator[torch.Tensor]:
     """Every ``A`` then every ``B`` of ``layer`` (``parameters(recurse=False)``: 3x faster than
     indexing the ParameterDicts, which matters when a route is entered for every batch)."""
-    return [*layer.lora_A.parameters(recurse=False), *layer.lora_B.parameters(recurse=False)]
+    return chain(layer.lora_A.parameters(recurse=False), layer.lora_B.parameters(recurse=False))
 
 
 def inference_bank(layer: LoraLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The bank for forwards without autograd, cached and rebuilt only when an adapter was added,
     deleted, replaced or changed in place (tensor version counters)."""
-    params = factor_tensors(layer)
+    params = list(factor_tensors(layer))
     # map() with C-level getters: this check runs for every layer each time a route is entered.
     # the optimizer steps too: a fused optimizer writes without bumping the tensors' versions
     key = (steps_taken(), tuple(layer.lora_A.keys()), tuple(map(id, params)), tuple(map(_VERSION, params)),
@@ -319,9 +319,7 @@ def route(model: nn.Module, adapters: Routing, *, expand: int = 1) -> Iterator[n
         if key not in shared:
             shared[key] = _slot_table(layer, order)[rows].to(device)
         # Captured once here, so a forward does no per-adapter Python work.
-        # A or B: LoRA-FA-style training freezes A and trains B
-        factors = chain(layer.lora_A.parameters(recurse=False), layer.lora_B.parameters(recurse=False))
-        trains = any(map(_REQUIRES_GRAD, factors))
+        trains = any(map(_REQUIRES_GRAD, factor_tensors(layer)))  # A or B: LoRA-FA trains B alone
         bank = None if trains else inference_bank(layer)
         routes.append(LayerRoute(slots=shared[key], bank=bank, trains=trains, shared=shared))
     # Plain attribute writes through __dict__ (nn.Module.__setattr__ is slow); restored on exit.
